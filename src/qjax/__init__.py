@@ -1,0 +1,41 @@
+"""qjax: quantization for JAX, numerically interchangeable with torchao and coreai-opt."""
+
+from qjax.dtypes import TARGET_DTYPES as TARGET_DTYPES
+from qjax.dtypes import TargetDType as TargetDType
+from qjax.dtypes import target_dtype as target_dtype
+from qjax.granularity import Granularity as Granularity
+from qjax.granularity import block_shape as block_shape
+from qjax.granularity import per_block as per_block
+from qjax.granularity import per_channel as per_channel
+from qjax.granularity import per_tensor as per_tensor
+from qjax.ops import dequantize as dequantize
+from qjax.ops import fake_quant as fake_quant
+from qjax.ops import quantize as quantize
+from qjax.ops import straight_through as straight_through
+from qjax.qarray import QArray as QArray
+from qjax.qparams import QParams as QParams
+from qjax.qparams import compute_qparams as compute_qparams
+from qjax.qparams import qparams_from_minmax as qparams_from_minmax
+from qjax.spec import QuantSpec as QuantSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TARGET_DTYPES",
+    "Granularity",
+    "QArray",
+    "QParams",
+    "QuantSpec",
+    "TargetDType",
+    "block_shape",
+    "compute_qparams",
+    "dequantize",
+    "fake_quant",
+    "per_block",
+    "per_channel",
+    "per_tensor",
+    "qparams_from_minmax",
+    "quantize",
+    "straight_through",
+    "target_dtype",
+]

@@ -1,0 +1,47 @@
+"""The spec's three formulae, applied blockwise: the only place values are mapped.
+
+Both functions work on blockified arrays ``(n0, b0, n1, b1, ...)`` with params of shape
+``(n0, 1, n1, 1, ...)``, so every granularity takes the same path.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from qjax.qparams import QParams, exact_divide
+from qjax.spec import QuantSpec
+
+__all__ = ["dequantize_blocks", "quantize_blocks"]
+
+
+def quantize_blocks(xb: jax.Array, qp: QParams, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
+    """Maps float32 values to the target grid.
+
+    Returns:
+      ``(q, in_range)``: ``q`` holds the clamped values as float32 (whole numbers for
+      integer targets; not yet cast for float targets, whose rounding is the cast), and
+      ``in_range`` is True where no clamping happened (the straight-through mask).
+    """
+    scale = qp.scale.astype(jnp.float32)
+    if spec.is_float:
+        v = exact_divide(xb, scale)
+    elif spec.formulation == "minval":
+        v = jnp.round(exact_divide(xb - qp.minval, scale)) + spec.qmin
+    else:
+        v = jnp.round(exact_divide(xb, scale))
+        if spec.formulation == "zero_point":
+            v = v + qp.zero_point.astype(jnp.float32)
+    in_range = (v >= spec.qmin) & (v <= spec.qmax)
+    return jnp.clip(v, spec.qmin, spec.qmax), in_range
+
+
+def dequantize_blocks(q: jax.Array, qp: QParams, spec: QuantSpec) -> jax.Array:
+    """Maps quantized values (any real dtype) back to float32."""
+    scale = qp.scale.astype(jnp.float32)
+    q = q.astype(jnp.float32)
+    if spec.formulation == "zero_point":
+        return scale * (q - qp.zero_point.astype(jnp.float32))
+    if spec.formulation == "minval":
+        return scale * (q - spec.qmin) + qp.minval
+    return scale * q

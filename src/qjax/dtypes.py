@@ -1,0 +1,110 @@
+"""The target-dtype table: storage type, representable range and bit width of each target."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+__all__ = ["TARGET_DTYPES", "TargetDType", "target_dtype"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetDType:
+    """What qjax needs to know about one quantization target.
+
+    Attributes:
+      name: canonical name, e.g. ``"int4"``.
+      storage: the ``jnp`` dtype that holds one quantized value (an ml_dtypes type).
+      qmin: smallest representable value (``iinfo.min`` or ``-finfo.max``).
+      qmax: largest representable value.
+      bits: bits per value.
+      is_float: True for float8 / float4 targets (values are cast, not rounded to integers).
+      emax: largest unbiased exponent of a normal value (float targets only); the
+        power-of-two (e8m0) scale is ``2 ** (floor(log2(amax)) - emax)``.
+    """
+
+    name: str
+    storage: np.dtype
+    qmin: float
+    qmax: float
+    bits: int
+    is_float: bool
+    emax: int | None
+
+    @property
+    def is_signed(self) -> bool:
+        """True where the range includes negative values."""
+        return self.qmin < 0
+
+    @property
+    def packs(self) -> int:
+        """How many values fit one byte when packed (1 for byte-sized types)."""
+        return 8 // self.bits if self.bits < 8 else 1
+
+
+def _int_target(name: str) -> TargetDType:
+    info = ml_dtypes.iinfo(jnp.dtype(getattr(jnp, name)))
+    return TargetDType(
+        name=name,
+        storage=jnp.dtype(getattr(jnp, name)),
+        qmin=int(info.min),
+        qmax=int(info.max),
+        bits=int(info.bits),
+        is_float=False,
+        emax=None,
+    )
+
+
+def _float_target(name: str) -> TargetDType:
+    info = ml_dtypes.finfo(jnp.dtype(getattr(jnp, name)))
+    return TargetDType(
+        name=name,
+        storage=jnp.dtype(getattr(jnp, name)),
+        qmin=-float(info.max),
+        qmax=float(info.max),
+        bits=int(info.bits),
+        is_float=True,
+        emax=int(info.maxexp) - 1,
+    )
+
+
+TARGET_DTYPES: dict[str, TargetDType] = {
+    **{n: _int_target(n) for n in ("int8", "uint8", "int4", "uint4", "int2", "uint2")},
+    **{n: _float_target(n) for n in ("float8_e4m3fn", "float8_e5m2", "float4_e2m1fn")},
+}
+"""Every supported target, by canonical name. Ranges come from ml_dtypes, not literals."""
+
+
+@functools.cache
+def target_dtype(dtype: object) -> TargetDType:
+    """Looks up a target by name or dtype.
+
+    Args:
+      dtype: a name such as ``"int4"`` or a dtype such as ``jnp.int4``.
+
+    Returns:
+      The :class:`TargetDType` row.
+
+    Raises:
+      ValueError: for a dtype qjax cannot quantize to.
+
+    Examples:
+      >>> from qjax.dtypes import target_dtype
+      >>> t = target_dtype("uint4")
+      >>> (t.qmin, t.qmax, t.bits)
+      (0, 15, 4)
+    """
+    try:
+        name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
+    except TypeError:
+        name = str(dtype)
+    if name not in TARGET_DTYPES:
+        raise ValueError(
+            f"unsupported target dtype {dtype!r}; choose one of {sorted(TARGET_DTYPES)} "
+            "or an MX preset ('mxfp8', 'mxfp4')"
+        )
+    return TARGET_DTYPES[name]

@@ -1,0 +1,264 @@
+"""Granularity: which values share one set of quant params, expressed as a block shape.
+
+Every granularity reduces to ONE mechanism, a block shape with one entry per axis. Each
+block shares a scale (and zero point or minval), so the parameters have shape
+``x.shape // block_shape``:
+
+* ``per_tensor()``: the block is the whole tensor;
+* ``per_channel(axis)``: 1 along ``axis``, whole along every other axis;
+* ``per_block(axis, block_size)``: ``block_size`` along ``axis``, 1 along the channel axis
+  and whole along the remaining axes (coreai-opt's convention: a conv block spans all
+  kernel positions);
+* an explicit tuple, with -1 meaning the whole dimension.
+
+Flax puts the output channel last, so a Dense or Conv kernel ``[..., in, out]`` takes
+``per_channel(-1)`` and ``per_block(-2, B)``; an Embed table ``[vocab, features]`` takes
+``per_channel(0)`` and ``per_block(1, B)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Literal, Union
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "Granularity",
+    "GranularityLike",
+    "as_granularity",
+    "block_shape",
+    "blockify",
+    "param_shape",
+    "per_block",
+    "per_channel",
+    "per_tensor",
+    "unblockify",
+]
+
+ChannelAxis = Union[int, Literal["auto", "all"]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Granularity:
+    """A rule that turns an array shape into a block shape.
+
+    Build one with :func:`per_tensor`, :func:`per_channel`, :func:`per_block`, or pass an
+    explicit block-shape tuple wherever a granularity is accepted.
+
+    Attributes:
+      kind: ``"per_tensor"``, ``"per_channel"``, ``"per_block"`` or ``"explicit"``.
+      axis: the channel axis (per_channel) or the blocked axis (per_block).
+      block_size: the block length along ``axis`` (per_block).
+      channel_axis: per_block only: the axis that gets one block per index, ``"auto"``
+        (the last axis, or the second-to-last when ``axis`` is the last), or ``"all"``
+        (every axis other than ``axis`` gets size-1 blocks, as in the OCP MX formats).
+      explicit: the explicit block shape (kind ``"explicit"``).
+    """
+
+    kind: Literal["per_tensor", "per_channel", "per_block", "explicit"]
+    axis: int | None = None
+    block_size: int | None = None
+    channel_axis: ChannelAxis = "auto"
+    explicit: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.kind == "per_block":
+            if not isinstance(self.block_size, int) or self.block_size <= 0:
+                raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
+        if self.kind == "explicit":
+            for size in self.explicit:
+                if not isinstance(size, int) or (size <= 0 and size != -1):
+                    raise ValueError(
+                        f"block shape {self.explicit} has entry {size!r}; each entry must "
+                        "be a positive integer or -1 (the whole dimension)"
+                    )
+
+    def __str__(self) -> str:
+        if self.kind == "per_tensor":
+            return "per_tensor"
+        if self.kind == "per_channel":
+            return f"per_channel(axis={self.axis})"
+        if self.kind == "per_block":
+            extra = "" if self.channel_axis == "auto" else f", channel_axis={self.channel_axis!r}"
+            return f"per_block(axis={self.axis}, block_size={self.block_size}{extra})"
+        return f"block_shape{self.explicit}"
+
+    def block_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """The block shape for an array of ``shape``; see :func:`block_shape`."""
+        return block_shape(shape, self)
+
+
+GranularityLike = Union[Granularity, Sequence[int]]
+
+
+def per_tensor() -> Granularity:
+    """One set of parameters for the whole tensor.
+
+    Examples:
+      >>> import qjax
+      >>> qjax.per_tensor().block_shape((4, 6))
+      (4, 6)
+    """
+    return Granularity("per_tensor")
+
+
+def per_channel(axis: int) -> Granularity:
+    """One set of parameters per index of ``axis``.
+
+    Examples:
+      >>> import qjax
+      >>> qjax.per_channel(-1).block_shape((4, 6))  # Flax Dense kernel: out is last
+      (4, 1)
+    """
+    _check_int("axis", axis)
+    return Granularity("per_channel", axis=axis)
+
+
+def per_block(axis: int, block_size: int, channel_axis: ChannelAxis = "auto") -> Granularity:
+    """One set of parameters per run of ``block_size`` values along ``axis``.
+
+    Args:
+      axis: the axis split into blocks (the input axis of a Flax kernel: -2).
+      block_size: the number of values per block along ``axis``; it must divide the axis.
+      channel_axis: the axis that gets one block per index. ``"auto"`` picks the last
+        axis, or the second-to-last when ``axis`` is the last. ``"all"`` gives size-1
+        blocks along every other axis (the OCP MX layout). Remaining axes are whole.
+
+    Examples:
+      >>> import qjax
+      >>> qjax.per_block(-2, 32).block_shape((128, 64))  # Dense kernel [in, out]
+      (32, 1)
+      >>> qjax.per_block(-2, 32).block_shape((3, 3, 64, 16))  # Conv HWIO: spans H, W
+      (3, 3, 32, 1)
+      >>> qjax.per_block(-1, 32, channel_axis="all").block_shape((2, 3, 64))
+      (1, 1, 32)
+    """
+    _check_int("axis", axis)
+    if channel_axis not in ("auto", "all"):
+        _check_int("channel_axis", channel_axis)
+    return Granularity("per_block", axis=axis, block_size=block_size, channel_axis=channel_axis)
+
+
+def as_granularity(granularity: GranularityLike | None) -> Granularity:
+    """Accepts a :class:`Granularity`, an explicit block-shape tuple or None (per tensor)."""
+    if granularity is None:
+        return per_tensor()
+    if isinstance(granularity, Granularity):
+        return granularity
+    if isinstance(granularity, Sequence) and not isinstance(granularity, str):
+        return Granularity("explicit", explicit=tuple(granularity))
+    raise TypeError(
+        f"granularity must be per_tensor(), per_channel(axis), per_block(axis, block_size) "
+        f"or a block-shape tuple, got {granularity!r}"
+    )
+
+
+def block_shape(shape: Sequence[int], granularity: GranularityLike) -> tuple[int, ...]:
+    """Resolves a granularity to a concrete block shape for ``shape``.
+
+    Raises:
+      ValueError: when an axis is out of range, or a block does not divide its axis.
+
+    Examples:
+      >>> import qjax
+      >>> qjax.block_shape((8, 6), (-1, 3))
+      (8, 3)
+    """
+    g = as_granularity(granularity)
+    shape = tuple(int(d) for d in shape)
+    ndim = len(shape)
+    if g.kind == "per_tensor":
+        blocks = list(shape)
+    elif g.kind == "explicit":
+        if len(g.explicit) != ndim:
+            raise ValueError(
+                f"block shape {g.explicit} has {len(g.explicit)} entries but the array has "
+                f"{ndim} dimensions (shape {shape}); give one entry per axis"
+            )
+        blocks = [d if b == -1 else b for b, d in zip(g.explicit, shape)]
+    elif g.kind == "per_channel":
+        axis = _normalize_axis(g.axis, ndim, "per_channel axis")
+        blocks = list(shape)
+        blocks[axis] = 1
+    else:
+        axis = _normalize_axis(g.axis, ndim, "per_block axis")
+        blocks = list(shape)
+        if g.channel_axis == "all":
+            blocks = [1] * ndim
+        else:
+            channel = (
+                _default_channel_axis(axis, ndim)
+                if g.channel_axis == "auto"
+                else (_normalize_axis(g.channel_axis, ndim, "per_block channel_axis"))
+            )
+            if channel == axis and g.channel_axis != "auto":
+                raise ValueError(
+                    f"per_block channel_axis {g.channel_axis} is the blocked axis {g.axis}; "
+                    "choose a different channel axis"
+                )
+            if channel is not None:
+                blocks[channel] = 1
+        blocks[axis] = g.block_size
+    for i, (d, b) in enumerate(zip(shape, blocks)):
+        divides = d % b == 0 if b else d == 0
+        if not divides:
+            raise ValueError(
+                f"block size {b} does not divide axis {i} of size {d} (shape {shape}, "
+                f"granularity {g}); choose a block size that divides {d}"
+            )
+    return tuple(blocks)
+
+
+def param_shape(shape: Sequence[int], blocks: Sequence[int]) -> tuple[int, ...]:
+    """The shape of the quant params: one entry per block, ``shape // blocks``."""
+    return tuple(d // b if b else 1 for d, b in zip(shape, blocks))
+
+
+def blockify(x: jax.Array, blocks: Sequence[int]) -> jax.Array:
+    """Reshapes ``x`` to ``(n0, b0, n1, b1, ...)`` so each block is the odd axes.
+
+    A reduction over the odd axes with ``keepdims=True`` gives per-block parameters that
+    broadcast against the blockified array. Reshapes are free in XLA (no copy).
+    """
+    split = []
+    for d, b in zip(x.shape, blocks):
+        split += [d // b if b else 1, b]
+    return x.reshape(split)
+
+
+def unblockify(xb: jax.Array, shape: Sequence[int]) -> jax.Array:
+    """Inverse of :func:`blockify`."""
+    return xb.reshape(tuple(shape))
+
+
+def block_axes(ndim: int) -> tuple[int, ...]:
+    """The axes of a blockified array that run inside one block."""
+    return tuple(range(1, 2 * ndim, 2))
+
+
+def expand_params(p: jax.Array) -> jax.Array:
+    """Reshapes params of shape ``(n0, n1, ...)`` to ``(n0, 1, n1, 1, ...)``."""
+    return jnp.reshape(p, tuple(s for n in p.shape for s in (n, 1)))
+
+
+def _default_channel_axis(axis: int, ndim: int) -> int | None:
+    if ndim < 2:
+        return None
+    return ndim - 2 if axis == ndim - 1 else ndim - 1
+
+
+def _normalize_axis(axis: int, ndim: int, what: str) -> int:
+    if not -ndim <= axis < ndim:
+        raise ValueError(
+            f"{what} {axis} is out of range for an array with {ndim} dimensions; "
+            f"use an axis in [{-ndim}, {ndim - 1}]"
+        )
+    return axis % ndim
+
+
+def _check_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")

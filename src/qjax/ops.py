@@ -1,0 +1,199 @@
+"""quantize / dequantize / fake_quant: the user-facing operations of the core."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from qjax import granularity as gran
+from qjax import packing
+from qjax.affine import dequantize_blocks, quantize_blocks
+from qjax.qarray import QArray
+from qjax.qparams import QParams, blockwise_qparams, check_float_input
+from qjax.spec import QuantSpec
+
+__all__ = ["dequantize", "fake_quant", "quantize", "straight_through"]
+
+
+def quantize(
+    x: jax.typing.ArrayLike,
+    spec: QuantSpec,
+    *,
+    qparams: QParams | None = None,
+    packed: bool | None = None,
+) -> QArray:
+    """Quantizes a floating-point array.
+
+    ``q = clamp(round(x / scale) + zero_point, qmin, qmax)`` and its two siblings (the
+    spec's formulae), blockwise per the spec's granularity; float targets are clamped to
+    ``[-fmax, fmax]`` and then cast (round-to-nearest-even). Computed in float32.
+
+    Args:
+      x: floating-point array. bf16 / f16 are upcast to float32 for the maths.
+      spec: the :class:`~qjax.QuantSpec`.
+      qparams: precomputed params (e.g. calibrated ranges), shape ``x.shape // block``;
+        by default computed from ``x`` with :func:`~qjax.compute_qparams`.
+      packed: store sub-byte targets (4- and 2-bit) packed into bytes. Default: True
+        for sub-byte targets of arrays with at least one dimension.
+
+    Returns:
+      A :class:`~qjax.QArray`.
+
+    Raises:
+      TypeError: for non-floating input.
+      ValueError: when the granularity does not fit ``x.shape``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, qjax
+      >>> x = jnp.array([-300.0, -1.0, 0.0, 2.5, 100.0])
+      >>> qa = qjax.quantize(x, qjax.QuantSpec("int8"))
+      >>> qa.values  # scale = 300 / 127.5
+      Array([-127,    0,    0,    1,   42], dtype=int8)
+      >>> qjax.dequantize(qa)
+      Array([-298.82355  ,    0.       ,    0.       ,    2.3529413,
+               98.82353  ], dtype=float32)
+
+      It composes with ``jit`` and ``vmap`` (one QArray per row, stacked):
+
+      >>> qs = jax.vmap(lambda r: qjax.quantize(r, qjax.QuantSpec("int4")))(jnp.ones((3, 4)))
+      >>> qs.scale.shape, qs.shape
+      ((3, 1), (3, 4))
+    """
+    x = check_float_input(x, "quantize")
+    target = spec.target
+    if packed is None:
+        packed = target.bits < 8 and x.ndim > 0
+    if packed and (target.bits >= 8 or x.ndim == 0):
+        raise ValueError(
+            f"packed=True needs a sub-byte target and an array with at least one "
+            f"dimension; got {target.name} and shape {x.shape}"
+        )
+    return _quantize(x, qparams, spec, bool(packed))
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "packed"))
+def _quantize(x: jax.Array, qparams: QParams | None, spec: QuantSpec, packed: bool) -> QArray:
+    q, _, qp = _quantize_values(x, qparams, spec)
+    target = spec.target
+    if target.is_float:
+        q = q.astype(target.storage)
+    if packed:
+        codes = (
+            jax.lax.bitcast_convert_type(q, jnp.uint4) if target.is_float else q.astype(jnp.int32)
+        )
+        data = packing.pack(codes, target.bits)
+    else:
+        data = q.astype(jnp.int32).astype(target.storage) if not target.is_float else q
+    offset = {"zero_point": qp.zero_point, "minval": qp.minval}.get(spec.formulation)
+    return QArray(
+        data=data,
+        scale=qp.scale,
+        offset=offset,
+        spec=spec,
+        float_dtype=x.dtype.name,
+        packed=packed,
+        pad=packing.packed_pad(x.shape[-1], target.bits) if packed else 0,
+    )
+
+
+def _quantize_values(
+    x: jax.Array, qparams: QParams | None, spec: QuantSpec
+) -> tuple[jax.Array, jax.Array, QParams]:
+    """Clamped values (float32, shape of ``x``), the in-range mask, and the params."""
+    blocks = gran.block_shape(x.shape, spec.granularity)
+    xb = gran.blockify(x.astype(jnp.float32), blocks)
+    if qparams is None:
+        qparams = blockwise_qparams(xb, x.ndim, spec)
+    else:
+        _check_qparams(qparams, gran.param_shape(x.shape, blocks), spec)
+    q, in_range = quantize_blocks(xb, jax.tree.map(gran.expand_params, qparams), spec)
+    return q.reshape(x.shape), in_range.reshape(x.shape), qparams
+
+
+def dequantize(qarray: QArray) -> jax.Array:
+    """The float array a :class:`~qjax.QArray` stands for (same as ``qarray.dequantize()``).
+
+    ``x' = scale * (q - zero_point)``, ``scale * q`` or ``scale * (q - qmin) + minval``,
+    returned in the dtype that was quantized.
+
+    Examples:
+      >>> import jax.numpy as jnp, qjax
+      >>> qjax.dequantize(qjax.quantize(jnp.array([0.0, 0.5, 1.0]), qjax.QuantSpec("uint8")))
+      Array([0.       , 0.5019608, 0.9960785], dtype=float32)
+    """
+    if not isinstance(qarray, QArray):
+        raise TypeError(f"dequantize expects a QArray, got {type(qarray).__name__}")
+    return _dequantize(qarray)
+
+
+@jax.jit
+def _dequantize(qarray: QArray) -> jax.Array:
+    return qarray.dequantize()
+
+
+def fake_quant(
+    x: jax.typing.ArrayLike, spec: QuantSpec, *, qparams: QParams | None = None
+) -> jax.Array:
+    """``dequantize(quantize(x))`` in one pass, with straight-through gradients.
+
+    The value equals ``dequantize(quantize(x, spec))`` bit for bit, in ``x``'s dtype.
+    The derivative (forward and reverse mode) is 1 where ``x`` lands inside
+    ``[qmin, qmax]`` after scaling and rounding, and 0 where it was clamped; the params
+    are treated as constants.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, qjax
+      >>> spec = qjax.QuantSpec("int8", scheme="symmetric_with_clipping")
+      >>> qp = qjax.compute_qparams(jnp.array([1.0]), spec)  # scale = 1/127
+      >>> jax.grad(lambda x: qjax.fake_quant(x, spec, qparams=qp).sum())(
+      ...     jnp.array([0.5, 1.0, 2.0]))
+      Array([1., 1., 0.], dtype=float32)
+    """
+    x = check_float_input(x, "fake_quant")
+    return _fake_quant(x, qparams, spec)
+
+
+@functools.partial(jax.jit, static_argnames="spec")
+def _fake_quant(x: jax.Array, qparams: QParams | None, spec: QuantSpec) -> jax.Array:
+    q, in_range, qp = _quantize_values(jax.lax.stop_gradient(x), qparams, spec)
+    qp = jax.lax.stop_gradient(qp)
+    if spec.is_float:
+        q = q.astype(spec.target.storage)
+    blocks = gran.block_shape(x.shape, spec.granularity)
+    y = dequantize_blocks(gran.blockify(q, blocks), jax.tree.map(gran.expand_params, qp), spec)
+    return straight_through(x, y.reshape(x.shape).astype(x.dtype), in_range)
+
+
+@jax.custom_jvp
+def straight_through(x: jax.Array, y: jax.Array, mask: jax.Array) -> jax.Array:
+    """Returns ``y`` with the derivative of the identity on ``x`` where ``mask``, else 0.
+
+    The straight-through estimator as a ``custom_jvp``, so both ``jax.jvp`` and
+    ``jax.grad`` work. ``y`` and ``mask`` are treated as constants.
+    """
+    del x, mask
+    return y
+
+
+@straight_through.defjvp
+def _straight_through_jvp(primals, tangents):
+    x, y, mask = primals
+    tx, _, _ = tangents
+    return y, tx * mask.astype(tx.dtype)
+
+
+def _check_qparams(qparams: QParams, shape: tuple[int, ...], spec: QuantSpec) -> None:
+    if not isinstance(qparams, QParams):
+        raise TypeError(f"qparams must be a QParams, got {type(qparams).__name__}")
+    needed = {"scale": qparams.scale}
+    if spec.formulation in ("zero_point", "minval"):
+        needed[spec.formulation] = getattr(qparams, spec.formulation)
+    for name, value in needed.items():
+        if value is None or tuple(jnp.shape(value)) != shape:
+            raise ValueError(
+                f"qparams.{name} must have shape {shape} (x.shape // block shape for "
+                f"{spec.granularity}), got "
+                + ("None" if value is None else str(tuple(jnp.shape(value))))
+            )

@@ -1,0 +1,169 @@
+"""Quant params: the scale and offset of each block, computed from the block's range."""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qjax import granularity as gran
+from qjax.spec import QuantSpec
+
+__all__ = ["QParams", "check_float_input", "compute_qparams", "qparams_from_minmax"]
+
+EPS = float(np.finfo(np.float32).eps)
+"""Smallest scale: an all-zero block gets this, so it dequantizes to exact zeros."""
+
+E8M0_MIN_EXP, E8M0_MAX_EXP = -127, 127
+"""Exponent range of a float8_e8m0fnu scale (255 is NaN)."""
+
+
+class QParams(NamedTuple):
+    """The quant params of every block, each with shape ``x.shape // block_shape``.
+
+    Attributes:
+      scale: the step size, in the spec's ``scale_dtype``.
+      zero_point: the int32 value that float 0 maps to (integer targets; None for floats).
+      minval: the float32 value that ``qmin`` maps to (integer targets; None for floats):
+        ``min(min(x), 0)`` for asymmetric, ``-amax`` for symmetric schemes.
+    """
+
+    scale: jax.Array
+    zero_point: jax.Array | None
+    minval: jax.Array | None
+
+
+def check_float_input(x: jax.typing.ArrayLike, what: str = "quantize") -> jax.Array:
+    """Checks that ``x`` is a floating-point array and returns it as a jax array.
+
+    The upcast to float32 happens inside the jitted computation, fused with its first use.
+
+    Raises:
+      TypeError: for integer, boolean or complex input.
+    """
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"{what} expects a floating-point array, got dtype {x.dtype}; "
+            "cast it first, e.g. x.astype(jnp.float32)"
+        )
+    return x
+
+
+def exact_divide(num: jax.Array, den: jax.Array) -> jax.Array:
+    """IEEE ``num / den`` with ``den`` broadcast to ``num``'s shape, kept exact under jit.
+
+    XLA's algebraic simplifier rewrites ``x / broadcast(y)`` (and division by a constant)
+    into ``x * broadcast(1 / y)``, which differs from true division in the last bit for a
+    large share of inputs and flips round-half-to-even ties. Hiding both operands behind
+    an optimization barrier keeps a true division; the broadcast still fuses after it.
+    """
+    num, den = jax.lax.optimization_barrier((num, jnp.broadcast_to(den, num.shape)))
+    return num / den
+
+
+def block_minmax(xb: jax.Array, ndim: int) -> tuple[jax.Array, jax.Array]:
+    """Per-block min and max of a blockified float32 array (keepdims).
+
+    An empty block gives min=+inf and max=-inf, hence zero range and the eps scale.
+    NaN in a block makes that block's min and max NaN and leaves other blocks alone.
+    """
+    axes = gran.block_axes(ndim)
+    lo = jnp.min(xb, axis=axes, keepdims=True, initial=np.inf)
+    hi = jnp.max(xb, axis=axes, keepdims=True, initial=-np.inf)
+    # Keep the reductions out of the elementwise pass that follows: fused together, XLA:CPU
+    # re-reads the input at a fraction of memory bandwidth.
+    return jax.lax.optimization_barrier((lo, hi))
+
+
+def qparams_from_minmax(min_val: jax.Array, max_val: jax.Array, spec: QuantSpec) -> QParams:
+    """Quant params from each block's observed range (design notes section 1).
+
+    This is the one place the scheme formulae live; :func:`compute_qparams`, calibration
+    and static activation ranges all come through here.
+
+    Args:
+      min_val: the minimum of each block (any shape).
+      max_val: the maximum of each block, same shape as ``min_val``.
+      spec: the quantization spec.
+
+    Returns:
+      :class:`QParams` with the shape of ``min_val``.
+
+    Examples:
+      >>> import jax.numpy as jnp, qjax
+      >>> qp = qjax.qparams_from_minmax(jnp.float32(-1.0), jnp.float32(3.0),
+      ...                               qjax.QuantSpec("uint8", scheme="asymmetric"))
+      >>> float(qp.scale), int(qp.zero_point)
+      (0.01568627543747425, 64)
+    """
+    min_neg = jnp.minimum(jnp.asarray(min_val, jnp.float32), 0.0)
+    max_pos = jnp.maximum(jnp.asarray(max_val, jnp.float32), 0.0)
+    qmin, qmax = spec.qmin, spec.qmax
+    if spec.scheme == "asymmetric":
+        scale = jnp.maximum(exact_divide(max_pos - min_neg, jnp.float32(qmax - qmin)), EPS)
+        zero_point = qmin - jnp.round(exact_divide(min_neg, scale))
+        zero_point = jnp.clip(zero_point, qmin, qmax).astype(jnp.int32)
+        minval = min_neg
+    else:
+        amax = jnp.maximum(-min_neg, max_pos)
+        if spec.power_of_two_scale:
+            scale = _power_of_two_scale(amax, spec.target.emax)
+        else:
+            scale = jnp.maximum(exact_divide(amax, jnp.float32((qmax - qmin) / 2)), EPS)
+        zero_point = (
+            None if spec.is_float else jnp.full(amax.shape, spec.symmetric_zero_point, jnp.int32)
+        )
+        minval = -amax
+    if spec.is_float:
+        minval = None
+    return QParams(scale.astype(spec.scale_dtype), zero_point, minval)
+
+
+def _power_of_two_scale(amax: jax.Array, emax: int) -> jax.Array:
+    """``2 ** (floor(log2(amax)) - emax)``, exponent clamped to the e8m0 range.
+
+    ``frexp`` gives ``floor(log2(amax))`` exactly (no log rounding). A zero block gets the
+    smallest e8m0 scale; a NaN or inf block gets a NaN scale (only that block is spoiled).
+    """
+    _, exponent = jnp.frexp(amax)
+    exponent = jnp.where(amax > 0, exponent - 1 - emax, E8M0_MIN_EXP)
+    exponent = jnp.clip(exponent, E8M0_MIN_EXP, E8M0_MAX_EXP)
+    scale = jnp.ldexp(jnp.float32(1.0), exponent)
+    return jnp.where(jnp.isfinite(amax), scale, jnp.float32(np.nan))
+
+
+def compute_qparams(x: jax.typing.ArrayLike, spec: QuantSpec) -> QParams:
+    """Computes the scale and offsets of every block of ``x``.
+
+    Args:
+      x: a floating-point array (bf16 / f16 are computed in float32).
+      spec: the quantization spec; its granularity decides the blocks.
+
+    Returns:
+      :class:`QParams`, each field with shape ``x.shape // block_shape``.
+
+    Examples:
+      >>> import jax.numpy as jnp, qjax
+      >>> w = jnp.array([[1.0, -2.0], [0.5, 4.0]])
+      >>> qp = qjax.compute_qparams(w, qjax.QuantSpec("int8", granularity=qjax.per_channel(-1)))
+      >>> qp.scale.shape, qp.scale * 127.5  # one scale per output channel
+      ((1, 2), Array([[1., 4.]], dtype=float32))
+    """
+    return _compute_qparams(check_float_input(x, "compute_qparams"), spec)
+
+
+@functools.partial(jax.jit, static_argnames="spec")
+def _compute_qparams(x: jax.Array, spec: QuantSpec) -> QParams:
+    blocks = gran.block_shape(x.shape, spec.granularity)
+    return blockwise_qparams(gran.blockify(x.astype(jnp.float32), blocks), x.ndim, spec)
+
+
+def blockwise_qparams(xb: jax.Array, ndim: int, spec: QuantSpec) -> QParams:
+    """Quant params of a blockified float32 array, in the compact ``x.shape // block`` shape."""
+    lo, hi = block_minmax(xb, ndim)
+    shape = xb.shape[0::2]
+    return jax.tree.map(lambda p: p.reshape(shape), qparams_from_minmax(lo, hi, spec))

@@ -1,0 +1,185 @@
+"""QuantSpec: a frozen, hashable description of how to quantize one array."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax.numpy as jnp
+
+from qjax.dtypes import TargetDType, target_dtype
+from qjax.granularity import GranularityLike, as_granularity, per_block
+
+__all__ = ["FORMULATIONS", "MX_PRESETS", "SCALE_DTYPES", "SCHEMES", "QuantSpec"]
+
+Scheme = Literal["symmetric", "symmetric_with_clipping", "asymmetric"]
+Formulation = Literal["scale", "zero_point", "minval"]
+
+SCHEMES = ("symmetric", "symmetric_with_clipping", "asymmetric")
+FORMULATIONS = ("scale", "zero_point", "minval")
+SCALE_DTYPES = ("float32", "bfloat16", "float16", "float8_e8m0fnu")
+MX_PRESETS = {"mxfp8": "float8_e4m3fn", "mxfp4": "float4_e2m1fn"}
+"""OCP MX presets: element dtype; blocks of 32 along the last axis with e8m0 scales."""
+
+MX_BLOCK_SIZE = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """How to quantize an array: target dtype, scheme, formulation, granularity, scale dtype.
+
+    A QuantSpec is frozen and hashable, so it can be a static argument of ``jax.jit``.
+    Invalid combinations raise ``ValueError`` when the spec is built; an axis or block
+    size that does not fit an array raises when the spec is first used on it.
+
+    Args:
+      dtype: the target: ``"int8"``, ``"uint8"``, ``"int4"``, ``"uint4"``, ``"int2"``,
+        ``"uint2"``, ``"float8_e4m3fn"``, ``"float8_e5m2"``, ``"float4_e2m1fn"`` (or the
+        matching ``jnp`` dtype), or an MX preset ``"mxfp8"`` / ``"mxfp4"``, which sets
+        blocks of 32 along the last axis and ``float8_e8m0fnu`` scales.
+      scheme: how the scale is chosen from each block's range.
+
+        * ``"symmetric"`` (default): ``scale = amax / ((qmax - qmin) / 2)`` and
+          ``zero_point = (qmax + qmin + 1) // 2`` (0 for signed, 128 for uint8).
+        * ``"symmetric_with_clipping"``: signed integers only, ``qmin = -qmax``, so
+          ``scale = amax / qmax`` (coremltools' ``linear_symmetric``).
+        * ``"asymmetric"``: integers only, ``scale = (max_pos - min_neg) / (qmax - qmin)``
+          and ``zero_point = clamp(qmin - round(min_neg / scale), qmin, qmax)``.
+      formulation: how values are mapped with the params (the spec's three formulae):
+        ``"scale"`` (``q = round(x / scale)``, needs a zero point of 0), ``"zero_point"``
+        or ``"minval"`` (integers only). Default: ``"scale"`` where the zero point is 0
+        (float targets, signed symmetric), else ``"zero_point"``.
+      granularity: :func:`~qjax.per_tensor` (default), :func:`~qjax.per_channel`,
+        :func:`~qjax.per_block` or an explicit block-shape tuple.
+      scale_dtype: dtype the scale is stored in: ``"float32"`` (default), ``"bfloat16"``,
+        ``"float16"``, or ``"float8_e8m0fnu"`` for power-of-two scales (float targets).
+
+    Examples:
+      >>> import qjax
+      >>> spec = qjax.QuantSpec("int4", granularity=qjax.per_block(-2, 32))
+      >>> spec.formulation, spec.qmin, spec.qmax
+      ('scale', -8, 7)
+      >>> qjax.QuantSpec("uint8", formulation="scale")
+      Traceback (most recent call last):
+        ...
+      ValueError: formulation 'scale' needs a zero point of 0, but uint8 with scheme 'symmetric' has zero point 128; use formulation='zero_point' or 'minval', or a signed dtype
+    """
+
+    dtype: str = "int8"
+    scheme: Scheme = "symmetric"
+    formulation: Formulation | None = None
+    granularity: GranularityLike | None = None
+    scale_dtype: str | None = None
+
+    def __post_init__(self):
+        name = self.dtype if isinstance(self.dtype, str) else _dtype_name(self.dtype)
+        mx = name in MX_PRESETS
+        if mx:
+            name = MX_PRESETS[name]
+        target = target_dtype(name)
+        object.__setattr__(self, "dtype", target.name)
+
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"unknown scheme {self.scheme!r}; choose one of {SCHEMES}")
+        if target.is_float and self.scheme != "symmetric":
+            raise ValueError(
+                f"scheme {self.scheme!r} is for integer targets; float target {target.name} "
+                "is symmetric by construction: use scheme='symmetric'"
+            )
+        if self.scheme == "symmetric_with_clipping" and not target.is_signed:
+            raise ValueError(
+                f"scheme 'symmetric_with_clipping' needs a signed dtype, got {target.name}; "
+                f"use 'int{target.bits}' or scheme='symmetric'/'asymmetric'"
+            )
+
+        formulation = self.formulation
+        if formulation is None:
+            formulation = "scale" if self.symmetric_zero_point == 0 else "zero_point"
+        if formulation not in FORMULATIONS:
+            raise ValueError(f"unknown formulation {formulation!r}; choose one of {FORMULATIONS}")
+        if target.is_float and formulation != "scale":
+            raise ValueError(
+                f"formulation {formulation!r} is for integer targets; float target "
+                f"{target.name} supports only formulation='scale'"
+            )
+        if formulation == "scale" and self.symmetric_zero_point != 0:
+            raise ValueError(
+                f"formulation 'scale' needs a zero point of 0, but {target.name} with scheme "
+                f"{self.scheme!r} has "
+                + (
+                    "a data-dependent zero point"
+                    if self.scheme == "asymmetric"
+                    else f"zero point {self.symmetric_zero_point}"
+                )
+                + "; use formulation='zero_point' or 'minval', or a signed dtype"
+                + (" with a symmetric scheme" if self.scheme == "asymmetric" else "")
+            )
+        object.__setattr__(self, "formulation", formulation)
+
+        granularity = self.granularity
+        if granularity is None and mx:
+            granularity = per_block(-1, MX_BLOCK_SIZE, channel_axis="all")
+        object.__setattr__(self, "granularity", as_granularity(granularity))
+
+        scale_dtype = self.scale_dtype
+        if scale_dtype is None:
+            scale_dtype = "float8_e8m0fnu" if mx else "float32"
+        scale_dtype = scale_dtype if isinstance(scale_dtype, str) else _dtype_name(scale_dtype)
+        if scale_dtype not in SCALE_DTYPES:
+            raise ValueError(
+                f"unsupported scale_dtype {scale_dtype!r}; choose one of {SCALE_DTYPES}"
+            )
+        if scale_dtype == "float8_e8m0fnu" and not target.is_float:
+            raise ValueError(
+                f"power-of-two scales (scale_dtype='float8_e8m0fnu') are for float targets "
+                f"(the OCP MX formats), not {target.name}; use scale_dtype='float32'"
+            )
+        object.__setattr__(self, "scale_dtype", scale_dtype)
+
+    @property
+    def target(self) -> TargetDType:
+        """The target-dtype row: storage dtype, range and bits."""
+        return target_dtype(self.dtype)
+
+    @property
+    def qmin(self) -> int | float:
+        """Smallest quantized value (``-qmax`` under ``symmetric_with_clipping``)."""
+        t = target_dtype(self.dtype)
+        return -t.qmax if self.scheme == "symmetric_with_clipping" else t.qmin
+
+    @property
+    def qmax(self) -> int | float:
+        """Largest quantized value."""
+        return target_dtype(self.dtype).qmax
+
+    @property
+    def symmetric_zero_point(self) -> int | None:
+        """The fixed zero point of symmetric schemes; None for asymmetric (data-dependent)."""
+        if self.scheme == "asymmetric":
+            return None
+        if target_dtype(self.dtype).is_float:
+            return 0
+        return (self.qmax + self.qmin + 1) // 2
+
+    @property
+    def is_float(self) -> bool:
+        """True for float8 / float4 targets."""
+        return target_dtype(self.dtype).is_float
+
+    @property
+    def power_of_two_scale(self) -> bool:
+        """True where scales are powers of two (``scale_dtype='float8_e8m0fnu'``)."""
+        return self.scale_dtype == "float8_e8m0fnu"
+
+    def __str__(self) -> str:
+        parts = [self.dtype, self.scheme, self.formulation, str(self.granularity)]
+        if self.scale_dtype != "float32":
+            parts.append(f"scale={self.scale_dtype}")
+        return ":".join(parts)
+
+
+def _dtype_name(dtype: object) -> str:
+    try:
+        return jnp.dtype(dtype).name
+    except TypeError as e:
+        raise ValueError(f"{dtype!r} is not a dtype or dtype name") from e
