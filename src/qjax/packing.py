@@ -57,7 +57,7 @@ def unpack(packed: jax.Array, bits: int, *, signed: bool, pad: int) -> jax.Array
     """Inverse of :func:`pack`: int32 codes, sign-extended when ``signed``."""
     per = 8 // bits
     mask = (1 << bits) - 1
-    shifts = jnp.arange(per, dtype=jnp.int32) * bits
+    shifts = (jnp.arange(per, dtype=jnp.int32) * bits).reshape((1,) * packed.ndim + (per,))
     codes = (packed.astype(jnp.int32)[..., None] >> shifts) & mask
     codes = codes.reshape(packed.shape[:-1] + (packed.shape[-1] * per,))
     if pad:
