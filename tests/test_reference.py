@@ -11,17 +11,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference import FLOAT_TARGETS, INT_TARGETS, reference
 
 import qjax
+from reference import FLOAT_TARGETS, INT_TARGETS, reference
 
 SIGNED = ("int8", "int4", "int2")
 
 
 def valid_int_specs():
     for name in INT_TARGETS:
-        schemes = ["symmetric", "asymmetric"] + (["symmetric_with_clipping"] if name in SIGNED
-                                                 else [])
+        schemes = ["symmetric", "asymmetric"] + (
+            ["symmetric_with_clipping"] if name in SIGNED else []
+        )
         for scheme in schemes:
             formulations = ["zero_point", "minval"]
             if name in SIGNED and scheme != "asymmetric":
@@ -68,13 +69,18 @@ def assert_same(actual, expected, what):
 def run_all(x, spec):
     """Every public entry point, in one jitted function (one compile per spec)."""
     qa = qjax.quantize(x, spec)
-    return qjax.compute_qparams(x, spec), qa, qa.values, qjax.dequantize(qa), qjax.fake_quant(
-        x, spec
+    return (
+        qjax.compute_qparams(x, spec),
+        qa,
+        qa.values,
+        qjax.dequantize(qa),
+        qjax.fake_quant(x, spec),
     )
 
 
-@pytest.mark.parametrize(("shape", "granularity", "block"), GRANULARITIES,
-                         ids=[f"{s}-{g}" for s, g, _ in GRANULARITIES])
+@pytest.mark.parametrize(
+    ("shape", "granularity", "block"), GRANULARITIES, ids=[f"{s}-{g}" for s, g, _ in GRANULARITIES]
+)
 @pytest.mark.parametrize(("name", "scheme", "formulation"), SPECS, ids=["-".join(s) for s in SPECS])
 def test_matches_reference(name, scheme, formulation, shape, granularity, block):
     spec = qjax.QuantSpec(name, scheme=scheme, formulation=formulation, granularity=granularity)
@@ -115,13 +121,24 @@ def test_mx_presets(preset, name, shape):
 
 
 @pytest.mark.parametrize("scale_dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize(("name", "scheme", "formulation"),
-                         [("int8", "symmetric", "scale"), ("uint4", "asymmetric", "zero_point"),
-                          ("int4", "symmetric", "minval"), ("float8_e4m3fn", "symmetric", "scale")])
+@pytest.mark.parametrize(
+    ("name", "scheme", "formulation"),
+    [
+        ("int8", "symmetric", "scale"),
+        ("uint4", "asymmetric", "zero_point"),
+        ("int4", "symmetric", "minval"),
+        ("float8_e4m3fn", "symmetric", "scale"),
+    ],
+)
 def test_low_precision_scales(name, scheme, formulation, scale_dtype):
     x = make_data((8, 12), "normal", seed=2)
-    spec = qjax.QuantSpec(name, scheme=scheme, formulation=formulation,
-                          granularity=qjax.per_channel(-1), scale_dtype=scale_dtype)
+    spec = qjax.QuantSpec(
+        name,
+        scheme=scheme,
+        formulation=formulation,
+        granularity=qjax.per_channel(-1),
+        scale_dtype=scale_dtype,
+    )
     ref = reference(x, name, scheme, formulation, (8, 1), scale_dtype=scale_dtype)
     qa = qjax.quantize(x, spec)
     assert qa.scale.dtype == jnp.dtype(scale_dtype)
@@ -144,12 +161,15 @@ def test_half_inputs_compute_in_float32(in_dtype):
     assert qjax.fake_quant(x, spec).dtype == jnp.dtype(in_dtype)
 
 
-@pytest.mark.parametrize(("name", "scheme", "formulation"),
-                         [s for s in SPECS if s[0] in ("int8", "uint4", "float8_e4m3fn")])
+@pytest.mark.parametrize(
+    ("name", "scheme", "formulation"),
+    [s for s in SPECS if s[0] in ("int8", "uint4", "float8_e4m3fn")],
+)
 def test_straight_through_gradient(name, scheme, formulation):
     x = make_data((8, 12), "normal", seed=4)
-    spec = qjax.QuantSpec(name, scheme=scheme, formulation=formulation,
-                          granularity=qjax.per_channel(-1))
+    spec = qjax.QuantSpec(
+        name, scheme=scheme, formulation=formulation, granularity=qjax.per_channel(-1)
+    )
     # Shrunken params clamp the largest values, so the mask has zeros to check.
     qp = qjax.compute_qparams(x * np.float32(0.6), spec)
     shrunk = reference(x * np.float32(0.6), name, scheme, formulation, (8, 1))
@@ -190,4 +210,3 @@ def test_power_of_two_scales_for_fp8():
         qa = qjax.quantize(x, spec)
         assert_same(qa.scale.astype(jnp.float32), ref["scale"], f"{name} scale")
         assert_same(qa.values.astype(jnp.float32), ref["q"], f"{name} q")
-

@@ -24,7 +24,9 @@ def quantize_blocks(xb: jax.Array, qp: QParams, spec: QuantSpec) -> tuple[jax.Ar
       ``in_range`` is True where no clamping happened (the straight-through mask).
     """
     scale = qp.scale.astype(jnp.float32)
-    if spec.is_float:
+    if spec.power_of_two_scale:
+        v = xb * reciprocal_power_of_two(qp.scale)
+    elif spec.is_float:
         v = exact_divide(xb, scale)
     elif spec.formulation == "minval":
         v = jnp.round(exact_divide(xb - qp.minval, scale)) + spec.qmin
@@ -34,6 +36,18 @@ def quantize_blocks(xb: jax.Array, qp: QParams, spec: QuantSpec) -> tuple[jax.Ar
             v = v + qp.zero_point.astype(jnp.float32)
     in_range = (v >= spec.qmin) & (v <= spec.qmax)
     return jnp.clip(v, spec.qmin, spec.qmax), in_range
+
+
+def reciprocal_power_of_two(scale: jax.Array) -> jax.Array:
+    """``1 / scale`` for float8_e8m0fnu scales, exact, as float32.
+
+    Multiplying by an exact power of two equals dividing by its inverse. Computing the
+    reciprocal from the exponent bits also survives the smallest scale, 2**-127: that is
+    a float32 subnormal, which XLA:CPU flushes to zero (``x / 0`` would give inf or NaN).
+    """
+    biased = jax.lax.bitcast_convert_type(scale, jnp.uint8).astype(jnp.int32)
+    reciprocal = jnp.ldexp(jnp.float32(1.0), 127 - biased)
+    return jnp.where(biased == 255, jnp.float32(jnp.nan), reciprocal)
 
 
 def dequantize_blocks(q: jax.Array, qp: QParams, spec: QuantSpec) -> jax.Array:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -75,17 +76,21 @@ def quantize(
 
 @functools.partial(jax.jit, static_argnames=("spec", "packed"))
 def _quantize(x: jax.Array, qparams: QParams | None, spec: QuantSpec, packed: bool) -> QArray:
-    q, _, qp = _quantize_values(x, qparams, spec)
+    q, _, qp, layout = _quantize_values(x, qparams, spec)
     target = spec.target
-    if target.is_float:
-        q = q.astype(target.storage)
     if packed:
-        codes = (
-            jax.lax.bitcast_convert_type(q, jnp.uint4) if target.is_float else q.astype(jnp.int32)
-        )
-        data = packing.pack(codes, target.bits)
+        codes = packing.e2m1_codes(q) if target.is_float else q.astype(jnp.int32)
+        if packing.fits_layout(x.shape, layout.blocked, target.bits):
+            # Packing in the blocked layout gives the same bytes without index arithmetic.
+            data = packing.pack(codes, target.bits).reshape(
+                packing.packed_shape(x.shape, target.bits)
+            )
+        else:
+            data = packing.pack(codes.reshape(x.shape), target.bits)
+    elif target.is_float:
+        data = q.astype(target.storage).reshape(x.shape)
     else:
-        data = q.astype(jnp.int32).astype(target.storage) if not target.is_float else q
+        data = q.astype(jnp.int32).astype(target.storage).reshape(x.shape)
     offset = {"zero_point": qp.zero_point, "minval": qp.minval}.get(spec.formulation)
     return QArray(
         data=data,
@@ -100,16 +105,16 @@ def _quantize(x: jax.Array, qparams: QParams | None, spec: QuantSpec, packed: bo
 
 def _quantize_values(
     x: jax.Array, qparams: QParams | None, spec: QuantSpec
-) -> tuple[jax.Array, jax.Array, QParams]:
-    """Clamped values (float32, shape of ``x``), the in-range mask, and the params."""
-    blocks = gran.block_shape(x.shape, spec.granularity)
-    xb = gran.blockify(x.astype(jnp.float32), blocks)
+) -> tuple[jax.Array, jax.Array, QParams, gran.BlockLayout]:
+    """Clamped values and the in-range mask (float32, blocked), the params and the layout."""
+    layout = gran.BlockLayout.of(x.shape, gran.block_shape(x.shape, spec.granularity))
+    xb = layout.blockify(x.astype(jnp.float32))
     if qparams is None:
-        qparams = blockwise_qparams(xb, x.ndim, spec)
+        qparams = blockwise_qparams(xb, layout, spec)
     else:
-        _check_qparams(qparams, gran.param_shape(x.shape, blocks), spec)
-    q, in_range = quantize_blocks(xb, jax.tree.map(gran.expand_params, qparams), spec)
-    return q.reshape(x.shape), in_range.reshape(x.shape), qparams
+        qparams = _check_qparams(qparams, layout.params, spec)
+    q, in_range = quantize_blocks(xb, jax.tree.map(layout.expand, qparams), spec)
+    return q, in_range, qparams, layout
 
 
 def dequantize(qarray: QArray) -> jax.Array:
@@ -157,13 +162,12 @@ def fake_quant(
 
 @functools.partial(jax.jit, static_argnames="spec")
 def _fake_quant(x: jax.Array, qparams: QParams | None, spec: QuantSpec) -> jax.Array:
-    q, in_range, qp = _quantize_values(jax.lax.stop_gradient(x), qparams, spec)
+    q, in_range, qp, layout = _quantize_values(jax.lax.stop_gradient(x), qparams, spec)
     qp = jax.lax.stop_gradient(qp)
     if spec.is_float:
         q = q.astype(spec.target.storage)
-    blocks = gran.block_shape(x.shape, spec.granularity)
-    y = dequantize_blocks(gran.blockify(q, blocks), jax.tree.map(gran.expand_params, qp), spec)
-    return straight_through(x, y.reshape(x.shape).astype(x.dtype), in_range)
+    y = dequantize_blocks(q, jax.tree.map(layout.expand, qp), spec).reshape(x.shape)
+    return straight_through(x, y.astype(x.dtype), in_range.reshape(x.shape))
 
 
 @jax.custom_jvp
@@ -179,21 +183,26 @@ def straight_through(x: jax.Array, y: jax.Array, mask: jax.Array) -> jax.Array:
 
 @straight_through.defjvp
 def _straight_through_jvp(primals, tangents):
-    x, y, mask = primals
+    _, y, mask = primals
     tx, _, _ = tangents
     return y, tx * mask.astype(tx.dtype)
 
 
-def _check_qparams(qparams: QParams, shape: tuple[int, ...], spec: QuantSpec) -> None:
+def _check_qparams(qparams: QParams, shape: tuple[int, ...], spec: QuantSpec) -> QParams:
+    """Validates user-given params: reshaped to ``shape`` (a scalar fits (1, 1)), the
+    scale cast to the spec's scale dtype."""
     if not isinstance(qparams, QParams):
         raise TypeError(f"qparams must be a QParams, got {type(qparams).__name__}")
-    needed = {"scale": qparams.scale}
-    if spec.formulation in ("zero_point", "minval"):
-        needed[spec.formulation] = getattr(qparams, spec.formulation)
-    for name, value in needed.items():
-        if value is None or tuple(jnp.shape(value)) != shape:
+    needed = ["scale"] + ([spec.formulation] if spec.formulation != "scale" else [])
+    fixed = {}
+    for name in needed:
+        value = getattr(qparams, name)
+        if value is None or jnp.size(value) != math.prod(shape):
             raise ValueError(
                 f"qparams.{name} must have shape {shape} (x.shape // block shape for "
                 f"{spec.granularity}), got "
                 + ("None" if value is None else str(tuple(jnp.shape(value))))
             )
+        fixed[name] = jnp.reshape(value, shape)
+    fixed["scale"] = fixed["scale"].astype(spec.scale_dtype)
+    return qparams._replace(**fixed)

@@ -113,9 +113,19 @@ class QArray:
         """The float array these values stand for, in :attr:`float_dtype`."""
         shape = self.shape
         blocks = tuple(d // n if n else 1 for d, n in zip(shape, self.scale.shape))
-        qb = gran.blockify(self.codes(), blocks)
-        qp = jax.tree.map(gran.expand_params, self.qparams)
-        return dequantize_blocks(qb, qp, self.spec).reshape(shape).astype(self.float_dtype)
+        layout = gran.BlockLayout.of(shape, blocks)
+        t = self.spec.target
+        if self.packed and not t.is_float and packing.fits_layout(shape, layout.blocked, t.bits):
+            # Unpack straight into the blocked layout: same values, no index arithmetic.
+            blocked_bytes = (*layout.blocked[:-1], layout.blocked[-1] // t.packs)
+            codes = packing.unpack(
+                self.data.reshape(blocked_bytes), t.bits, signed=t.is_signed, pad=0
+            )
+        else:
+            codes = layout.blockify(self.codes())
+        qp = jax.tree.map(layout.expand, self.qparams)
+        q = dequantize_blocks(codes, qp, self.spec)
+        return q.reshape(shape).astype(self.float_dtype)
 
     def __repr__(self) -> str:
         return (

@@ -65,15 +65,28 @@ def exact_divide(num: jax.Array, den: jax.Array) -> jax.Array:
     return num / den
 
 
-def block_minmax(xb: jax.Array, ndim: int) -> tuple[jax.Array, jax.Array]:
-    """Per-block min and max of a blockified float32 array (keepdims).
+def block_minmax(xb: jax.Array, layout: gran.BlockLayout) -> tuple[jax.Array, jax.Array]:
+    """Per-block min and max of a blocked float32 array, in the layout's kept shape.
 
     An empty block gives min=+inf and max=-inf, hence zero range and the eps scale.
     NaN in a block makes that block's min and max NaN and leaves other blocks alone.
     """
-    axes = gran.block_axes(ndim)
-    lo = jnp.min(xb, axis=axes, keepdims=True, initial=np.inf)
-    hi = jnp.max(xb, axis=axes, keepdims=True, initial=-np.inf)
+    inf = jnp.float32(np.inf)
+    last = len(layout.blocked) - 1
+    if last >= 1 and layout.axes == (last,):
+        # Rows of contiguous blocks: one pass computing both is fastest on XLA:CPU.
+        lo, hi = jax.lax.reduce(
+            (xb, xb),
+            (inf, -inf),
+            lambda a, b: (jax.lax.min(a[0], b[0]), jax.lax.max(a[1], b[1])),
+            layout.axes,
+        )
+    else:
+        # Whole-array and column reductions: two plain reductions are fastest (a fused
+        # min-max reduce down columns runs ~15x slower there).
+        lo = jax.lax.reduce(xb, inf, jax.lax.min, layout.axes)
+        hi = jax.lax.reduce(xb, -inf, jax.lax.max, layout.axes)
+    lo, hi = lo.reshape(layout.kept), hi.reshape(layout.kept)
     # Keep the reductions out of the elementwise pass that follows: fused together, XLA:CPU
     # re-reads the input at a fraction of memory bandwidth.
     return jax.lax.optimization_barrier((lo, hi))
@@ -124,16 +137,18 @@ def qparams_from_minmax(min_val: jax.Array, max_val: jax.Array, spec: QuantSpec)
 
 
 def _power_of_two_scale(amax: jax.Array, emax: int) -> jax.Array:
-    """``2 ** (floor(log2(amax)) - emax)``, exponent clamped to the e8m0 range.
+    """``2 ** (floor(log2(amax)) - emax)`` as float8_e8m0fnu, exponent clamped to its range.
 
-    ``frexp`` gives ``floor(log2(amax))`` exactly (no log rounding). A zero block gets the
-    smallest e8m0 scale; a NaN or inf block gets a NaN scale (only that block is spoiled).
+    ``frexp`` gives ``floor(log2(amax))`` exactly (no log rounding). The scale is built
+    from its exponent bits: the smallest, 2**-127, is a float32 subnormal that XLA:CPU
+    would flush to zero. A zero block gets 2**-127; a NaN or inf block gets NaN (bits
+    255), which spoils only that block.
     """
     _, exponent = jnp.frexp(amax)
     exponent = jnp.where(amax > 0, exponent - 1 - emax, E8M0_MIN_EXP)
-    exponent = jnp.clip(exponent, E8M0_MIN_EXP, E8M0_MAX_EXP)
-    scale = jnp.ldexp(jnp.float32(1.0), exponent)
-    return jnp.where(jnp.isfinite(amax), scale, jnp.float32(np.nan))
+    biased = jnp.clip(exponent, E8M0_MIN_EXP, E8M0_MAX_EXP) - E8M0_MIN_EXP
+    biased = jnp.where(jnp.isfinite(amax), biased, 255).astype(jnp.uint8)
+    return jax.lax.bitcast_convert_type(biased, jnp.float8_e8m0fnu)
 
 
 def compute_qparams(x: jax.typing.ArrayLike, spec: QuantSpec) -> QParams:
@@ -158,12 +173,11 @@ def compute_qparams(x: jax.typing.ArrayLike, spec: QuantSpec) -> QParams:
 
 @functools.partial(jax.jit, static_argnames="spec")
 def _compute_qparams(x: jax.Array, spec: QuantSpec) -> QParams:
-    blocks = gran.block_shape(x.shape, spec.granularity)
-    return blockwise_qparams(gran.blockify(x.astype(jnp.float32), blocks), x.ndim, spec)
+    layout = gran.BlockLayout.of(x.shape, gran.block_shape(x.shape, spec.granularity))
+    return blockwise_qparams(layout.blockify(x.astype(jnp.float32)), layout, spec)
 
 
-def blockwise_qparams(xb: jax.Array, ndim: int, spec: QuantSpec) -> QParams:
-    """Quant params of a blockified float32 array, in the compact ``x.shape // block`` shape."""
-    lo, hi = block_minmax(xb, ndim)
-    shape = xb.shape[0::2]
-    return jax.tree.map(lambda p: p.reshape(shape), qparams_from_minmax(lo, hi, spec))
+def blockwise_qparams(xb: jax.Array, layout: gran.BlockLayout, spec: QuantSpec) -> QParams:
+    """Quant params of a blocked float32 array, in the compact ``x.shape // block`` shape."""
+    lo, hi = block_minmax(xb, layout)
+    return jax.tree.map(layout.compact, qparams_from_minmax(lo, hi, spec))

@@ -62,7 +62,7 @@ class QuantSpec:
       >>> qjax.QuantSpec("uint8", formulation="scale")
       Traceback (most recent call last):
         ...
-      ValueError: formulation 'scale' needs a zero point of 0, but uint8 with scheme 'symmetric' has zero point 128; use formulation='zero_point' or 'minval', or a signed dtype
+      ValueError: formulation 'scale' needs a zero point of 0, but uint8 ... zero point 128; ...
     """
 
     dtype: str = "int8"
