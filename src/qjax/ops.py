@@ -40,11 +40,13 @@ def quantize(
         for sub-byte targets of arrays with at least one dimension.
 
     Returns:
-      A :class:`~qjax.QArray`.
+      A :class:`~qjax.QArray`. A 0-d array is quantized per tensor and stored unpacked.
+      An empty array gives empty values; each empty block gets the eps scale.
 
     Raises:
       TypeError: for non-floating input.
-      ValueError: when the granularity does not fit ``x.shape``.
+      ValueError: when the granularity does not fit ``x.shape``, or ``qparams`` do not
+        have the block shape.
 
     Examples:
       >>> import jax, jax.numpy as jnp, qjax
@@ -164,8 +166,9 @@ def fake_quant(
 def _fake_quant(x: jax.Array, qparams: QParams | None, spec: QuantSpec) -> jax.Array:
     q, in_range, qp, layout = _quantize_values(jax.lax.stop_gradient(x), qparams, spec)
     qp = jax.lax.stop_gradient(qp)
-    if spec.is_float:
-        q = q.astype(spec.target.storage)
+    # Round trip through the stored type, so the value is the one quantize stores (an
+    # integer 0, never the -0.0 that round(-0.0) leaves in float32).
+    q = q.astype(spec.target.storage if spec.is_float else jnp.int32)
     y = dequantize_blocks(q, jax.tree.map(layout.expand, qp), spec).reshape(x.shape)
     return straight_through(x, y.astype(x.dtype), in_range.reshape(x.shape))
 
