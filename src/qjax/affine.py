@@ -25,7 +25,7 @@ def quantize_blocks(xb: jax.Array, qp: QParams, spec: QuantSpec) -> tuple[jax.Ar
     """
     scale = qp.scale.astype(jnp.float32)
     if spec.power_of_two_scale:
-        v = xb * reciprocal_power_of_two(qp.scale)
+        v = times_power_of_two(xb, qp.scale, -1)
     elif spec.is_float:
         v = exact_divide(xb, scale)
     elif spec.formulation == "minval":
@@ -38,22 +38,28 @@ def quantize_blocks(xb: jax.Array, qp: QParams, spec: QuantSpec) -> tuple[jax.Ar
     return jnp.clip(v, spec.qmin, spec.qmax), in_range
 
 
-def reciprocal_power_of_two(scale: jax.Array) -> jax.Array:
-    """``1 / scale`` for float8_e8m0fnu scales, exact, as float32.
+def times_power_of_two(v: jax.Array, scale: jax.Array, sign: int) -> jax.Array:
+    """``v * scale ** sign`` for float8_e8m0fnu scales, exact, in float32.
 
-    Multiplying by an exact power of two equals dividing by its inverse. Computing the
-    reciprocal from the exponent bits also survives the smallest scale, 2**-127: that is
-    a float32 subnormal, which XLA:CPU flushes to zero (``x / 0`` would give inf or NaN).
+    The exponent comes from the scale's bits and is applied in two halves, so no factor
+    is a float32 subnormal (2**-127 is one, and XLA:CPU flushes subnormals to zero) and
+    none overflows. Multiplying by an exact power of two equals dividing by its inverse.
+    A NaN scale (bits 255) gives NaN.
     """
     biased = jax.lax.bitcast_convert_type(scale, jnp.uint8).astype(jnp.int32)
-    reciprocal = jnp.ldexp(jnp.float32(1.0), 127 - biased)
-    return jnp.where(biased == 255, jnp.float32(jnp.nan), reciprocal)
+    exponent = sign * (biased - 127)
+    half = exponent // 2
+    one = jnp.float32(1.0)
+    out = v * jnp.ldexp(one, half) * jnp.ldexp(one, exponent - half)
+    return jnp.where(biased == 255, jnp.float32(jnp.nan), out)
 
 
 def dequantize_blocks(q: jax.Array, qp: QParams, spec: QuantSpec) -> jax.Array:
     """Maps quantized values (any real dtype) back to float32."""
-    scale = qp.scale.astype(jnp.float32)
     q = q.astype(jnp.float32)
+    if spec.power_of_two_scale:
+        return times_power_of_two(q, qp.scale, 1)
+    scale = qp.scale.astype(jnp.float32)
     if spec.formulation == "zero_point":
         return scale * (q - qp.zero_point.astype(jnp.float32))
     if spec.formulation == "minval":
