@@ -8,6 +8,8 @@ from qjax.granularity import block_shape as block_shape
 from qjax.granularity import per_block as per_block
 from qjax.granularity import per_channel as per_channel
 from qjax.granularity import per_tensor as per_tensor
+from qjax.io import load as load
+from qjax.io import save as save
 from qjax.ops import dequantize as dequantize
 from qjax.ops import fake_quant as fake_quant
 from qjax.ops import quantize as quantize
@@ -16,11 +18,20 @@ from qjax.qarray import QArray as QArray
 from qjax.qparams import QParams as QParams
 from qjax.qparams import compute_qparams as compute_qparams
 from qjax.qparams import qparams_from_minmax as qparams_from_minmax
+from qjax.rules import default_rules as default_rules
+from qjax.rules import parse_rules as parse_rules
+from qjax.rules import parse_spec as parse_spec
 from qjax.spec import QuantSpec as QuantSpec
+from qjax.tree import DEFAULT_MIN_SIZE as DEFAULT_MIN_SIZE
+from qjax.tree import count_nonfinite as count_nonfinite
+from qjax.tree import dequantize_tree as dequantize_tree
+from qjax.tree import leaf_specs as leaf_specs
+from qjax.tree import quantize_tree as quantize_tree
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_MIN_SIZE",
     "TARGET_DTYPES",
     "Granularity",
     "QArray",
@@ -29,13 +40,22 @@ __all__ = [
     "TargetDType",
     "block_shape",
     "compute_qparams",
+    "count_nonfinite",
+    "default_rules",
     "dequantize",
+    "dequantize_tree",
     "fake_quant",
+    "leaf_specs",
+    "load",
+    "parse_rules",
+    "parse_spec",
     "per_block",
     "per_channel",
     "per_tensor",
     "qparams_from_minmax",
     "quantize",
+    "quantize_tree",
+    "save",
     "straight_through",
     "target_dtype",
 ]

@@ -218,16 +218,16 @@ def param_shape(shape: Sequence[int], blocks: Sequence[int]) -> tuple[int, ...]:
 class BlockLayout(NamedTuple):
     """How an array of ``shape`` splits into blocks, as a reshape that XLA gets for free.
 
-    The array is viewed as ``(n0, b0, n1, b1, ...)`` (block counts and block sizes), with
-    size-1 dimensions dropped and neighbours of the same kind merged: per-tensor becomes
-    ``(size,)``, per-channel on the last axis ``(rows, cols)`` and per-block on the
-    second-to-last axis ``(n, block, cols)``. Fewer, larger axes make reductions much
-    faster on XLA:CPU, and every granularity still takes the same code path.
+    The array is viewed as ``(n0, b0, n1, b1, ...)`` (block counts and block sizes) with
+    the size-1 dimensions dropped: per-channel on the last axis is ``(rows, cols)`` and
+    per-block on the second-to-last ``(n, block, cols)``. Degenerate axes slow XLA:CPU's
+    reductions down, and every granularity still takes the same code path. Neighbouring
+    axes are not merged: a reshape that merges a sharded axis would make JAX gather it.
 
     Attributes:
       shape: the array's shape.
       params: the shape of the quant params, ``shape // block_shape``.
-      blocked: the merged ``(n, b, ...)`` shape.
+      blocked: the ``(n, b, ...)`` shape.
       axes: the axes of ``blocked`` that run inside a block (reduce over these).
       kept: ``blocked`` with the block axes set to 1 (params broadcast in this shape).
     """
@@ -241,15 +241,12 @@ class BlockLayout(NamedTuple):
     @classmethod
     def of(cls, shape: Sequence[int], blocks: Sequence[int]) -> BlockLayout:
         """The layout of an array of ``shape`` cut into blocks of ``blocks``."""
-        dims: list[list] = []  # [size, is_block_axis]
-        for d, b in zip(shape, blocks):
-            for size, inside in ((d // b if b else 1, False), (b, True)):
-                if size == 1:
-                    continue
-                if dims and dims[-1][1] == inside:
-                    dims[-1][0] *= size
-                else:
-                    dims.append([size, inside])
+        dims = [
+            (size, inside)
+            for d, b in zip(shape, blocks)
+            for size, inside in ((d // b if b else 1, False), (b, True))
+            if size != 1
+        ]
         return cls(
             shape=tuple(shape),
             params=param_shape(shape, blocks),

@@ -109,7 +109,9 @@ def _quantize_values(
     x: jax.Array, qparams: QParams | None, spec: QuantSpec
 ) -> tuple[jax.Array, jax.Array, QParams, gran.BlockLayout]:
     """Clamped values and the in-range mask (float32, blocked), the params and the layout."""
-    layout = gran.BlockLayout.of(x.shape, gran.block_shape(x.shape, spec.granularity))
+    blocks = gran.block_shape(x.shape, spec.granularity)
+    _check_blocks_fit_shards(x, blocks, spec)
+    layout = gran.BlockLayout.of(x.shape, blocks)
     xb = layout.blockify(x.astype(jnp.float32))
     if qparams is None:
         qparams = blockwise_qparams(xb, layout, spec)
@@ -117,6 +119,31 @@ def _quantize_values(
         qparams = _check_qparams(qparams, layout.params, spec)
     q, in_range = quantize_blocks(xb, jax.tree.map(layout.expand, qparams), spec)
     return q, in_range, qparams, layout
+
+
+def _check_blocks_fit_shards(x: jax.Array, blocks: tuple[int, ...], spec: QuantSpec) -> None:
+    """Explicitly sharded axes must hold whole blocks: JAX cannot split them otherwise.
+
+    (Under an Auto mesh, XLA instead gathers what a straddling block needs.)
+    """
+    sharding = getattr(getattr(jax, "typeof", lambda _: None)(x), "sharding", None)
+    mesh, pspec = getattr(sharding, "mesh", None), getattr(sharding, "spec", None)
+    if mesh is None or not pspec:
+        return
+    for axis, names in enumerate(pspec):
+        if names is None or not blocks[axis]:
+            continue
+        names = names if isinstance(names, tuple) else (names,)
+        shards = math.prod(mesh.shape[name] for name in names)
+        count = x.shape[axis] // blocks[axis]
+        if count > 1 and count % shards:
+            raise ValueError(
+                f"axis {axis} (size {x.shape[axis]}) is sharded {shards} ways over mesh axes "
+                f"{names}, but {spec.granularity} gives {count} blocks, which do not split "
+                f"evenly over the shards; choose a block size that divides "
+                f"{x.shape[axis] // shards} (the size of one shard), or quantize under an "
+                "Auto mesh, where XLA gathers what straddling blocks need"
+            )
 
 
 def dequantize(qarray: QArray) -> jax.Array:
