@@ -8,6 +8,7 @@ from qjax.granularity import block_shape as block_shape
 from qjax.granularity import per_block as per_block
 from qjax.granularity import per_channel as per_channel
 from qjax.granularity import per_tensor as per_tensor
+from qjax.granularity import per_token as per_token
 from qjax.io import load as load
 from qjax.io import save as save
 from qjax.ops import dequantize as dequantize
@@ -52,6 +53,7 @@ __all__ = [
     "per_block",
     "per_channel",
     "per_tensor",
+    "per_token",
     "qparams_from_minmax",
     "quantize",
     "quantize_tree",

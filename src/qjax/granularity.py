@@ -34,6 +34,7 @@ __all__ = [
     "per_block",
     "per_channel",
     "per_tensor",
+    "per_token",
 ]
 
 ChannelAxis = Union[int, Literal["auto", "all"]]
@@ -47,7 +48,8 @@ class Granularity:
     explicit block-shape tuple wherever a granularity is accepted.
 
     Attributes:
-      kind: ``"per_tensor"``, ``"per_channel"``, ``"per_block"`` or ``"explicit"``.
+      kind: ``"per_tensor"``, ``"per_channel"``, ``"per_block"``, ``"per_token"`` or
+        ``"explicit"``.
       axis: the channel axis (per_channel) or the blocked axis (per_block).
       block_size: the block length along ``axis`` (per_block).
       channel_axis: per_block only: the axis that gets one block per index, ``"auto"``
@@ -56,7 +58,7 @@ class Granularity:
       explicit: the explicit block shape (kind ``"explicit"``).
     """
 
-    kind: Literal["per_tensor", "per_channel", "per_block", "explicit"]
+    kind: Literal["per_tensor", "per_channel", "per_block", "per_token", "explicit"]
     axis: int | None = None
     block_size: int | None = None
     channel_axis: ChannelAxis = "auto"
@@ -75,8 +77,8 @@ class Granularity:
                     )
 
     def __str__(self) -> str:
-        if self.kind == "per_tensor":
-            return "per_tensor"
+        if self.kind in ("per_tensor", "per_token"):
+            return self.kind
         if self.kind == "per_channel":
             return f"per_channel(axis={self.axis})"
         if self.kind == "per_block":
@@ -101,6 +103,20 @@ def per_tensor() -> Granularity:
       (4, 6)
     """
     return Granularity("per_tensor")
+
+
+def per_token() -> Granularity:
+    """One set of parameters per row: size-1 blocks on every axis but the last.
+
+    The granularity of dynamic activation quantization: each token of a
+    ``[batch, seq, features]`` activation gets its own scale.
+
+    Examples:
+      >>> import qjax
+      >>> qjax.per_token().block_shape((2, 5, 64))
+      (1, 1, 64)
+    """
+    return Granularity("per_token")
 
 
 def per_channel(axis: int) -> Granularity:
@@ -170,6 +186,10 @@ def block_shape(shape: Sequence[int], granularity: GranularityLike) -> tuple[int
     ndim = len(shape)
     if g.kind == "per_tensor":
         blocks = list(shape)
+    elif g.kind == "per_token":
+        blocks = [1] * ndim
+        if ndim:
+            blocks[-1] = shape[-1]
     elif g.kind == "explicit":
         if len(g.explicit) != ndim:
             raise ValueError(

@@ -12,7 +12,13 @@ import numpy as np
 from qjax import granularity as gran
 from qjax.spec import QuantSpec
 
-__all__ = ["QParams", "check_float_input", "compute_qparams", "qparams_from_minmax"]
+__all__ = [
+    "QParams",
+    "block_range",
+    "check_float_input",
+    "compute_qparams",
+    "qparams_from_minmax",
+]
 
 EPS = float(np.finfo(np.float32).eps)
 """Smallest scale: an all-zero block gets this, so it dequantizes to exact zeros."""
@@ -219,6 +225,18 @@ def compute_qparams(x: jax.typing.ArrayLike, spec: QuantSpec) -> QParams:
 def _compute_qparams(x: jax.Array, spec: QuantSpec) -> QParams:
     layout = gran.BlockLayout.of(x.shape, gran.block_shape(x.shape, spec.granularity))
     return blockwise_qparams(layout.blockify(x.astype(jnp.float32)), layout, spec)
+
+
+def block_range(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
+    """Per-block (min, max) of ``x`` as float32, each of shape ``x.shape // block_shape``.
+
+    The observation that range calibration (static activations, moving averages) feeds
+    into :func:`qparams_from_minmax`.
+    """
+    x = check_float_input(x, "block_range")
+    layout = gran.BlockLayout.of(x.shape, gran.block_shape(x.shape, spec.granularity))
+    lo, hi = block_minmax(layout.blockify(x.astype(jnp.float32)), layout)
+    return layout.compact(lo), layout.compact(hi)
 
 
 def blockwise_qparams(xb: jax.Array, layout: gran.BlockLayout, spec: QuantSpec) -> QParams:

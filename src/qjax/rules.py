@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Union
 
 from qjax.dtypes import TARGET_DTYPES
-from qjax.granularity import per_block, per_channel, per_tensor
+from qjax.granularity import per_block, per_channel, per_tensor, per_token
 from qjax.spec import FORMULATIONS, MX_PRESETS, SCALE_DTYPES, SCHEMES, QuantSpec
 
 __all__ = ["Rule", "RulesLike", "default_rules", "parse_rules", "parse_spec"]
@@ -26,8 +26,8 @@ def parse_spec(text: str) -> QuantSpec | None:
 
     Tokens, in any order after the dtype: a scheme (``symmetric``, ``asymmetric``,
     ``symmetric_with_clipping``), a formulation (``scale``, ``zero_point``, ``minval``),
-    a granularity (``per_tensor``, ``per_channel``, ``per_block`` followed by its block
-    size), ``axis=N`` (default: -1 for per_channel and -2 for per_block, the Flax kernel
+    a granularity (``per_tensor``, ``per_channel``, ``per_token``, ``per_block`` followed by
+    its block size), ``axis=N`` (default: -1 for per_channel and -2 for per_block, the Flax kernel
     layout) and ``scale=DTYPE``. The MX presets ``mxfp8`` / ``mxfp4`` take no granularity.
 
     Raises:
@@ -55,7 +55,7 @@ def parse_spec(text: str) -> QuantSpec | None:
             kwargs["scheme"] = token
         elif token in FORMULATIONS:
             kwargs["formulation"] = token
-        elif token in ("per_tensor", "per_channel"):
+        elif token in ("per_tensor", "per_channel", "per_token"):
             kind = token
         elif token == "per_block":
             kind = token
@@ -72,7 +72,7 @@ def parse_spec(text: str) -> QuantSpec | None:
         else:
             raise ValueError(
                 f"spec {text!r}: cannot read {token!r}; expected a scheme {SCHEMES}, a "
-                f"formulation {FORMULATIONS}, per_tensor, per_channel, per_block:SIZE, "
+                f"formulation {FORMULATIONS}, per_tensor, per_channel, per_token, per_block:SIZE, "
                 f"axis=N or scale={'|'.join(SCALE_DTYPES)}"
             )
         i += 1
@@ -82,6 +82,8 @@ def parse_spec(text: str) -> QuantSpec | None:
         raise ValueError(f"spec {text!r}: {dtype} sets its own blocks; drop {kind}")
     if kind == "per_tensor":
         kwargs["granularity"] = per_tensor()
+    elif kind == "per_token":
+        kwargs["granularity"] = per_token()
     elif kind == "per_channel":
         kwargs["granularity"] = per_channel(-1 if axis is None else axis)
     elif kind == "per_block":
