@@ -196,3 +196,14 @@ def test_invalid_rules_are_named():
         pass
     with pytest.raises(ValueError, match="momentum must be in"):
         qlinen.ActQuant(qjax.QuantSpec("int8"), momentum=1.0)
+
+
+def test_static_activations_without_stats_fall_back_to_dynamic():
+    # A float checkpoint (no quant_stats) applies as is, with dynamic activation ranges.
+    act = qlinen.ActQuant(qjax.QuantSpec("int8"), static=True)
+    layer = qlinen.QuantDense(4, quant=qlinen.LayerQuant(weight=INT8, act=act))
+    x = jnp.linspace(-1.0, 2.0, 32).reshape(4, 8)
+    params = nn.Dense(4).init(jax.random.key(0), x)["params"]
+    y = layer.apply({"params": params}, x)
+    expected = qjax.fake_quant(x, act.spec) @ qjax.fake_quant(params["kernel"], INT8)
+    np.testing.assert_allclose(y, expected + params["bias"][None, :], rtol=1e-6)

@@ -1,5 +1,11 @@
 """qjax: quantization for JAX, numerically interchangeable with torchao and coreai-opt."""
 
+from qjax.calibration import MovingAverage as MovingAverage
+from qjax.calibration import calibrate as calibrate
+from qjax.calibration import moving_average_init as moving_average_init
+from qjax.calibration import moving_average_qparams as moving_average_qparams
+from qjax.calibration import moving_average_update as moving_average_update
+from qjax.calibration import observe_range as observe_range
 from qjax.dtypes import TARGET_DTYPES as TARGET_DTYPES
 from qjax.dtypes import TargetDType as TargetDType
 from qjax.dtypes import target_dtype as target_dtype
@@ -35,11 +41,13 @@ __all__ = [
     "DEFAULT_MIN_SIZE",
     "TARGET_DTYPES",
     "Granularity",
+    "MovingAverage",
     "QArray",
     "QParams",
     "QuantSpec",
     "TargetDType",
     "block_shape",
+    "calibrate",
     "compute_qparams",
     "count_nonfinite",
     "default_rules",
@@ -48,6 +56,10 @@ __all__ = [
     "fake_quant",
     "leaf_specs",
     "load",
+    "moving_average_init",
+    "moving_average_qparams",
+    "moving_average_update",
+    "observe_range",
     "parse_rules",
     "parse_spec",
     "per_block",

@@ -54,6 +54,29 @@ def times_power_of_two(v: jax.Array, scale: jax.Array, sign: int) -> jax.Array:
     return jnp.where(biased == 255, jnp.float32(jnp.nan), out)
 
 
+def unfused(product: jax.Array) -> jax.Array:
+    """``product`` behind a select XLA cannot see through, so it is rounded on its own.
+
+    XLA:CPU contracts a multiply that feeds an add into one fused multiply-add (a single
+    rounding; ~25% of results differ in the last bit), under jit but not op by op. Formulae
+    that round twice (``scale * (q - qmin) + minval``, a moving average) put each product
+    through this select; an optimization barrier does not help (it is gone by the time
+    LLVM contracts). It costs nothing measurable.
+    """
+    return jnp.where(jnp.isnan(product), jnp.float32(jnp.nan), product)
+
+
+def dequantize_stored(q: jax.Array, qp: QParams, spec: QuantSpec) -> jax.Array:
+    """Dequantizes clamped values from :func:`quantize_blocks` through the stored type.
+
+    Casting first gives exactly what ``dequantize(quantize(x))`` gives: float targets are
+    rounded by their cast, and an integer 0 never carries the sign of ``round(-0.0)``.
+    """
+    return dequantize_blocks(
+        q.astype(spec.target.storage if spec.is_float else jnp.int32), qp, spec
+    )
+
+
 def dequantize_blocks(q: jax.Array, qp: QParams, spec: QuantSpec) -> jax.Array:
     """Maps quantized values (any real dtype) back to float32."""
     q = q.astype(jnp.float32)
@@ -63,10 +86,5 @@ def dequantize_blocks(q: jax.Array, qp: QParams, spec: QuantSpec) -> jax.Array:
     if spec.formulation == "zero_point":
         return scale * (q - qp.zero_point.astype(jnp.float32))
     if spec.formulation == "minval":
-        steps = scale * (q - spec.qmin)
-        # The formula rounds twice. XLA:CPU contracts a multiply feeding an add into one
-        # fused multiply-add (one rounding, ~25% of results differ in the last bit); a
-        # select it cannot see through keeps the two apart at no measurable cost.
-        steps = jnp.where(jnp.isnan(steps), jnp.nan, steps)
-        return steps + qp.minval
+        return unfused(scale * (q - spec.qmin)) + qp.minval
     return scale * q

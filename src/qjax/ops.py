@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from qjax import granularity as gran
 from qjax import packing
-from qjax.affine import dequantize_blocks, quantize_blocks
+from qjax.affine import dequantize_stored, quantize_blocks
 from qjax.qarray import QArray
 from qjax.qparams import QParams, blockwise_qparams, check_float_input
 from qjax.spec import QuantSpec
@@ -193,10 +193,7 @@ def fake_quant(
 def _fake_quant(x: jax.Array, qparams: QParams | None, spec: QuantSpec) -> jax.Array:
     q, in_range, qp, layout = _quantize_values(jax.lax.stop_gradient(x), qparams, spec)
     qp = jax.lax.stop_gradient(qp)
-    # Round trip through the stored type, so the value is the one quantize stores (an
-    # integer 0, never the -0.0 that round(-0.0) leaves in float32).
-    q = q.astype(spec.target.storage if spec.is_float else jnp.int32)
-    y = dequantize_blocks(q, jax.tree.map(layout.expand, qp), spec).reshape(x.shape)
+    y = dequantize_stored(q, jax.tree.map(layout.expand, qp), spec).reshape(x.shape)
     return straight_through(x, y.astype(x.dtype), in_range.reshape(x.shape))
 
 

@@ -10,15 +10,14 @@ The parameter tree stays identical to the float model's: a float checkpoint load
 
 Static activation ranges live in the ``quant_stats`` collection (``act_min``,
 ``act_max`` of each quantized module). Applying with ``mutable=["quant_stats"]``
-calibrates them with a moving average; applying without freezes them.
+calibrates them with a moving average; applying without freezes them; a float
+checkpoint without them quantizes activations dynamically.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
-import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -26,9 +25,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qjax.flax._common import (
+    ActQuant,
+    LayerQuant,
+    RuleValue,
+    compile_rules,
+    quantize_activation,
+)
 from qjax.ops import fake_quant
-from qjax.qparams import QParams, block_range, qparams_from_minmax
-from qjax.rules import parse_spec
 from qjax.spec import QuantSpec
 
 __all__ = [
@@ -42,6 +46,8 @@ __all__ = [
     "QuantEinsum",
     "intercept",
     "intercepted",
+    "quantized_call",
+    "weight_name",
 ]
 
 STATS = "quant_stats"
@@ -56,57 +62,6 @@ WEIGHT_NAMES: dict[type, str] = {
     nn.Embed: "embedding",
 }
 """The parameter each quantizable layer type multiplies its input with."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ActQuant:
-    """How a layer's input activation is quantized.
-
-    Attributes:
-      spec: the QuantSpec. Dynamic quantization may use any granularity, e.g.
-        :func:`~qjax.per_token`; static ranges need one whose block shape does not
-        depend on the batch (per tensor, or per channel of the last axis).
-      static: False: params computed from each call's activation (dynamic). True: params
-        from ranges calibrated into the ``quant_stats`` collection; until calibrated, the
-        dynamic params are used.
-      momentum: the moving-average weight of the old range during calibration.
-    """
-
-    spec: QuantSpec
-    static: bool = False
-    momentum: float = 0.9
-
-    def __post_init__(self):
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerQuant:
-    """What a quantized layer does: a weight spec and an optional activation spec."""
-
-    weight: QuantSpec | None = None
-    act: ActQuant | None = None
-
-
-RuleValue = LayerQuant | QuantSpec | str | None
-
-
-def _as_layer_quant(value: RuleValue, where: str) -> LayerQuant | None:
-    if value is None or isinstance(value, LayerQuant):
-        return value
-    if isinstance(value, QuantSpec):
-        return LayerQuant(weight=value)
-    if isinstance(value, str):
-        try:
-            spec = parse_spec(value)
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
-        return None if spec is None else LayerQuant(weight=spec)
-    raise TypeError(
-        f"{where}: expected a LayerQuant, QuantSpec, shorthand text or None, "
-        f"got {type(value).__name__}"
-    )
 
 
 class _QuantizingScope:
@@ -127,7 +82,7 @@ class _QuantizingScope:
 
 @contextlib.contextmanager
 def _weights_quantized(module: nn.Module, spec: QuantSpec | None) -> Iterator[None]:
-    name = _weight_name(module)
+    name = weight_name(module)
     if spec is None or name is None:
         yield
         return
@@ -139,7 +94,7 @@ def _weights_quantized(module: nn.Module, spec: QuantSpec | None) -> Iterator[No
         object.__setattr__(module, "scope", scope)
 
 
-def _weight_name(module: nn.Module) -> str | None:
+def weight_name(module: nn.Module) -> str | None:
     for cls in type(module).__mro__:
         if cls in WEIGHT_NAMES:
             return WEIGHT_NAMES[cls]
@@ -147,23 +102,20 @@ def _weight_name(module: nn.Module) -> str | None:
 
 
 def _quantize_activation(module: nn.Module, x: jax.Array, act: ActQuant) -> jax.Array:
-    if not act.static:
-        return fake_quant(x, act.spec)
-    lo, hi = block_range(jax.lax.stop_gradient(x), act.spec)
-    act_min = module.variable(STATS, "act_min", jnp.full, lo.shape, jnp.inf, jnp.float32)
-    act_max = module.variable(STATS, "act_max", jnp.full, hi.shape, -jnp.inf, jnp.float32)
-    if module.is_mutable_collection(STATS) and not module.is_initializing():
-        fresh = jnp.isinf(act_min.value)
-        m = act.momentum
-        act_min.value = jnp.where(fresh, lo, m * act_min.value + (1 - m) * lo)
-        act_max.value = jnp.where(fresh, hi, m * act_max.value + (1 - m) * hi)
-    calibrated = jnp.isfinite(act_min.value)
-    qp = qparams_from_minmax(
-        jnp.where(calibrated, act_min.value, lo),
-        jnp.where(calibrated, act_max.value, hi),
-        act.spec,
+    """Fake-quantizes ``x``; static ranges live in the module's ``quant_stats``."""
+    stored = module.has_variable(STATS, "act_min")
+    mutable = module.is_mutable_collection(STATS)
+    stats = (
+        (module.get_variable(STATS, "act_min"), module.get_variable(STATS, "act_max"))
+        if stored
+        else None
     )
-    return fake_quant(x, act.spec, qparams=QParams(*qp))
+    calibrating = mutable and not module.is_initializing()
+    x_q, stats = quantize_activation(x, act, stats, calibrating)
+    if stats is not None and mutable:
+        module.put_variable(STATS, "act_min", stats[0])
+        module.put_variable(STATS, "act_max", stats[1])
+    return x_q
 
 
 def quantized_call(
@@ -205,7 +157,7 @@ QuantEinsum = _quantized_layer(nn.Einsum)
 def _interceptor(rules: list[tuple[Callable[[str], Any], LayerQuant | None]]) -> Callable:
     def intercept_method(next_fun, args, kwargs, context):
         module = context.module
-        if context.method_name not in ("__call__", "setup") or _weight_name(module) is None:
+        if context.method_name not in ("__call__", "setup") or weight_name(module) is None:
             return next_fun(*args, **kwargs)
         path = "/".join(module.path)
         quant = next((q for match, q in rules if match(path)), None)
@@ -245,10 +197,7 @@ def intercept(rules: Mapping[str, RuleValue]) -> Iterator[None]:
       >>> quantized_apply(variables, jnp.ones((1, 8))).shape
       (1, 4)
     """
-    compiled = [
-        (re.compile(pattern).fullmatch, _as_layer_quant(value, f"rule {pattern!r}"))
-        for pattern, value in rules.items()
-    ]
+    compiled = [(match, quant) for match, quant, _ in compile_rules(rules)]
     with nn.intercept_methods(_interceptor(compiled)):
         yield
 

@@ -1,0 +1,276 @@
+"""Quantization-aware Flax NNX: ``quantize(model, rules)`` puts quantizing operators in place.
+
+NNX has no interceptor, but its layers call their operator through an attribute:
+``Linear.dot_general``, ``LinearGeneral.dot_general``, ``Conv.conv_general_dilated`` and
+``Einsum.einsum_op``. :func:`quantize` replaces that attribute, on each layer a rule
+matches, with a :class:`QuantOp`: a small ``nnx.Module`` that fake-quantizes the kernel
+operand with the weight spec and the input operand with the activation spec, then calls
+the original operator. The parameters are untouched (a float checkpoint loads as is) and
+the numerics are those of :mod:`qjax.flax.linen`: the same rules, :class:`LayerQuant` and
+:class:`ActQuant`, and the same activation maths (``qjax.flax._common``).
+
+Static activation ranges are :class:`QuantStat` variables (``act_min``, ``act_max``) of
+the :class:`QuantOp`, so they travel through ``nnx.jit``, ``nnx.split`` / ``nnx.merge``
+and checkpoints, and an ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` never sees them.
+:func:`calibrate` switches the moving-average updates on and off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple, TypeVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qjax.flax._common import (
+    ActQuant,
+    LayerQuant,
+    RuleValue,
+    compile_rules,
+    quantize_activation,
+)
+from qjax.ops import fake_quant
+
+__all__ = [
+    "HOOKS",
+    "ActQuant",
+    "LayerQuant",
+    "QuantOp",
+    "QuantStat",
+    "calibrate",
+    "quantize",
+]
+
+M = TypeVar("M", bound=nnx.Module)
+
+
+class Hook(NamedTuple):
+    """Where a layer type calls its operator, and which operands are input and kernel."""
+
+    attr: str
+    input_arg: int
+    kernel_arg: int
+    default: Callable
+
+
+HOOKS: dict[type, Hook] = {
+    nnx.Linear: Hook("dot_general", 0, 1, jax.lax.dot_general),
+    nnx.LinearGeneral: Hook("dot_general", 0, 1, jax.lax.dot_general),
+    nnx.Conv: Hook("conv_general_dilated", 0, 1, jax.lax.conv_general_dilated),
+    nnx.Einsum: Hook("einsum_op", 1, 2, jnp.einsum),
+}
+"""The quantizable layer types: the operator attribute, input and kernel positions."""
+
+NO_HOOK: tuple[type, ...] = (nnx.ConvTranspose, nnx.Embed)
+"""Layers with a weight that NNX reads without an operator hook: a rule cannot quantize them."""
+
+
+class QuantStat(nnx.Variable):
+    """A static activation range (``act_min`` / ``act_max``): state, but not a parameter.
+
+    Uncalibrated, it holds the scalar ``+inf`` (``act_min``) or ``-inf`` (``act_max``) and
+    the layer falls back to dynamic ranges. The first calibrating call gives it the shape
+    of the activation's blocks, ``x.shape // block_shape``, less its leading unit axes:
+    ``()`` per tensor (always), ``(features,)`` per channel of the last axis. It then fits
+    inputs of any rank.
+    """
+
+
+class QuantOp(nnx.Module):
+    """A layer's operator, with its kernel and input operands fake-quantized.
+
+    :func:`quantize` installs one in place of a layer's ``dot_general``,
+    ``conv_general_dilated`` or ``einsum_op``. Its configuration is static (part of the
+    graph definition, so ``nnx.jit`` retraces when it changes); its only state is the
+    :class:`QuantStat` pair ``act_min`` / ``act_max`` when the activation is static.
+
+    Attributes:
+      op: the original operator, called with the quantized operands.
+      quant: the :class:`LayerQuant`.
+      input_arg: the position of the input operand (1 for ``einsum_op``, else 0).
+      kernel_arg: the position of the kernel operand (2 for ``einsum_op``, else 1).
+      calibrating: whether calls update the static ranges (see :func:`calibrate`).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, qjax
+      >>> from qjax.flax import nnx as qnnx
+      >>> op = qnnx.QuantOp(jax.lax.dot_general, qnnx.LayerQuant(weight=qjax.QuantSpec("int2")))
+      >>> # int2 is [-2, 1] with scale 1 / 1.5: the kernel [1.0, 0.2] becomes [2/3, 0].
+      >>> op(jnp.ones((1, 2)), jnp.array([[1.0], [0.2]]), (((1,), (0,)), ((), ())))
+      Array([[0.6666667]], dtype=float32)
+    """
+
+    def __init__(self, op: Callable, quant: LayerQuant, *, input_arg: int = 0, kernel_arg: int = 1):
+        self.op = op
+        self.quant = quant
+        self.input_arg = input_arg
+        self.kernel_arg = kernel_arg
+        self.calibrating = False
+        if quant.act is not None and quant.act.static:
+            self.act_min = QuantStat(jnp.full((), jnp.inf, jnp.float32))
+            self.act_max = QuantStat(jnp.full((), -jnp.inf, jnp.float32))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Calls ``op`` with the input and kernel operands fake-quantized."""
+        if len(args) <= max(self.input_arg, self.kernel_arg):
+            raise TypeError(
+                f"QuantOp expects the input at position {self.input_arg} and the kernel at "
+                f"position {self.kernel_arg}, got {len(args)} positional arguments"
+            )
+        args = list(args)
+        x, act = args[self.input_arg], self.quant.act
+        if act is not None and jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
+            args[self.input_arg] = self._quantize_input(x, act)
+        if self.quant.weight is not None:
+            args[self.kernel_arg] = fake_quant(args[self.kernel_arg], self.quant.weight)
+        return self.op(*args, **kwargs)
+
+    def _quantize_input(self, x: jax.Array, act: ActQuant) -> jax.Array:
+        stats = (self.act_min.get_value(), self.act_max.get_value()) if act.static else None
+        x_q, stats = quantize_activation(x, act, stats, self.calibrating)
+        if stats is not None and self.calibrating:
+            self.act_min.set_value(stats[0])
+            self.act_max.set_value(stats[1])
+        return x_q
+
+    def set_view(self, calibrating: bool | None = None) -> None:
+        """Lets ``nnx.view(model, calibrating=True)`` give a calibrating view of a model."""
+        if calibrating is not None:
+            self.calibrating = calibrating
+
+
+CompiledRules = list[tuple[Callable[[str], Any], LayerQuant | None, str]]
+"""(fullmatch, quant, pattern) per rule, in order."""
+
+
+def _hook_of(module: nnx.Module) -> Hook | None:
+    for cls in type(module).__mro__:
+        if cls in HOOKS:
+            return HOOKS[cls]
+    return None
+
+
+def _plan(
+    module: nnx.Module, path: str, compiled: CompiledRules
+) -> tuple[nnx.Module, Hook, LayerQuant | None] | None:
+    """What :func:`quantize` does to ``module``: None, or (module, hook, quant)."""
+    hook = _hook_of(module)
+    if hook is None and not isinstance(module, NO_HOOK):
+        return None
+    found = next(((q, p) for match, q, p in compiled if match(path)), None)
+    if found is None or (hook is None and found[0] is None):
+        return None
+    quant, pattern = found
+    if hook is None:
+        raise ValueError(
+            f"rule {pattern!r} matches {path!r} ({type(module).__name__}), which NNX reads "
+            f"without an operator hook, so qjax cannot quantize it; add {{{path!r}: None}} "
+            "before that rule"
+        )
+    if getattr(module, "dot_general_cls", None) is not None:
+        raise ValueError(
+            f"layer {path!r} ({type(module).__name__}) uses dot_general_cls, which overrides "
+            "the dot_general hook qjax quantizes through; build it with dot_general instead"
+        )
+    return module, hook, quant
+
+
+def _install(module: nnx.Module, hook: Hook, quant: LayerQuant | None) -> None:
+    current = getattr(module, hook.attr)
+    original = current.op if isinstance(current, QuantOp) else (current or hook.default)
+    if quant is None:
+        setattr(module, hook.attr, nnx.static(original))
+        return
+    op = QuantOp(original, quant, input_arg=hook.input_arg, kernel_arg=hook.kernel_arg)
+    setattr(module, hook.attr, nnx.data(op))
+
+
+def quantize(model: M, rules: Mapping[str, RuleValue]) -> M:
+    """Quantizes the matched layers of an NNX model, in place.
+
+    Each ``Linear``, ``LinearGeneral``, ``Conv`` and ``Einsum`` (or subclass) that a rule
+    matches gets a :class:`QuantOp` as its operator. Unmatched modules stay as they are;
+    a ``None`` rule puts back the float operator of a layer quantized before. Calling
+    ``quantize`` again replaces the earlier configuration of the layers it matches, their
+    calibrated ranges included.
+
+    Where NNX's numerics differ from :func:`qjax.flax.linen.intercept`: the operands are
+    quantized where the operator receives them, after the layer's dtype promotion, a
+    ``Conv`` mask and padding (``CIRCULAR``, ``REFLECT``, ``CAUSAL``); with float32
+    parameters, inputs and no mask, the results are the same.
+
+    Args:
+      model: an ``nnx.Module``.
+      rules: ``{regex: LayerQuant | QuantSpec | shorthand | None}``, first match wins,
+        matched with ``re.fullmatch`` against each module's path joined with ``/``
+        (e.g. ``"blocks/0/linear"``; the model itself is ``""``). A QuantSpec or shorthand
+        quantizes weights only; a :class:`LayerQuant` may add an :class:`ActQuant`.
+
+    Returns:
+      ``model``, quantized.
+
+    Raises:
+      ValueError: for an invalid rule, naming it; for a matched ``ConvTranspose`` or
+        ``Embed`` (NNX gives no operator hook to quantize them through: exclude them with
+        a ``None`` rule before), or a layer built with ``dot_general_cls``. The model is
+        then left as it was.
+      TypeError: for a rule value of the wrong type, naming the rule.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from qjax.flax import nnx as qnnx
+      >>> model = nnx.Sequential(nnx.Linear(8, 8, rngs=nnx.Rngs(0)), nnx.relu,
+      ...                        nnx.Linear(8, 2, rngs=nnx.Rngs(1)))
+      >>> float_out = model(jnp.ones((1, 8)))
+      >>> model = qnnx.quantize(model, {"layers/0": "int4:per_channel"})
+      >>> type(model.layers[0].dot_general).__name__, model.layers[2].dot_general.__name__
+      ('QuantOp', 'dot_general')
+      >>> bool(jnp.any(nnx.jit(lambda m, x: m(x))(model, jnp.ones((1, 8))) != float_out))
+      True
+    """
+    compiled = compile_rules(rules)
+    plans = [
+        _plan(module, "/".join(map(str, parts)), compiled)
+        for parts, module in nnx.iter_modules(model)
+    ]
+    for plan in plans:  # all checked first: an error leaves the model as it was
+        if plan is not None:
+            _install(*plan)
+    return model
+
+
+def calibrate(model: M, enabled: bool = True) -> M:
+    """Switches the static activation ranges of ``model`` to calibrating, or freezes them.
+
+    While calibrating, each call of a quantized layer with a static :class:`ActQuant`
+    folds its input's per-block range into ``act_min`` / ``act_max`` with the moving
+    average (the first call sets them); frozen, calls read them only. The flag is static:
+    ``nnx.jit`` traces each mode once. ``nnx.view(model, calibrating=True)`` gives a
+    calibrating view without changing ``model``.
+
+    Args:
+      model: a model quantized with :func:`quantize`.
+      enabled: True to calibrate, False to freeze.
+
+    Returns:
+      ``model``, switched in place.
+
+    Examples:
+      >>> import jax.numpy as jnp, qjax
+      >>> from flax import nnx
+      >>> from qjax.flax import nnx as qnnx
+      >>> act = qnnx.ActQuant(qjax.QuantSpec("int8"), static=True)
+      >>> model = qnnx.quantize(nnx.Linear(2, 2, rngs=nnx.Rngs(0)),
+      ...                       {".*": qnnx.LayerQuant(act=act)})
+      >>> _ = qnnx.calibrate(model)(jnp.array([[-1.0, 3.0]]))
+      >>> _ = qnnx.calibrate(model, False)(jnp.array([[-5.0, 5.0]]))  # frozen
+      >>> model.dot_general.act_min[...], model.dot_general.act_max[...]
+      (Array(-1., dtype=float32), Array(3., dtype=float32))
+    """
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, QuantOp):
+            module.calibrating = enabled
+    return model
