@@ -25,6 +25,8 @@ from qjax.qarray import QArray as QArray
 from qjax.qparams import QParams as QParams
 from qjax.qparams import compute_qparams as compute_qparams
 from qjax.qparams import qparams_from_minmax as qparams_from_minmax
+from qjax.report import Report as Report
+from qjax.report import report as report
 from qjax.rules import default_rules as default_rules
 from qjax.rules import parse_rules as parse_rules
 from qjax.rules import parse_spec as parse_spec
@@ -45,6 +47,7 @@ __all__ = [
     "QArray",
     "QParams",
     "QuantSpec",
+    "Report",
     "TargetDType",
     "block_shape",
     "calibrate",
@@ -69,6 +72,7 @@ __all__ = [
     "qparams_from_minmax",
     "quantize",
     "quantize_tree",
+    "report",
     "save",
     "straight_through",
     "target_dtype",
