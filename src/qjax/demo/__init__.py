@@ -1,0 +1,1 @@
+"""End-to-end examples of qjax on real data: quantization-aware training of small models."""
