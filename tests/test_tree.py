@@ -147,3 +147,11 @@ def test_command_line_style_rules():
     rules = qjax.parse_rules([".*kernel=int4:per_block:32:axis=0", ".*=keep"])
     assert rules[0][1].granularity == qjax.per_block(0, 32)
     assert rules[1] == (".*", None)
+
+
+def test_mx_shorthand_can_block_along_the_flax_contraction_axis():
+    spec = qjax.parse_spec("mxfp4:axis=-2")
+    assert spec.scale_dtype == "float8_e8m0fnu"
+    assert spec.granularity.block_shape((64, 16)) == (32, 1)
+    with pytest.raises(ValueError, match="sets its own blocks"):
+        qjax.parse_spec("mxfp4:per_channel")

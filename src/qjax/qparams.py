@@ -189,13 +189,15 @@ def qparams_from_minmax(min_val: jax.Array, max_val: jax.Array, spec: QuantSpec)
 def _power_of_two_scale(amax: jax.Array, emax: int) -> jax.Array:
     """``2 ** (floor(log2(amax)) - emax)`` as float8_e8m0fnu, exponent clamped to its range.
 
-    ``frexp`` gives ``floor(log2(amax))`` exactly (no log rounding). The scale is built
-    from its exponent bits: the smallest, 2**-127, is a float32 subnormal that XLA:CPU
-    would flush to zero. A zero block gets 2**-127; a NaN or inf block gets NaN (bits
+    ``floor(log2(amax))`` is read off amax's exponent bits (exact, and a few integer ops,
+    where ``frexp`` costs dozens that XLA:CPU would redo for every element of the block).
+    Zero and subnormal amax (below 2**-126) land on the smallest scale, 2**-127, as
+    ``frexp`` would after the clamp; the scale is built from its bits because 2**-127 is a
+    float32 subnormal that XLA:CPU flushes to zero. A NaN or inf block gets NaN (bits
     255), which spoils only that block.
     """
-    _, exponent = jnp.frexp(amax)
-    exponent = jnp.where(amax > 0, exponent - 1 - emax, E8M0_MIN_EXP)
+    bits = jax.lax.bitcast_convert_type(amax, jnp.int32)
+    exponent = ((bits >> 23) & 0xFF) - 127 - emax
     biased = jnp.clip(exponent, E8M0_MIN_EXP, E8M0_MAX_EXP) - E8M0_MIN_EXP
     biased = jnp.where(jnp.isfinite(amax), biased, 255).astype(jnp.uint8)
     return jax.lax.bitcast_convert_type(biased, jnp.float8_e8m0fnu)

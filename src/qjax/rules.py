@@ -8,7 +8,7 @@ from typing import Union
 
 from qjax.dtypes import TARGET_DTYPES
 from qjax.granularity import per_block, per_channel, per_tensor, per_token
-from qjax.spec import FORMULATIONS, MX_PRESETS, SCALE_DTYPES, SCHEMES, QuantSpec
+from qjax.spec import FORMULATIONS, MX_BLOCK_SIZE, MX_PRESETS, SCALE_DTYPES, SCHEMES, QuantSpec
 
 __all__ = ["Rule", "RulesLike", "default_rules", "parse_rules", "parse_spec"]
 
@@ -28,7 +28,8 @@ def parse_spec(text: str) -> QuantSpec | None:
     ``symmetric_with_clipping``), a formulation (``scale``, ``zero_point``, ``minval``),
     a granularity (``per_tensor``, ``per_channel``, ``per_token``, ``per_block`` followed by
     its block size), ``axis=N`` (default: -1 for per_channel and -2 for per_block, the Flax kernel
-    layout) and ``scale=DTYPE``. The MX presets ``mxfp8`` / ``mxfp4`` take no granularity.
+    layout) and ``scale=DTYPE``. The MX presets ``mxfp8`` / ``mxfp4`` take no granularity;
+    ``axis=N`` moves their 32-blocks to another axis (``mxfp4:axis=-2`` for Flax kernels).
 
     Raises:
       ValueError: naming the token that is not understood.
@@ -76,10 +77,14 @@ def parse_spec(text: str) -> QuantSpec | None:
                 f"axis=N or scale={'|'.join(SCALE_DTYPES)}"
             )
         i += 1
-    if kind is None and axis is not None:
-        raise ValueError(f"spec {text!r}: axis= needs per_channel or per_block")
     if kind is not None and dtype in MX_PRESETS:
         raise ValueError(f"spec {text!r}: {dtype} sets its own blocks; drop {kind}")
+    if dtype in MX_PRESETS and axis is not None:
+        # MX blocks run along the contraction axis: the last one of a PyTorch [out, in]
+        # weight (the default), axis=-2 for a Flax kernel [..., in, out].
+        kwargs["granularity"] = per_block(axis, MX_BLOCK_SIZE, channel_axis="all")
+    elif kind is None and axis is not None:
+        raise ValueError(f"spec {text!r}: axis= needs per_channel or per_block")
     if kind == "per_tensor":
         kwargs["granularity"] = per_tensor()
     elif kind == "per_token":
