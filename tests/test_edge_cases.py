@@ -170,3 +170,27 @@ def test_qarray_is_a_pytree():
     doubled = jax.jit(lambda q: jax.tree.map(lambda a: a, q))(qa)
     np.testing.assert_array_equal(doubled.dequantize(), qa.dequantize())
     assert jax.jit(qjax.dequantize)(qa).shape == (8, 8)
+
+
+@pytest.mark.parametrize("name", ["float8_e4m3fn", "float8_e5m2", "float4_e2m1fn"])
+def test_float_grid_rounding_matches_the_ml_dtypes_cast(name):
+    from qjax.affine import round_to_float_grid
+
+    target = qjax.target_dtype(name)
+    rng = np.random.default_rng(3)
+    fmax = target.qmax
+    magnitudes = np.exp2(rng.uniform(-30, np.log2(fmax), 200_000))
+    v = np.concatenate(
+        [
+            np.linspace(-fmax, fmax, 400_001),
+            np.clip(rng.standard_normal(200_000) * magnitudes, -fmax, fmax),
+            [0.0, -0.0, 2.0**target.emin, -(2.0**target.emin)],
+            # Ties just below and at the smallest normal: the subnormal grid's half steps.
+            np.arange(1, 2 ** (target.mantissa_bits + 2), 2)
+            * 2.0 ** (target.emin - target.mantissa_bits - 1),
+        ]
+    ).astype(np.float32)
+    expected = v.astype(getattr(ml_dtypes, name)).astype(np.float32)
+    got = np.asarray(jax.jit(lambda v: round_to_float_grid(v, target))(v))
+    np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
+    assert np.isnan(np.asarray(round_to_float_grid(jnp.float32(np.nan), target)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from qjax.dtypes import TargetDType
 from qjax.qparams import QParams, exact_divide
 from qjax.spec import QuantSpec
 
@@ -77,9 +78,28 @@ def dequantize_stored(q: jax.Array, qp: QParams, spec: QuantSpec) -> jax.Array:
     Casting first gives exactly what ``dequantize(quantize(x))`` gives: float targets are
     rounded by their cast, and an integer 0 never carries the sign of ``round(-0.0)``.
     """
-    return dequantize_blocks(
-        q.astype(spec.target.storage if spec.is_float else jnp.int32), qp, spec
-    )
+    if spec.is_float:
+        return dequantize_blocks(round_to_float_grid(q, spec.target), qp, spec)
+    return dequantize_blocks(q.astype(jnp.int32), qp, spec)
+
+
+def round_to_float_grid(v: jax.Array, target: TargetDType) -> jax.Array:
+    """``v.astype(target).astype(float32)`` for float32 values within ``[-fmax, fmax]``.
+
+    Round-to-nearest-even onto the target's grid with integer ops on the float32 bits:
+    XLA:CPU emulates the float8 / float4 converts at several times this cost. Normal
+    values keep ``mantissa_bits`` bits (round half to even on the dropped ones); below
+    the smallest normal, the grid is uniform with step ``2 ** (emin - mantissa_bits)``.
+    Equal to the cast bit for bit (tested exhaustively against ml_dtypes); NaN stays NaN.
+    """
+    drop = 23 - target.mantissa_bits
+    bits = jax.lax.bitcast_convert_type(v, jnp.int32)
+    half_even = (1 << (drop - 1)) - 1 + ((bits >> drop) & 1)
+    normal = jax.lax.bitcast_convert_type((bits + half_even) & ~((1 << drop) - 1), jnp.float32)
+    inverse_step = float(2 ** (target.mantissa_bits - target.emin))
+    subnormal = jnp.round(v * inverse_step) * (1 / inverse_step)
+    out = jnp.where(jnp.abs(v) < float(2**target.emin), subnormal, normal)
+    return jnp.where(jnp.isnan(v), v, out)
 
 
 def dequantize_blocks(q: jax.Array, qp: QParams, spec: QuantSpec) -> jax.Array:

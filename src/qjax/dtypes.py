@@ -25,6 +25,8 @@ class TargetDType:
       is_float: True for float8 / float4 targets (values are cast, not rounded to integers).
       emax: largest unbiased exponent of a normal value (float targets only); the
         power-of-two (e8m0) scale is ``2 ** (floor(log2(amax)) - emax)``.
+      emin: smallest unbiased exponent of a normal value (float targets only).
+      mantissa_bits: explicit mantissa bits (float targets only).
     """
 
     name: str
@@ -34,6 +36,8 @@ class TargetDType:
     bits: int
     is_float: bool
     emax: int | None
+    emin: int | None = None
+    mantissa_bits: int | None = None
 
     @property
     def is_signed(self) -> bool:
@@ -69,6 +73,8 @@ def _float_target(name: str) -> TargetDType:
         bits=int(info.bits),
         is_float=True,
         emax=int(info.maxexp) - 1,
+        emin=int(info.minexp),
+        mantissa_bits=int(info.nmant),
     )
 
 
