@@ -1,4 +1,5 @@
-"""The ``qjax`` command: quantize a float checkpoint, inspect a qjax file, dequantize it.
+"""The ``qjax`` command: quantize a float checkpoint, inspect a qjax file, dequantize it,
+and ``qjax demo``, the accuracy/size sweep on the bundled digits.
 
 ``qjax quantize`` streams: it reads one tensor of the input at a time, quantizes it and keeps
 only the quantized result (and a report row), so its memory stays near the size of the
@@ -226,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("output", metavar="OUT", help="float checkpoint to write: .safetensors or .npz")
     d.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     d.set_defaults(run=run_dequantize)
+    _add_demo_parser(commands)
     return parser
 
 
@@ -234,6 +236,76 @@ def _add_output_flags(parser: argparse.ArgumentParser, quiet_help: str) -> None:
         "--report", metavar="PATH", help="also write the report rows to PATH: .csv or .json"
     )
     parser.add_argument("-q", "--quiet", action="store_true", help=quiet_help)
+
+
+# qjax demo
+
+
+_DEMO_EPILOG = """\
+dtypes: int8, uint8, int4, uint4, int2, uint2, float8_e4m3fn, float8_e5m2, float4_e2m1fn,
+  mxfp8, mxfp4, or all (default: all but uint2 and mxfp8).
+writes into --out: results.csv, results.json, accuracy_vs_bytes.png,
+  sqnr_vs_block_size.png and float_params.npz (the float CNN, for qjax quantize).
+"""
+
+
+def _add_demo_parser(commands: Any) -> None:
+    demo = commands.add_parser(
+        "demo",
+        help="train a small CNN on the bundled digits and sweep PTQ/QAT configs (no download)",
+        description="Train a small CNN on scikit-learn's bundled 8x8 digits, quantize its\n"
+        "weights for every dtype x granularity x formulation (PTQ), fine-tune the configs\n"
+        "PTQ hurts most (QAT), print a table and write CSV, JSON and plots.",
+        epilog=_DEMO_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo.add_argument(
+        "--quick", action="store_true", help="fewer configs, short training (well under a minute)"
+    )
+    demo.add_argument(
+        "--dtypes", metavar="LIST", help="comma-separated target dtypes to sweep (see below)"
+    )
+    demo.add_argument(
+        "--out", default="qjax-demo-out", metavar="DIR", help="output folder (default: %(default)s)"
+    )
+    demo.add_argument("--seed", type=int, default=0, help="data split, init and batches")
+    demo.add_argument(
+        "--steps", type=_positive, metavar="N", help="float training steps (1500; 300 quick)"
+    )
+    demo.add_argument(
+        "--qat-steps", type=_non_negative, metavar="N", help="QAT steps per config (300; 60 quick)"
+    )
+    demo.add_argument(
+        "--qat-top", type=_non_negative, metavar="K", help="configs that get QAT (3; 1 quick)"
+    )
+    demo.set_defaults(run=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """``qjax demo``: trains the digits CNN, sweeps PTQ and QAT, prints and writes results."""
+    from qjax.demo import sweep  # Flax, Optax, scikit-learn and matplotlib load only here
+
+    settings = sweep.make_settings(
+        quick=args.quick,
+        dtypes=args.dtypes,
+        steps=args.steps,
+        qat_steps=args.qat_steps,
+        qat_top=args.qat_top,
+    )
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise CLIError(f"--out {args.out}: exists and is not a directory")
+    os.makedirs(args.out, exist_ok=True)  # fail before training, not after
+    result = sweep.run(settings, seed=args.seed)
+    paths = sweep.write_outputs(result, args.out)
+    console = Console() if sys.stdout.isatty() else Console(width=140)
+    console.print(sweep.table(result))
+    s = result.meta["seconds"]
+    print(
+        f"float training {s['train']:.0f} s, PTQ sweep {s['ptq_sweep']:.0f} s, "
+        f"QAT {s['qat']:.0f} s; total {s['total']:.0f} s"
+    )
+    print(f"wrote {', '.join(paths)} to {os.path.abspath(args.out)}")
+    return 0
 
 
 # qjax quantize
@@ -739,6 +811,13 @@ def _progress(quiet: bool, total: int) -> Iterator[Callable[[str, int], None]]:
             progress.update(task, advance=nbytes, description=name[-40:])
 
         yield advance
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
 
 
 def _non_negative(text: str) -> int:

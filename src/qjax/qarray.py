@@ -80,7 +80,9 @@ class QArray:
     @property
     def nbytes(self) -> int:
         """Bytes actually held: stored values (packed where packed), scales and offsets."""
-        return sum(int(a.nbytes) for a in (self.data, self.scale, self.offset) if a is not None)
+        parts = (self.data, self.scale, self.offset)
+        # From shape and itemsize, so it also works on abstract values (jax.eval_shape).
+        return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in parts if a is not None)
 
     @property
     def qparams(self) -> QParams:

@@ -383,6 +383,7 @@ def train(
     rules: Rules | None = None,
     init_variables: Any = None,
     batch_size: int = 128,
+    progress: Callable[[int, jax.Array], None] | None = None,
 ) -> dict[str, Any]:
     """Trains ``model`` with Adam on ``(x_train, y_train) = data[:2]``.
 
@@ -398,6 +399,8 @@ def train(
         has none, and follow the moving average of the training batches.
       init_variables: the variables to start from (e.g. the trained float model's).
       batch_size: the minibatch size.
+      progress: called as ``progress(steps_done, loss)`` after each step is dispatched,
+        e.g. to advance a progress bar (``loss.block_until_ready()`` waits for the step).
 
     Returns:
       The trained variables: ``params`` and, with static activation ranges, ``quant_stats``.
@@ -413,8 +416,10 @@ def train(
     params = variables["params"]
     stats = variables.get(STATS) if has_static_ranges(rules) else None
     opt_state = optimizer.init(params)
-    for idx in _batches(len(x), batch_size, steps, seed):
-        params, stats, opt_state, _ = step(params, stats, opt_state, x[idx], y[idx])
+    for done, idx in enumerate(_batches(len(x), batch_size, steps, seed), 1):
+        params, stats, opt_state, loss = step(params, stats, opt_state, x[idx], y[idx])
+        if progress is not None:
+            progress(done, loss)
     return {"params": params} if stats is None else {"params": params, STATS: stats}
 
 
