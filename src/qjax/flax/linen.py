@@ -47,6 +47,7 @@ __all__ = [
     "intercept",
     "intercepted",
     "quantized_call",
+    "swapped_attributes",
     "weight_name",
 ]
 
@@ -86,12 +87,21 @@ def _weights_quantized(module: nn.Module, spec: QuantSpec | None) -> Iterator[No
     if spec is None or name is None:
         yield
         return
-    scope = module.scope
-    object.__setattr__(module, "scope", _QuantizingScope(scope, name, spec))
+    with swapped_attributes(module, {"scope": _QuantizingScope(module.scope, name, spec)}):
+        yield
+
+
+@contextlib.contextmanager
+def swapped_attributes(module: nn.Module, values: dict[str, Any]) -> Iterator[None]:
+    """Sets attributes of a (frozen) module for the duration of the context."""
+    old = {attr: getattr(module, attr) for attr in values}
+    for attr, value in values.items():
+        object.__setattr__(module, attr, value)
     try:
         yield
     finally:
-        object.__setattr__(module, "scope", scope)
+        for attr, value in old.items():
+            object.__setattr__(module, attr, value)
 
 
 def weight_name(module: nn.Module) -> str | None:

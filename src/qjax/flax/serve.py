@@ -49,6 +49,7 @@ from qjax.flax.linen import (
     LayerQuant,
     RuleValue,
     quantized_call,
+    swapped_attributes,
     weight_name,
 )
 from qjax.ops import quantize
@@ -349,7 +350,7 @@ def _served_call(
         if not isinstance(plan, str):
             qparams, hooks = plan
             codes = quantize(args[0], act.spec, qparams=qparams, packed=False).codes()
-            with _weight_read(module, name, _codes_as_float), _attributes(module, hooks):
+            with _weight_read(module, name, _codes_as_float), swapped_attributes(module, hooks):
                 return fun(codes.astype(args[0].dtype), *args[1:], **kwargs)
         if integer_dots == "require":
             raise ValueError(
@@ -391,27 +392,9 @@ class _ServingScope:
         return self._read(stored)
 
 
-@contextlib.contextmanager
 def _weight_read(module: nn.Module, name: str, read: Callable[[QArray], jax.Array]):
-    scope = module.scope
-    object.__setattr__(module, "scope", _ServingScope(scope, name, read))
-    try:
-        yield
-    finally:
-        object.__setattr__(module, "scope", scope)
-
-
-@contextlib.contextmanager
-def _attributes(module: nn.Module, values: dict[str, Any]) -> Iterator[None]:
-    """Sets attributes of a (frozen) module for the duration of the context."""
-    old = {attr: getattr(module, attr) for attr in values}
-    for attr, value in values.items():
-        object.__setattr__(module, attr, value)
-    try:
-        yield
-    finally:
-        for attr, value in old.items():
-            object.__setattr__(module, attr, value)
+    """While active, the module reads its stored QArray weight ``name`` through ``read``."""
+    return swapped_attributes(module, {"scope": _ServingScope(module.scope, name, read)})
 
 
 def _codes_as_float(weight: QArray) -> jax.Array:
