@@ -41,33 +41,15 @@ import jax.numpy as jnp
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
-import optax
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 import qjax
+from qjax.demo.notebook import accuracy_fn, flat_digits, print_table, sqnr_db, train_classifier
 
 matplotlib.use("Agg")  # off-screen rendering when this file runs as a plain script
 # %matplotlib inline
 
 START = time.perf_counter()
 DB_PER_BIT = 20 * np.log10(2.0)  # the SQNR one more bit buys a uniform quantizer
-
-
-def sqnr_db(x, x_hat) -> float:
-    """10 log10(signal energy / error energy), in float64."""
-    x = np.asarray(x, np.float64)
-    err = x - np.asarray(x_hat, np.float64)
-    return float(10 * np.log10(np.sum(x**2) / np.sum(err**2)))
-
-
-def print_table(headers, rows) -> None:
-    """Prints rows as a fixed-width text table (floats with 2 decimals)."""
-    cells = [[f"{c:.2f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    print("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
-    for row in cells:
-        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
 
 
 # %% [markdown]
@@ -80,12 +62,7 @@ def print_table(headers, rows) -> None:
 # `[256, 256]`.
 
 # %%
-digits = load_digits()
-x_all = (digits.data / 16.0).astype(np.float32)  # 64 pixels in [0, 1]
-y_all = digits.target.astype(np.int32)
-x_train, x_test, y_train, y_test = train_test_split(
-    x_all, y_all, test_size=0.25, stratify=y_all, random_state=0
-)
+x_train, x_test, y_train, y_test = flat_digits()
 
 
 class MLP(nn.Module):
@@ -99,37 +76,12 @@ class MLP(nn.Module):
 
 
 model = MLP()
-optimizer = optax.adamw(3e-3, weight_decay=1e-4)
-
-
-@jax.jit
-def train_step(params, opt_state, xb, yb):
-    def loss_fn(p):
-        logits = model.apply(p, xb)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-
-@jax.jit
-def accuracy(params, x, y):
-    return jnp.mean(jnp.argmax(model.apply(params, x), -1) == y)
-
-
-params = model.init(jax.random.key(0), x_train[:1])
-opt_state = optimizer.init(params)
-rng = np.random.default_rng(0)
+accuracy = accuracy_fn(model)
 t0 = time.perf_counter()
-for _epoch in range(30):
-    order = rng.permutation(len(x_train))
-    for i in range(0, len(order) - 63, 64):
-        batch = order[i : i + 64]
-        params, opt_state, loss = train_step(params, opt_state, x_train[batch], y_train[batch])
+params, loss = train_classifier(model, x_train, y_train, epochs=30, learning_rate=3e-3)
 float_acc = float(accuracy(params, x_test, y_test))
 print(
-    f"trained in {time.perf_counter() - t0:.1f} s (final batch loss {float(loss):.4f}); "
+    f"trained in {time.perf_counter() - t0:.1f} s (final batch loss {loss:.4f}); "
     f"test accuracy {float_acc:.1%} on {len(x_test)} held-out digits"
 )
 

@@ -39,21 +39,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 import qjax
+from qjax.demo.notebook import accuracy_fn, flat_digits, sqnr_db, train_classifier
 from qjax.report import report
 
 START = time.perf_counter()
-
-
-def sqnr_db(x, x_hat) -> float:
-    """10 log10(signal energy / error energy), in float64."""
-    x = np.asarray(x, np.float64)
-    err = x - np.asarray(x_hat, np.float64)
-    return float(10 * np.log10(np.sum(x**2) / np.sum(err**2)))
 
 
 # %% [markdown]
@@ -64,12 +55,7 @@ def sqnr_db(x, x_hat) -> float:
 # head. Fixed seeds: every run trains the same weights.
 
 # %%
-digits = load_digits()
-x_all = (digits.data / 16.0).astype(np.float32)
-y_all = digits.target.astype(np.int32)
-x_train, x_test, y_train, y_test = train_test_split(
-    x_all, y_all, test_size=0.25, stratify=y_all, random_state=0
-)
+x_train, x_test, y_train, y_test = flat_digits()
 DEPTH, WIDTH = 4, 128
 
 
@@ -91,33 +77,8 @@ class ScanMLP(nn.Module):
 
 
 model = ScanMLP()
-optimizer = optax.adamw(1e-3, weight_decay=1e-4)
-
-
-@jax.jit
-def train_step(params, opt_state, xb, yb):
-    def loss_fn(p):
-        logits = model.apply(p, xb)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-
-@jax.jit
-def accuracy(params, x, y):
-    return jnp.mean(jnp.argmax(model.apply(params, x), -1) == y)
-
-
-params = model.init(jax.random.key(0), x_train[:1])
-opt_state = optimizer.init(params)
-rng = np.random.default_rng(0)
-for _epoch in range(20):
-    order = rng.permutation(len(x_train))
-    for i in range(0, len(order) - 63, 64):
-        batch = order[i : i + 64]
-        params, opt_state, loss = train_step(params, opt_state, x_train[batch], y_train[batch])
+accuracy = accuracy_fn(model)
+params, _ = train_classifier(model, x_train, y_train, epochs=20, learning_rate=1e-3)
 float_acc = float(accuracy(params, x_test, y_test))
 print(f"float32 test accuracy: {float_acc:.1%}")
 for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:

@@ -31,31 +31,18 @@
 import time
 
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import matplotlib
 import matplotlib.pyplot as plt
 import ml_dtypes
 import numpy as np
-import optax
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 import qjax
+from qjax.demo.notebook import accuracy_fn, flat_digits, print_table, train_classifier
 
 matplotlib.use("Agg")  # off-screen rendering when this file runs as a plain script
 # %matplotlib inline
 
 START = time.perf_counter()
-
-
-def print_table(headers, rows) -> None:
-    """Prints rows as a fixed-width text table (floats with 2 decimals)."""
-    cells = [[f"{c:.2f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    print("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
-    for row in cells:
-        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
 
 
 # %% [markdown]
@@ -66,12 +53,7 @@ def print_table(headers, rows) -> None:
 # either of its axes.
 
 # %%
-digits = load_digits()
-x_all = (digits.data / 16.0).astype(np.float32)
-y_all = digits.target.astype(np.int32)
-x_train, x_test, y_train, y_test = train_test_split(
-    x_all, y_all, test_size=0.25, stratify=y_all, random_state=0
-)
+x_train, x_test, y_train, y_test = flat_digits()
 
 
 class MLP(nn.Module):
@@ -83,30 +65,8 @@ class MLP(nn.Module):
 
 
 model = MLP()
-optimizer = optax.adamw(3e-3, weight_decay=1e-4)
-
-
-@jax.jit
-def train_step(params, opt_state, xb, yb):
-    def loss_fn(p):
-        logits = model.apply(p, xb)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-
-params = model.init(jax.random.key(0), x_train[:1])
-opt_state = optimizer.init(params)
-rng = np.random.default_rng(0)
-for _epoch in range(30):
-    order = rng.permutation(len(x_train))
-    for i in range(0, len(order) - 63, 64):
-        batch = order[i : i + 64]
-        params, opt_state, loss = train_step(params, opt_state, x_train[batch], y_train[batch])
-logits = model.apply(params, x_test)
-print(f"float32 test accuracy: {float(jnp.mean(jnp.argmax(logits, -1) == y_test)):.1%}")
+params, _ = train_classifier(model, x_train, y_train, epochs=30, learning_rate=3e-3)
+print(f"float32 test accuracy: {float(accuracy_fn(model)(params, x_test, y_test)):.1%}")
 
 w = params["params"]["Dense_1"]["kernel"]  # the hidden [256, 256] kernel
 w_all = np.asarray(w, np.float64).ravel()
