@@ -115,19 +115,26 @@ def test_empty_arrays_give_empty_values(spec, shape, granularity, scale_shape):
     assert qjax.fake_quant(jnp.zeros(shape, jnp.float32), spec).shape == shape
 
 
-def test_e2m1_codes_match_the_ml_dtypes_cast():
-    from qjax.packing import e2m1_codes
+@pytest.mark.parametrize("name", ["float8_e4m3fn", "float8_e5m2", "float4_e2m1fn"])
+def test_float_codes_match_the_ml_dtypes_cast(name):
+    """Every value of the format (and NaN) encodes to the bits of ml_dtypes' cast."""
+    from qjax.dtypes import target_dtype
+    from qjax.packing import float_codes
 
-    v = np.concatenate(
-        [
-            np.linspace(-6, 6, 480_001, dtype=np.float32),
-            np.array(
-                [-0.0, 0.25, -0.25, 0.75, 1.75, 2.5, 3.5, 5.0, -5.0, 1e-30, -1e-30], np.float32
-            ),
-        ]
-    )
-    expected = v.astype(ml_dtypes.float4_e2m1fn).view(np.uint8) & 0xF
-    np.testing.assert_array_equal(e2m1_codes(jnp.asarray(v)), expected)
+    target = target_dtype(name)
+    storage = getattr(ml_dtypes, name)
+    if target.bits == 8:
+        values = np.arange(256, dtype=np.uint8).view(storage).astype(np.float32)
+    else:  # float4 has no NaN and 16 codes; ml_dtypes keeps one per byte
+        magnitudes = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+        values = np.array(magnitudes + [-m for m in magnitudes], np.float32)
+    values = values[np.isfinite(values)]  # quantize clamps to [-fmax, fmax] first
+    expected = values.astype(storage).view(np.uint8).astype(np.int32) & ((1 << target.bits) - 1)
+    got = np.asarray(jax.jit(lambda v: float_codes(v, target))(jnp.asarray(values)))
+    np.testing.assert_array_equal(got, expected)
+    if target.bits == 8:
+        nan_code = np.asarray(float_codes(jnp.float32(np.nan), target)).astype(np.uint8)
+        assert np.isnan(nan_code.view(storage).astype(np.float32))
 
 
 @pytest.mark.parametrize("name", ["int4", "uint4", "int2", "uint2", "float4_e2m1fn"])

@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from qjax.dtypes import TargetDType
-from qjax.qparams import QParams, exact_divide
+from qjax.exact import exact_divide, round_to_format, unfused
+from qjax.qparams import QParams
 from qjax.spec import QuantSpec
 
 __all__ = ["dequantize_blocks", "quantize_blocks"]
@@ -60,18 +61,6 @@ def _power_of_two(exponent: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type((exponent + 127) << 23, jnp.float32)
 
 
-def unfused(product: jax.Array) -> jax.Array:
-    """``product`` behind a select XLA cannot see through, so it is rounded on its own.
-
-    XLA:CPU contracts a multiply that feeds an add into one fused multiply-add (a single
-    rounding; ~25% of results differ in the last bit), under jit but not op by op. Formulae
-    that round twice (``scale * (q - qmin) + minval``, a moving average) put each product
-    through this select; an optimization barrier does not help (it is gone by the time
-    LLVM contracts). It costs nothing measurable.
-    """
-    return jnp.where(jnp.isnan(product), jnp.float32(jnp.nan), product)
-
-
 def dequantize_stored(q: jax.Array, qp: QParams, spec: QuantSpec) -> jax.Array:
     """Dequantizes clamped values from :func:`quantize_blocks` through the stored type.
 
@@ -86,20 +75,10 @@ def dequantize_stored(q: jax.Array, qp: QParams, spec: QuantSpec) -> jax.Array:
 def round_to_float_grid(v: jax.Array, target: TargetDType) -> jax.Array:
     """``v.astype(target).astype(float32)`` for float32 values within ``[-fmax, fmax]``.
 
-    Round-to-nearest-even onto the target's grid with integer ops on the float32 bits:
-    XLA:CPU emulates the float8 / float4 converts at several times this cost. Normal
-    values keep ``mantissa_bits`` bits (round half to even on the dropped ones); below
-    the smallest normal, the grid is uniform with step ``2 ** (emin - mantissa_bits)``.
-    Equal to the cast bit for bit (tested exhaustively against ml_dtypes); NaN stays NaN.
+    See :func:`qjax.exact.round_to_format`; equal to the cast bit for bit (tested
+    exhaustively against ml_dtypes); NaN stays NaN.
     """
-    drop = 23 - target.mantissa_bits
-    bits = jax.lax.bitcast_convert_type(v, jnp.int32)
-    half_even = (1 << (drop - 1)) - 1 + ((bits >> drop) & 1)
-    normal = jax.lax.bitcast_convert_type((bits + half_even) & ~((1 << drop) - 1), jnp.float32)
-    inverse_step = float(2 ** (target.mantissa_bits - target.emin))
-    subnormal = jnp.round(v * inverse_step) * (1 / inverse_step)
-    out = jnp.where(jnp.abs(v) < float(2**target.emin), subnormal, normal)
-    return jnp.where(jnp.isnan(v), v, out)
+    return round_to_format(v, target.mantissa_bits, target.emin)
 
 
 def dequantize_blocks(q: jax.Array, qp: QParams, spec: QuantSpec) -> jax.Array:

@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax import granularity as gran
-from qjax.affine import dequantize_stored, quantize_blocks, unfused
+from qjax.affine import dequantize_stored, quantize_blocks
+from qjax.exact import unfused
 from qjax.qparams import QParams, block_minmax, check_float_input, qparams_from_minmax
 from qjax.spec import QuantSpec
 
@@ -452,7 +453,7 @@ def _moving_average_update(
 
 def ema(old: jax.Array, new: jax.Array, momentum: float, first: jax.Array) -> jax.Array:
     """``momentum * old + (1 - momentum) * new``, or ``new`` where ``first``; two roundings
-    per product, the same under jit and op by op (see :func:`qjax.affine.unfused`)."""
+    per product, the same under jit and op by op (see :func:`qjax.exact.unfused`)."""
     kept = unfused(jnp.float32(momentum) * old.astype(jnp.float32))
     return jnp.where(first, new, kept + unfused(jnp.float32(1.0 - momentum) * new))
 

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 
 from qjax import granularity as gran
 from qjax import packing
-from qjax.affine import dequantize_stored, quantize_blocks
+from qjax.affine import dequantize_stored, quantize_blocks, round_to_float_grid
+from qjax.exact import round_to_scale_dtype
 from qjax.qarray import QArray
 from qjax.qparams import QParams, blockwise_qparams, check_float_input
 from qjax.spec import QuantSpec
@@ -81,7 +82,10 @@ def _quantize(x: jax.Array, qparams: QParams | None, spec: QuantSpec, packed: bo
     q, _, qp, layout = _quantize_values(x, qparams, spec)
     target = spec.target
     if packed:
-        codes = packing.e2m1_codes(q) if target.is_float else q.astype(jnp.int32)
+        if target.is_float:
+            codes = packing.float_codes(round_to_float_grid(q, target), target)
+        else:
+            codes = q.astype(jnp.int32)
         if packing.fits_layout(x.shape, layout.blocked, target.bits):
             # Packing in the blocked layout gives the same bytes without index arithmetic.
             data = packing.pack(codes, target.bits).reshape(
@@ -89,8 +93,13 @@ def _quantize(x: jax.Array, qparams: QParams | None, spec: QuantSpec, packed: bo
             )
         else:
             data = packing.pack(codes.reshape(x.shape), target.bits)
+    elif target.is_float and target.bits == 8:
+        codes = packing.float_codes(round_to_float_grid(q, target), target)
+        data = jax.lax.bitcast_convert_type(codes.astype(jnp.uint8), target.storage)
+        data = data.reshape(x.shape)
     elif target.is_float:
-        data = q.astype(target.storage).reshape(x.shape)
+        # Rounded before the cast: XLA on GPUs may drop a cast that is cast back later.
+        data = round_to_float_grid(q, target).astype(target.storage).reshape(x.shape)
     else:
         data = q.astype(jnp.int32).astype(target.storage).reshape(x.shape)
     offset = {"zero_point": qp.zero_point, "minval": qp.minval}.get(spec.formulation)
@@ -231,5 +240,5 @@ def _check_qparams(qparams: QParams, shape: tuple[int, ...], spec: QuantSpec) ->
                 + ("None" if value is None else str(tuple(jnp.shape(value))))
             )
         fixed[name] = jnp.reshape(value, shape)
-    fixed["scale"] = fixed["scale"].astype(spec.scale_dtype)
+    fixed["scale"] = round_to_scale_dtype(fixed["scale"], spec.scale_dtype)
     return qparams._replace(**fixed)

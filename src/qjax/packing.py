@@ -14,6 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from qjax.dtypes import TargetDType
+
 __all__ = ["pack", "packed_pad", "unpack"]
 
 
@@ -82,16 +84,23 @@ def unpack(packed: jax.Array, bits: int, *, signed: bool, pad: int) -> jax.Array
     return codes
 
 
-def e2m1_codes(v: jax.Array) -> jax.Array:
-    """The float4_e2m1fn bit patterns of float32 values already clamped to [-6, 6].
+def float_codes(v: jax.Array, target: TargetDType) -> jax.Array:
+    """The bit patterns (int32) of float32 values on a float target's grid.
 
-    Round-to-nearest-even onto the e2m1 grid {0, 0.5, 1, 1.5, 2, 3, 4, 6}, exactly as the
-    cast to float4_e2m1fn, but with a few vector ops: XLA:CPU's f32 -> float4 convert is
-    about 20x slower than a memory copy. Within each binade the grid is uniform, so
-    rounding ``a / step`` half-to-even picks the code with the even mantissa on ties.
+    ``v`` must already be rounded onto the grid and clamped to ``[-fmax, fmax]``
+    (:func:`qjax.affine.round_to_float_grid`); the result equals the target's bits of
+    ``v.astype(target)``. A few integer ops instead of XLA:CPU's emulated float8 / float4
+    converts (2-20x slower than a copy): normal values re-bias the float32 exponent and
+    keep the top mantissa bits, values below the smallest normal are whole multiples of
+    the subnormal step. NaN maps to the all-ones magnitude (NaN in float8; 6.0 in
+    float4_e2m1fn, which has no NaN).
     """
-    a = jnp.abs(v)
-    magnitude = jnp.where(
-        a < 2, jnp.round(a * 2), jnp.where(a < 4, jnp.round(a) + 2, jnp.round(a * 0.5) + 4)
-    )
-    return magnitude.astype(jnp.int32) | jnp.where(jnp.signbit(v), 8, 0)
+    mantissa_bits, emin = target.mantissa_bits, target.emin
+    bits = jax.lax.bitcast_convert_type(v, jnp.int32)
+    magnitude = bits & 0x7FFFFFFF
+    normal = (magnitude - ((126 + emin) << 23)) >> (23 - mantissa_bits)
+    subnormal = (jnp.abs(v) * float(2 ** (mantissa_bits - emin))).astype(jnp.int32)
+    code = jnp.where(magnitude < ((127 + emin) << 23), subnormal, normal)
+    # NaN gets the all-ones magnitude: NaN in both float8 formats (float4 has no NaN).
+    code = jnp.where(jnp.isnan(v), (1 << (target.bits - 1)) - 1, code)
+    return code | ((bits >> 31) & (1 << (target.bits - 1)))

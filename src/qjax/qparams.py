@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax import granularity as gran
+from qjax.exact import exact_divide, round_to_scale_dtype
 from qjax.spec import QuantSpec
 
 __all__ = [
@@ -57,48 +58,6 @@ def check_float_input(x: jax.typing.ArrayLike, what: str = "quantize") -> jax.Ar
             "cast it first, e.g. x.astype(jnp.float32)"
         )
     return x
-
-
-def exact_divide(num: jax.Array, den: jax.Array) -> jax.Array:
-    """IEEE ``num / den`` with ``den`` broadcast to ``num``'s shape, kept exact under jit.
-
-    XLA's algebraic simplifier rewrites ``x / broadcast(y)`` (and division by a constant)
-    into ``x * broadcast(1 / y)``, which differs from true division in the last bit for a
-    large share of inputs and flips round-half-to-even ties. Both operands pass through an
-    optimization barrier at full shape, so the divisor is no broadcast XLA can see; the
-    broadcast still fuses into the division loop after it. Under ``vmap`` an unbatched
-    operand is broadcast along the batch axis before the barrier too (``custom_vmap``),
-    and ``custom_jvp`` keeps the quotient differentiable.
-    """
-    return _divide(num, jnp.broadcast_to(den, jnp.shape(num)))
-
-
-@jax.custom_batching.custom_vmap
-def _barrier_divide(num: jax.Array, den: jax.Array) -> jax.Array:
-    num, den = jax.lax.optimization_barrier((num, den))
-    return num / den
-
-
-@_barrier_divide.def_vmap
-def _barrier_divide_vmap(axis_size, in_batched, num, den):
-    num, den = (
-        x if batched else jnp.broadcast_to(x, (axis_size, *jnp.shape(x)))
-        for x, batched in zip((num, den), in_batched)
-    )
-    return _barrier_divide(num, den), True
-
-
-@jax.custom_jvp
-def _divide(num: jax.Array, den: jax.Array) -> jax.Array:
-    return _barrier_divide(num, den)
-
-
-@_divide.defjvp
-def _divide_jvp(primals, tangents):
-    num, den = primals
-    d_num, d_den = tangents
-    quotient = _divide(num, den)
-    return quotient, (d_num - quotient * d_den) / den
 
 
 def block_minmax(xb: jax.Array, layout: gran.BlockLayout) -> tuple[jax.Array, jax.Array]:
@@ -183,7 +142,7 @@ def qparams_from_minmax(min_val: jax.Array, max_val: jax.Array, spec: QuantSpec)
         minval = -amax
     if spec.is_float:
         minval = None
-    return QParams(scale.astype(spec.scale_dtype), zero_point, minval)
+    return QParams(round_to_scale_dtype(scale, spec.scale_dtype), zero_point, minval)
 
 
 def _power_of_two_scale(amax: jax.Array, emax: int) -> jax.Array:

@@ -1,0 +1,189 @@
+"""Exact float32 arithmetic under XLA, on every backend.
+
+The spec's formulae are IEEE float32 operations, each rounded once to nearest even, and
+qjax must give those bits wherever it runs. Two compiler habits get in the way:
+
+* **Division.** XLA's algebraic simplifier rewrites ``x / broadcast(y)`` (and division by
+  a constant) into ``x * (1 / y)``. On NVIDIA GPUs XLA also emits ``div.full.f32``, which
+  is up to 2 ulp off (about a quarter of quotients differ in the last bit; openxla/xla
+  issue 37181). :func:`exact_divide` gives the correctly rounded quotient on both: an
+  optimization barrier stops the rewrite, and on backends other than the CPU the
+  hardware quotient is corrected by exact residuals (:func:`round_quotient`).
+* **Fused multiply-add.** XLA:CPU and the GPU backends contract a multiply that feeds an
+  add into one FMA (one rounding instead of two). :func:`unfused` keeps a product
+  rounded on its own.
+* **Excess precision.** XLA on GPUs drops a cast to a narrower float that is cast back
+  (``xla_allow_excess_precision``, on by default), so ``x.astype(float8).astype(float32)``
+  inside one jitted function can return ``x`` unrounded. :func:`round_to_format` rounds
+  with integer ops, which no pass removes; the cast after it is then exact.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["exact_divide", "round_quotient", "round_to_format", "round_to_scale_dtype", "unfused"]
+
+SCALE_FORMATS = {"bfloat16": (7, -126), "float16": (10, -14)}
+"""(mantissa bits, smallest normal exponent) of the float scale dtypes narrower than
+float32 that :func:`round_to_scale_dtype` rounds to."""
+
+_SPLITTER = 4097.0
+"""Veltkamp's constant 2**12 + 1: splits a float32 into two halves of 12 bits."""
+
+_SAFE_MIN, _SAFE_MAX = 2.0**-60, 2.0**60
+"""Operands and quotients whose magnitudes lie in this range keep every partial product
+of :func:`round_quotient` a normal float32; outside it the hardware quotient is kept.
+For quantization this never matters: a quotient outside it rounds to 0 or clamps."""
+
+
+def unfused(product: jax.Array) -> jax.Array:
+    """``product`` behind a select XLA cannot see through, so it is rounded on its own.
+
+    XLA:CPU contracts a multiply that feeds an add into one fused multiply-add (a single
+    rounding; ~25% of results differ in the last bit), under jit but not op by op. Formulae
+    that round twice (``scale * (q - qmin) + minval``, a moving average) put each product
+    through this select; an optimization barrier does not help (it is gone by the time
+    LLVM contracts). It costs nothing measurable.
+    """
+    return jnp.where(jnp.isnan(product), jnp.float32(jnp.nan), product)
+
+
+def round_to_format(v: jax.Array, mantissa_bits: int, emin: int) -> jax.Array:
+    """``v`` rounded to nearest even onto a narrower float format's grid, as float32.
+
+    Equals ``v.astype(fmt).astype(float32)`` for values within the format's finite range,
+    with integer ops on the float32 bits: no compiler drops them (see the module notes),
+    and XLA:CPU emulates float8 / float4 casts at several times this cost. Normal values
+    keep ``mantissa_bits`` bits (round half to even on the dropped ones); below
+    ``2 ** emin`` the grid is uniform with step ``2 ** (emin - mantissa_bits)``. A format
+    with float32's exponent range (``emin <= -126``, bfloat16) needs no subnormal branch:
+    dropping bits of a float32 subnormal is its rounding. NaN stays NaN.
+    """
+    drop = 23 - mantissa_bits
+    bits = jax.lax.bitcast_convert_type(v, jnp.int32)
+    half_even = (1 << (drop - 1)) - 1 + ((bits >> drop) & 1)
+    out = jax.lax.bitcast_convert_type((bits + half_even) & ~((1 << drop) - 1), jnp.float32)
+    if emin > -126:
+        inverse_step = float(2 ** (mantissa_bits - emin))
+        subnormal = jnp.round(v * inverse_step) * (1 / inverse_step)
+        out = jnp.where(jnp.abs(v) < float(2**emin), subnormal, out)
+    return jnp.where(jnp.isnan(v), v, out)
+
+
+def round_to_scale_dtype(scale: jax.Array, scale_dtype: str) -> jax.Array:
+    """``scale.astype(scale_dtype)``, rounded first so that no compiler can skip it.
+
+    >>> import jax.numpy as jnp
+    >>> from qjax.exact import round_to_scale_dtype
+    >>> round_to_scale_dtype(jnp.float32(1.00390625), "bfloat16")  # a tie: rounds to even
+    Array(1, dtype=bfloat16)
+    """
+    if scale_dtype in SCALE_FORMATS:
+        scale = round_to_format(scale.astype(jnp.float32), *SCALE_FORMATS[scale_dtype])
+    return scale.astype(scale_dtype)
+
+
+def exact_divide(num: jax.Array, den: jax.Array) -> jax.Array:
+    """IEEE ``num / den`` (float32, round to nearest even) under jit, on every backend.
+
+    ``den`` is broadcast to ``num``'s shape. Both operands pass through an optimization
+    barrier at full shape, so the divisor is no broadcast or constant XLA could turn into
+    a reciprocal; the broadcast still fuses into the division loop after it. On the CPU
+    the division instruction is IEEE; elsewhere :func:`round_quotient` corrects the
+    hardware quotient. Under ``vmap`` an unbatched operand is broadcast along the batch
+    axis before the barrier too (``custom_vmap``), and ``custom_jvp`` keeps the quotient
+    differentiable.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from qjax.exact import exact_divide
+      >>> x = jnp.float32(3163.328613)
+      >>> bool(jax.jit(exact_divide)(x, x) == 1.0)
+      True
+    """
+    return _divide(num, jnp.broadcast_to(den, jnp.shape(num)))
+
+
+def round_quotient(num: jax.Array, den: jax.Array, approx: jax.Array) -> jax.Array:
+    """The correctly rounded ``num / den`` from a quotient ``approx`` at most 2 ulp off.
+
+    Each candidate ``c`` within 2 ulp of ``approx`` gets its residual ``num - c * den``,
+    computed exactly: ``p = c * den`` rounded, its error ``e`` from Dekker's product of
+    Veltkamp halves (12-bit halves multiply exactly), and ``num - p`` exact by Sterbenz's
+    lemma. The candidate with the smallest residual is the nearest to the true quotient;
+    on an exact tie the residuals are equal and the even candidate wins. Only rounded
+    multiplies and adds are used, which every backend does in IEEE arithmetic; the
+    products that must not become part of an FMA pass through :func:`unfused`.
+
+    Where an operand or the quotient lies outside ``[2**-60, 2**60]`` in magnitude (or
+    is zero, inf or NaN) ``approx`` is returned unchanged.
+    """
+    den_hi, den_lo = _split(den)
+
+    def residual(candidate: jax.Array) -> jax.Array:
+        product = unfused(candidate * den)
+        c_hi, c_lo = _split(candidate)
+        error = ((c_hi * den_hi - product) + c_hi * den_lo + c_lo * den_hi) + c_lo * den_lo
+        return jnp.abs((num - product) - error)
+
+    bits = jax.lax.bitcast_convert_type(approx, jnp.int32)
+    best, best_residual = approx, residual(approx)
+    for step in (-2, -1, 1, 2):
+        candidate = jax.lax.bitcast_convert_type(bits + step, jnp.float32)
+        r = residual(candidate)
+        even = (jax.lax.bitcast_convert_type(candidate, jnp.int32) & 1) == 0
+        better = (r < best_residual) | ((r == best_residual) & even)
+        best = jnp.where(better, candidate, best)
+        best_residual = jnp.where(better, r, best_residual)
+    safe = _in_safe_range(num) & _in_safe_range(den) & _in_safe_range(approx)
+    return jnp.where(safe, best, approx)
+
+
+def _split(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Veltkamp's split: ``x == hi + lo`` exactly, each with at most 12 significant bits."""
+    scaled = unfused(jnp.float32(_SPLITTER) * x)
+    hi = scaled - (scaled - x)
+    return hi, x - hi
+
+
+def _in_safe_range(x: jax.Array) -> jax.Array:
+    magnitude = jnp.abs(x)
+    return (magnitude >= _SAFE_MIN) & (magnitude <= _SAFE_MAX)
+
+
+def _hardware_divide(num: jax.Array, den: jax.Array) -> jax.Array:
+    return num / den
+
+
+def _corrected_divide(num: jax.Array, den: jax.Array) -> jax.Array:
+    return round_quotient(num, den, num / den)
+
+
+@jax.custom_batching.custom_vmap
+def _barrier_divide(num: jax.Array, den: jax.Array) -> jax.Array:
+    num, den = jax.lax.optimization_barrier((num, den))
+    return jax.lax.platform_dependent(num, den, cpu=_hardware_divide, default=_corrected_divide)
+
+
+@_barrier_divide.def_vmap
+def _barrier_divide_vmap(axis_size, in_batched, num, den):
+    num, den = (
+        x if batched else jnp.broadcast_to(x, (axis_size, *jnp.shape(x)))
+        for x, batched in zip((num, den), in_batched)
+    )
+    return _barrier_divide(num, den), True
+
+
+@jax.custom_jvp
+def _divide(num: jax.Array, den: jax.Array) -> jax.Array:
+    return _barrier_divide(num, den)
+
+
+@_divide.defjvp
+def _divide_jvp(primals, tangents):
+    num, den = primals
+    d_num, d_den = tangents
+    quotient = _divide(num, den)
+    return quotient, (d_num - quotient * d_den) / den
