@@ -113,9 +113,13 @@ def activation_qparams(
       ``(params, stats)``: params of shape ``x.shape // block_shape``; stats are None for
       dynamic activations.
     """
+    # The straight-through estimator passes no gradient through the range; without the
+    # stop_gradient JAX would still differentiate the min / max reductions (a tree of
+    # slices in the backward pass) only to drop the result.
+    x = jax.lax.stop_gradient(x)
     if not act.static:
         return compute_qparams(x, act.spec), None
-    lo, hi = block_range(jax.lax.stop_gradient(x), act.spec)
+    lo, hi = block_range(x, act.spec)
     param_shape, shape = lo.shape, _drop_leading_ones(lo.shape)
     lo, hi = lo.reshape(shape), hi.reshape(shape)
     if stats is None:
