@@ -1,14 +1,23 @@
-"""One-command benchmark: qjax quantize and quantized matmuls, medians and ratios.
+"""One-command benchmark: qjax against a memory copy and Google's Qwix, medians and ratios.
 
-Everything is measured in one process, in one run, so the ratios compare like with like.
+Everything is measured in one run (tree PTQ workers in subprocesses, for their memory),
+so the ratios compare like with like.
 
 1. **Quantize.** For a 4096x4096 float32 array (random normal, fixed seed, placed on the
    device once), each row times the jitted ``qjax.quantize`` of one spec and, interleaved
-   with it so that machine noise hits all alike (as in ``benchmarks/bench_ops.py``),
-   ``np.copy`` of the host array and, when ``qwix`` is importable, the jitted
-   ``qwix.quantize`` with the same dtype and granularity. Prints the medians, the ratios
+   with it so that machine noise hits all alike, ``np.copy`` of the host array and,
+   when ``qwix`` is importable, the jitted ``qwix.quantize`` with the same dtype and
+   granularity. Prints the medians, the ratios
    qjax / copy and qjax / Qwix, and the targets where there are ones.
-2. **Inference matmul.** ``[1024, 4096] @ [4096, 4096]`` in float32 against
+2. **PTQ of a whole tree** (:mod:`bench_tree_ptq`): about 100M float32 parameters of a
+   scan-stacked transformer, int8 per channel and int4 per block 128, qjax's
+   ``quantize_tree`` against Qwix's ``quantize_params``: time, and peak memory against
+   the budget input + output + 2 x the largest leaf, each in a fresh subprocess.
+3. **QAT train step** (:mod:`bench_qat_step`): float step, qjax step (the model under
+   ``qjax.flax.linen.intercept``) and Qwix's QAT step (``qwix.QtProvider``) on the digits
+   CNN and an MLP 512-1024-1024-16 at batch 128, run in turn; ratios against the float
+   step (target <= 1.15x) and against Qwix (target <= 1.0x).
+4. **Inference matmul.** ``[1024, 4096] @ [4096, 4096]`` in float32 against
 
    * int8 x int8 -> int32 (``jax.lax.dot_general(..., preferred_element_type=jnp.int32)``
      on qjax int8 codes, then rescaled by the per-token activation scale and the
@@ -18,11 +27,12 @@ Everything is measured in one process, in one run, so the ratios compare like wi
      QArray inside the jitted matmul (dequant on the fly), then a float32 matmul.
 
    All variants run alternately; prints medians and ratios against float.
-3. The QAT training step and the PTQ peak memory have their own scripts, named at the end.
 
 Run it with::
 
-    python benchmarks/run.py [--repeats N]
+    python benchmarks/run.py [--repeats N] [--skip-tree] [--skip-qat] [--skip-matmul]
+
+(about 4 minutes on a 2-core CPU). ``benchmarks/gpu.py`` is the GPU counterpart.
 
 Qwix is optional (``pip install qwix``; the project may carry it as an extra,
 ``bench = ["qwix"]`` under ``[project.optional-dependencies]``); without it the Qwix
@@ -53,6 +63,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import bench_qat_step
+import bench_tree_ptq
 import qjax
 
 try:
@@ -132,7 +144,7 @@ def interleaved_medians(fns: Sequence[Callable[[], object]], repeats: int) -> li
     """Median seconds of each callable, run once each in turn ``repeats`` times.
 
     Each callable is run once first (compile, warm up); the timed runs then alternate
-    between them so that machine noise hits all alike (as in ``bench_ops.py``).
+    between them so that machine noise hits all alike.
     """
     for fn in fns:
         fn()
@@ -251,7 +263,7 @@ def bench_matmul(repeats: int) -> None:
     ]
 
     print(
-        f"\n## 2. Inference matmul: [{TOKENS}, {SIZE}] @ [{SIZE}, {SIZE}] float32, "
+        f"\n## 4. Inference matmul: [{TOKENS}, {SIZE}] @ [{SIZE}, {SIZE}] float32, "
         f"median of {repeats} interleaved runs\n"
     )
     print("| variant | ms | vs float | rel. error |\n|---|---:|---:|---:|")
@@ -272,7 +284,12 @@ def main() -> None:
         "--matmul-repeats", type=int, default=None, help="timed matmul runs (default: --repeats)"
     )
     parser.add_argument("--no-qwix", action="store_true", help="skip Qwix even if installed")
-    parser.add_argument("--skip-matmul", action="store_true", help="quantize table only")
+    parser.add_argument("--skip-tree", action="store_true", help="skip the tree PTQ section")
+    parser.add_argument("--skip-qat", action="store_true", help="skip the QAT step section")
+    parser.add_argument("--skip-matmul", action="store_true", help="skip the matmul section")
+    parser.add_argument(
+        "--qat-repeats", type=int, default=100, help="timed runs of each QAT step (100)"
+    )
     args = parser.parse_args()
 
     use_qwix = qwix is not None and not args.no_qwix
@@ -283,14 +300,14 @@ def main() -> None:
         f"device {dev.platform} ({dev.device_kind})\n"
     )
     bench_quantize(args.repeats, use_qwix)
+    if not args.skip_tree:
+        print("\n## 2. PTQ of a whole scan-stacked tree (qjax.quantize_tree vs Qwix)\n")
+        bench_tree_ptq.run(repeats=3, use_qwix=use_qwix)
+    if not args.skip_qat:
+        print("\n## 3. QAT train step: float vs qjax vs Qwix\n")
+        bench_qat_step.run(args.qat_repeats, use_qwix=use_qwix)
     if not args.skip_matmul:
         bench_matmul(args.matmul_repeats or args.repeats)
-    print(
-        "\n## 3. Not re-run here\n\n"
-        "* QAT training step vs float: `python benchmarks/bench_qat_step.py`\n"
-        "* PTQ peak memory of `qjax quantize` on a checkpoint: "
-        "`python benchmarks/bench_ptq_memory.py`"
-    )
 
 
 if __name__ == "__main__":
