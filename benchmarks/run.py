@@ -32,7 +32,7 @@ Run it with::
 
     python benchmarks/run.py [--repeats N] [--skip-tree] [--skip-qat] [--skip-matmul]
 
-(about 4 minutes on a 2-core CPU). ``benchmarks/gpu.py`` is the GPU counterpart.
+(about 1.5 minutes on a 2-core CPU). ``benchmarks/gpu.py`` is the GPU counterpart.
 
 Qwix is optional (``pip install qwix``; the project may carry it as an extra,
 ``bench = ["qwix"]`` under ``[project.optional-dependencies]``); without it the Qwix
