@@ -83,6 +83,15 @@ def block_minmax(xb: jax.Array, layout: gran.BlockLayout) -> tuple[jax.Array, ja
     return jax.lax.optimization_barrier((lo, hi))
 
 
+def block_absmax(xb: jax.Array, layout: gran.BlockLayout) -> jax.Array:
+    """Per-block ``max(|x|)`` of a blocked float32 array, in the layout's kept shape.
+
+    An empty block gives 0 (the eps scale); NaN in a block makes its amax NaN.
+    """
+    amax = jax.lax.reduce(jnp.abs(xb), jnp.float32(0), jax.lax.max, layout.axes)
+    return jax.lax.optimization_barrier(amax.reshape(layout.kept))
+
+
 FUSED_MINMAX_MAX_MIDDLE_BLOCK = 32
 """Largest block along a middle axis for which one fused min-max pass pays off."""
 
@@ -201,6 +210,14 @@ def block_range(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
 
 
 def blockwise_qparams(xb: jax.Array, layout: gran.BlockLayout, spec: QuantSpec) -> QParams:
-    """Quant params of a blocked float32 array, in the compact ``x.shape // block`` shape."""
-    lo, hi = block_minmax(xb, layout)
+    """Quant params of a blocked float32 array, in the compact ``x.shape // block`` shape.
+
+    Symmetric schemes need only ``amax``: one max-of-abs reduction instead of a min and
+    a max, with the same params (``(-amax, amax)`` has the same ``min_neg``, ``max_pos``).
+    """
+    if spec.scheme == "asymmetric":
+        lo, hi = block_minmax(xb, layout)
+    else:
+        hi = block_absmax(xb, layout)
+        lo = -hi
     return jax.tree.map(layout.compact, qparams_from_minmax(lo, hi, spec))
