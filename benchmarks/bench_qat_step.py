@@ -7,8 +7,10 @@ same initial parameters) for each format of :data:`qjax.demo.digits.FORMATS`:
 
 * **float**: the plain model (:func:`qjax.demo.digits.make_train_step` without rules);
 * **qjax**: the model run under :func:`qjax.flax.linen.intercept` inside the jitted
-  function (:func:`qjax.demo.digits.make_train_step` with the format's rules); static
-  activation ranges are first calibrated on the batch;
+  function (:func:`qjax.demo.digits.make_train_step` with the format's rules; in int8
+  the Dense layers add ``integer_dot=True``, an int8 x int8 -> int32 forward dot, as
+  Qwix's int8 QAT runs, see :func:`qjax_rules`); static activation ranges are first
+  calibrated on the batch;
 * **Qwix** (when ``qwix`` is importable and ``--no-qwix`` is not given): the model
   returned by ``qwix.quantize_model(model, qwix.QtProvider(rules))``, Qwix's
   quantized training (QT, i.e. QAT), in a step built exactly like qjax's; Qwix's static
@@ -149,6 +151,17 @@ class QwixConfig:
     rules: tuple[Any, ...] | None
     note: str = ""
     """How it departs from qjax's format; empty where it matches."""
+
+
+def qjax_rules(fmt: digits.Format, model_name: str) -> digits.Rules:
+    """qjax's rules for ``fmt``: int8 Dense layers run their forward dot on int8 codes
+    (``LayerQuant(integer_dot=True)``), as Qwix's int8 QAT does; convolutions do not."""
+    if fmt.name != "int8":
+        return fmt.rules
+    (quant,) = fmt.rules.values()
+    integer = dataclasses.replace(quant, integer_dot=True)
+    convs = CONV_LAYERS[model_name]
+    return {".*": integer} if convs is None else {convs: quant, ".*": integer}
 
 
 def qwix_config(fmt_name: str, model_name: str) -> QwixConfig:
@@ -404,8 +417,9 @@ def run(
         float_logits = jax.jit(model.apply)({"params": float_args[0]}, float_args[3])
         for fmt_name in names:
             fmt = by_name[fmt_name]
-            qat_step = digits.make_train_step(model, optimizer, fmt.rules)
-            qat_args = _step_inputs(model, shape, classes, fmt.rules)
+            rules = qjax_rules(fmt, model_name)
+            qat_step = digits.make_train_step(model, optimizer, rules)
+            qat_args = _step_inputs(model, shape, classes, rules)
             qwix_step, config, label = None, None, fmt_name
             if use_qwix:
                 config = qwix_config(fmt_name, model_name)

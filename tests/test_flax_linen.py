@@ -10,6 +10,7 @@ import pytest
 
 import qjax
 from qjax.flax import linen as qlinen
+from qjax.flax import serve
 from reference import reference
 
 INT8 = qjax.QuantSpec("int8", granularity=qjax.per_channel(-1))
@@ -207,3 +208,62 @@ def test_static_activations_without_stats_fall_back_to_dynamic():
     y = layer.apply({"params": params}, x)
     expected = qjax.fake_quant(x, act.spec) @ qjax.fake_quant(params["kernel"], INT8)
     np.testing.assert_allclose(y, expected + params["bias"][None, :], rtol=1e-6)
+
+
+class TwoDense(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(32, name="fc")(x))
+        return nn.DenseGeneral(10, name="head")(x)
+
+
+@pytest.mark.parametrize("act", [ACT, qlinen.ActQuant(qjax.QuantSpec("int8"))])
+def test_integer_dot_qat_runs_int8_forward_with_the_same_gradients(act):
+    """integer_dot=True: the forward is an s8 x s8 -> s32 dot within float rounding of the
+    fake-quant one, bit-exact with serving; a single layer's gradients are unchanged."""
+    x = jax.random.normal(jax.random.key(0), (8, 16))
+    model = TwoDense()
+    variables = model.init(jax.random.key(1), x)
+    fake = {".*": qlinen.LayerQuant(weight=INT8, act=act)}
+    integer = {".*": qlinen.LayerQuant(weight=INT8, act=act, integer_dot=True)}
+    apply_fake = jax.jit(qlinen.intercepted(model.apply, fake))
+    apply_integer = jax.jit(qlinen.intercepted(model.apply, integer))
+    out_fake, out_integer = apply_fake(variables, x), apply_integer(variables, x)
+    np.testing.assert_allclose(out_integer, out_fake, rtol=1e-5, atol=1e-5)
+    assert not np.array_equal(out_integer, out_fake)  # a different summation, really run
+    hlo = jax.jit(qlinen.intercepted(model.apply, integer)).lower(variables, x).as_text()
+    assert "xi8>, tensor<" in hlo and "-> tensor<8x32xi32>" in hlo
+
+    served = jax.jit(serve.served(model.apply, integer, integer_dots="require"))
+    np.testing.assert_array_equal(served(serve.convert(variables, integer), x), out_integer)
+
+    layer, layer_vars = nn.Dense(8), nn.Dense(8).init(jax.random.key(2), x)
+    weights = jax.random.normal(jax.random.key(3), (8, 8))
+
+    def loss(params, rules):
+        with qlinen.intercept(rules):
+            return jnp.sum(layer.apply(params, x) * weights)
+
+    grads = [jax.jit(jax.grad(lambda p, r=r: loss(p, r)))(layer_vars) for r in (fake, integer)]
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_integer_dot_refuses_what_int8_cannot_express():
+    x = jnp.ones((2, 16))
+    variables = TwoDense().init(jax.random.key(0), x)
+    for rule, words in [
+        (qlinen.LayerQuant(weight=INT4_BLOCK, act=ACT, integer_dot=True), "per_block"),
+        (qlinen.LayerQuant(weight=INT8, integer_dot=True), "activation spec"),
+        (
+            qlinen.LayerQuant(weight=qjax.QuantSpec("float8_e4m3fn"), act=ACT, integer_dot=True),
+            "signed integer",
+        ),
+    ]:
+        with pytest.raises(ValueError, match=words), qlinen.intercept({".*": rule}):
+            TwoDense().apply(variables, x)
+    cnn_vars = CNN().init(jax.random.key(0), jnp.ones((1, 8, 8, 1)))
+    conv_rule = {"conv": qlinen.LayerQuant(weight=INT8, act=ACT, integer_dot=True)}
+    with pytest.raises(ValueError, match="Dense and DenseGeneral, not Conv"):
+        with qlinen.intercept(conv_rule):
+            CNN().apply(cnn_vars, jnp.ones((1, 8, 8, 1)))

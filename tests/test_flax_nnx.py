@@ -248,6 +248,9 @@ def test_invalid_rules_are_named():
         qnnx.quantize(model, {"head": 3})
     with pytest.raises(ValueError, match=r"rule 'head\[': invalid regular expression"):
         qnnx.quantize(model, {"head[": "int8"})
+    integer = qnnx.LayerQuant(weight=INT8, act=STATIC, integer_dot=True)
+    with pytest.raises(ValueError, match="rule 'head': integer_dot=True is implemented for Linen"):
+        qnnx.quantize(model, {"head": integer})
     embedder = nnx.Sequential(
         nnx.Embed(16, 8, rngs=nnx.Rngs(0)), nnx.Linear(8, 2, rngs=nnx.Rngs(0))
     )

@@ -52,10 +52,21 @@ class ActQuant:
 
 @dataclasses.dataclass(frozen=True)
 class LayerQuant:
-    """What a quantized layer does: a weight spec and an optional activation spec."""
+    """What a quantized layer does: a weight spec and an optional activation spec.
+
+    ``integer_dot=True`` (Linen: :func:`qjax.flax.linen.intercept` and ``QuantDense``)
+    runs a Dense / DenseGeneral forward as int8 x int8 -> int32, the way the served model
+    and Qwix's QAT run it: weight and activation specs must be signed symmetric integers
+    of at most 8 bits whose scales factor out of the contraction (per-tensor or per-token
+    activations, per-tensor or per-channel(-1) weights). The output equals the
+    fake-quant one up to float rounding (bit-exact with :mod:`qjax.flax.serve`'s integer
+    path) and the gradients are unchanged. Off by default: fake-quant QAT is bit-exact
+    with ``fake_quant`` everywhere.
+    """
 
     weight: QuantSpec | None = None
     act: ActQuant | None = None
+    integer_dot: bool = False
 
 
 RuleValue = Union[LayerQuant, QuantSpec, str, None]
@@ -138,14 +149,14 @@ def activation_qparams(
 
 def quantize_activation(
     x: jax.Array, act: ActQuant, stats: Stats | None, calibrating: bool
-) -> tuple[jax.Array, Stats | None]:
+) -> tuple[jax.Array, QParams, Stats | None]:
     """Fake-quantizes an activation with :func:`activation_qparams`' params.
 
     Returns:
-      ``(fake-quantized x, stats)``; stats are None for dynamic activations.
+      ``(fake-quantized x, params, stats)``; stats are None for dynamic activations.
     """
     qp, stats = activation_qparams(x, act, stats, calibrating)
-    return fake_quant(x, act.spec, qparams=qp), stats
+    return fake_quant(x, act.spec, qparams=qp), qp, stats
 
 
 def _drop_leading_ones(shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -32,7 +32,9 @@ from qjax.flax._common import (
     compile_rules,
     quantize_activation,
 )
+from qjax.flax._integer import dense_contraction, dot_scale, qat_dot, spec_reason
 from qjax.ops import fake_quant
+from qjax.qparams import QParams, compute_qparams
 from qjax.spec import QuantSpec
 
 __all__ = [
@@ -66,10 +68,14 @@ WEIGHT_NAMES: dict[type, str] = {
 
 
 class _QuantizingScope:
-    """Forwards everything to a Linen scope, fake-quantizing one parameter as it is read."""
+    """Forwards everything to a Linen scope, fake-quantizing one parameter as it is read.
+
+    ``weight_scale`` holds the scale it last used (None until the weight is read).
+    """
 
     def __init__(self, scope: Any, name: str, spec: QuantSpec):
         self._scope, self._name, self._spec = scope, name, spec
+        self.weight_scale: jax.Array | None = None
 
     def __getattr__(self, attr: str) -> Any:
         return getattr(self._scope, attr)
@@ -77,18 +83,23 @@ class _QuantizingScope:
     def param(self, name: str, init_fn: Callable, *args: Any, unbox: bool = True, **kw: Any):
         value = self._scope.param(name, init_fn, *args, unbox=unbox, **kw)
         if name == self._name and isinstance(value, jax.Array | jnp.ndarray):
-            return fake_quant(value, self._spec)
+            qparams = compute_qparams(jax.lax.stop_gradient(value), self._spec)
+            self.weight_scale = qparams.scale
+            return fake_quant(value, self._spec, qparams=qparams)
         return value
 
 
 @contextlib.contextmanager
-def _weights_quantized(module: nn.Module, spec: QuantSpec | None) -> Iterator[None]:
+def _weights_quantized(
+    module: nn.Module, spec: QuantSpec | None
+) -> Iterator[_QuantizingScope | None]:
     name = weight_name(module)
     if spec is None or name is None:
-        yield
+        yield None
         return
-    with swapped_attributes(module, {"scope": _QuantizingScope(module.scope, name, spec)}):
-        yield
+    scope = _QuantizingScope(module.scope, name, spec)
+    with swapped_attributes(module, {"scope": scope}):
+        yield scope
 
 
 @contextlib.contextmanager
@@ -111,7 +122,9 @@ def weight_name(module: nn.Module) -> str | None:
     return None
 
 
-def _quantize_activation(module: nn.Module, x: jax.Array, act: ActQuant) -> jax.Array:
+def _quantize_activation(
+    module: nn.Module, x: jax.Array, act: ActQuant
+) -> tuple[jax.Array, QParams]:
     """Fake-quantizes ``x``; static ranges live in the module's ``quant_stats``."""
     stored = module.has_variable(STATS, "act_min")
     mutable = module.is_mutable_collection(STATS)
@@ -121,21 +134,72 @@ def _quantize_activation(module: nn.Module, x: jax.Array, act: ActQuant) -> jax.
         else None
     )
     calibrating = mutable and not module.is_initializing()
-    x_q, stats = quantize_activation(x, act, stats, calibrating)
+    x_q, qparams, stats = quantize_activation(x, act, stats, calibrating)
     if stats is not None and mutable:
         module.put_variable(STATS, "act_min", stats[0])
         module.put_variable(STATS, "act_max", stats[1])
-    return x_q
+    return x_q, qparams
 
 
 def quantized_call(
     module: nn.Module, fun: Callable, args: tuple, kwargs: dict, quant: LayerQuant
 ) -> Any:
     """Runs ``fun(*args, **kwargs)``, a method of ``module``, with ``quant`` applied."""
+    contraction = _integer_dot_contraction(module, args, quant) if quant.integer_dot else None
+    act_qparams = None
     if quant.act is not None and args and jnp.issubdtype(jnp.asarray(args[0]).dtype, jnp.floating):
-        args = (_quantize_activation(module, args[0], quant.act), *args[1:])
-    with _weights_quantized(module, quant.weight):
-        return fun(*args, **kwargs)
+        x_q, act_qparams = _quantize_activation(module, args[0], quant.act)
+        args = (x_q, *args[1:])
+    with _weights_quantized(module, quant.weight) as scope:
+        if contraction is None:
+            return fun(*args, **kwargs)
+        hooks = {
+            "dot_general": _integer_dot_general(act_qparams.scale, scope, contraction),
+            "dot_general_cls": None,
+        }
+        with swapped_attributes(module, hooks):
+            return fun(*args, **kwargs)
+
+
+def _integer_dot_contraction(
+    module: nn.Module, args: tuple, quant: LayerQuant
+) -> tuple[tuple, tuple]:
+    """The (input, kernel) axes of a layer that ``integer_dot=True`` may run on int8."""
+    path = "/".join(module.path)
+    reason = None
+    if quant.act is None or quant.weight is None:
+        reason = "integer dots need both a weight and an activation spec"
+    else:
+        reason = spec_reason("activation", quant.act.spec) or spec_reason("weight", quant.weight)
+    if reason is None and not isinstance(module, nn.Dense | nn.DenseGeneral):
+        reason = f"integer_dot is wired for Dense and DenseGeneral, not {type(module).__name__}"
+    if reason is None and not (args and jnp.issubdtype(jnp.asarray(args[0]).dtype, jnp.floating)):
+        reason = "its input is not a floating-point array"
+    contraction = reason or dense_contraction(module, jnp.ndim(args[0]))
+    if isinstance(contraction, str):
+        raise ValueError(
+            f"layer {path!r} ({type(module).__name__}) cannot use integer_dot=True: "
+            f"{contraction}. Drop integer_dot from its rule to train it with fake-quantized "
+            "floats"
+        )
+    return contraction
+
+
+def _integer_dot_general(
+    act_scale: jax.Array, scope: _QuantizingScope, contraction: tuple[tuple, tuple]
+) -> Callable:
+    """A ``dot_general`` for the layer: its fake-quantized operands dotted as int8 codes."""
+
+    def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+        del preferred_element_type  # the output keeps the input's dtype, as the float dot
+        out_scale = dot_scale(act_scale, scope.weight_scale, *contraction)
+        if isinstance(out_scale, str):
+            raise ValueError(f"integer_dot=True: {out_scale}")
+        return qat_dot(
+            lhs, rhs, act_scale, scope.weight_scale, out_scale, dimension_numbers, precision
+        )
+
+    return dot_general
 
 
 def _quantized_layer(base: type[nn.Module]) -> type[nn.Module]:

@@ -129,7 +129,7 @@ class QuantOp(nnx.Module):
 
     def _quantize_input(self, x: jax.Array, act: ActQuant) -> jax.Array:
         stats = (self.act_min.get_value(), self.act_max.get_value()) if act.static else None
-        x_q, stats = quantize_activation(x, act, stats, self.calibrating)
+        x_q, _, stats = quantize_activation(x, act, stats, self.calibrating)
         if stats is not None and self.calibrating:
             self.act_min.set_value(stats[0])
             self.act_max.set_value(stats[1])
@@ -168,6 +168,11 @@ def _plan(
             f"rule {pattern!r} matches {path!r} ({type(module).__name__}), which NNX reads "
             f"without an operator hook, so qjax cannot quantize it; add {{{path!r}: None}} "
             "before that rule"
+        )
+    if quant is not None and quant.integer_dot:
+        raise ValueError(
+            f"rule {pattern!r}: integer_dot=True is implemented for Linen (intercept, "
+            "QuantDense); NNX layers train with fake-quantized floats: drop integer_dot"
         )
     if getattr(module, "dot_general_cls", None) is not None:
         raise ValueError(

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax.flax._common import activation_qparams, compile_rules
+from qjax.flax._integer import dense_contraction, dot_scale, spec_reason
 from qjax.flax.linen import (
     STATS,
     WEIGHT_NAMES,
@@ -410,18 +411,18 @@ def _integer_plan(
     module: nn.Module, args: tuple, act: ActQuant, weight: QArray
 ) -> tuple[QParams, dict[str, Any]] | str:
     """Activation params and the module attributes of an integer dot, or why there is none."""
-    reason = _spec_reason("activation", act.spec) or _spec_reason("weight", weight.spec)
+    reason = spec_reason("activation", act.spec) or spec_reason("weight", weight.spec)
     if reason:
         return reason
     if not args or not jnp.issubdtype(jnp.asarray(args[0]).dtype, jnp.floating):
         return "its input is not a floating-point array"
     x = args[0]
     if isinstance(module, nn.Dense | nn.DenseGeneral):
-        contracted = _dense_contraction(module, x.ndim)
+        contracted = dense_contraction(module, x.ndim)
         if isinstance(contracted, str):
             return contracted
         qparams = _activation_qparams(module, x, act)
-        scale = _dot_scale(qparams.scale, weight.scale, *contracted)
+        scale = dot_scale(qparams.scale, weight.scale, *contracted)
         if isinstance(scale, str):
             return scale
         return qparams, {"dot_general": _integer_dot_general(scale), "dot_general_cls": None}
@@ -435,53 +436,6 @@ def _integer_plan(
         hooks = {"conv_general_dilated": _integer_conv(scale), "conv_general_dilated_cls": None}
         return qparams, hooks
     return f"integer dots are wired for Dense, DenseGeneral and Conv, not {type(module).__name__}"
-
-
-def _spec_reason(what: str, spec: QuantSpec) -> str | None:
-    """Why values of ``spec`` cannot enter an int8 dot as they are, or None."""
-    target = spec.target
-    if spec.is_float or not target.is_signed or target.bits > 8:
-        return (
-            f"the {what} spec {spec} is not a signed integer of at most 8 bits "
-            "(use e.g. 'int8' or 'int4')"
-        )
-    if spec.scheme == "asymmetric" or spec.formulation == "minval":
-        return (
-            f"the {what} spec {spec} has a nonzero zero point or minval; integer dots need "
-            "scheme 'symmetric' or 'symmetric_with_clipping' with formulation 'scale'"
-        )
-    return None
-
-
-def _dense_contraction(module: nn.Module, ndim: int) -> tuple[tuple, tuple] | str:
-    """The (input, kernel) axes a Dense / DenseGeneral contracts."""
-    if isinstance(module, nn.Dense):
-        return (ndim - 1,), (0,)
-    if module.batch_dims not in ((), None):
-        return f"DenseGeneral with batch_dims={module.batch_dims}"
-    axes = module.axis if isinstance(module.axis, tuple | list) else (module.axis,)
-    return tuple(a % ndim for a in axes), tuple(range(len(axes)))
-
-
-def _dot_scale(
-    act_scale: jax.Array, weight_scale: jax.Array, act_axes: tuple, weight_axes: tuple
-) -> jax.Array | str:
-    """Activation scale x weight scale over the dot's output (free input axes, then free
-    kernel axes), or why the scales do not factor out of the contraction."""
-    sa = _drop_unit_axes(act_scale, act_axes)
-    if sa is None:
-        return (
-            f"the activation scales (shape {tuple(act_scale.shape)}) vary along the "
-            "contracted axis; use per_tensor or per_token activations"
-        )
-    sw = _drop_unit_axes(weight_scale, weight_axes)
-    if sw is None:
-        return (
-            f"the weight scales (shape {tuple(weight_scale.shape)}) vary along the "
-            "contracted input axis (per_block?); use per_channel(-1) or per_tensor weights"
-        )
-    sa = sa.astype(jnp.float32).reshape(sa.shape + (1,) * sw.ndim)
-    return sa * sw.astype(jnp.float32).reshape((1,) * (sa.ndim - sw.ndim) + sw.shape)
 
 
 def _conv_scale(act_scale: jax.Array, weight_scale: jax.Array) -> jax.Array | str:
@@ -498,13 +452,6 @@ def _conv_scale(act_scale: jax.Array, weight_scale: jax.Array) -> jax.Array | st
         )
     sw = weight_scale.astype(jnp.float32).reshape(-1)
     return act_scale.astype(jnp.float32).reshape(()) * sw
-
-
-def _drop_unit_axes(scale: jax.Array, axes: tuple) -> jax.Array | None:
-    """``scale`` without ``axes``, or None if any of them is not of size 1."""
-    if any(scale.shape[a] != 1 for a in axes):
-        return None
-    return scale.reshape(tuple(d for a, d in enumerate(scale.shape) if a not in axes))
 
 
 def _activation_qparams(module: nn.Module, x: jax.Array, act: ActQuant) -> QParams:
