@@ -57,9 +57,12 @@ same initial parameters) for each format of :data:`qjax.demo.digits.FORMATS`:
   Static ranges: qjax keeps an exponential moving average of each batch's range
   (momentum 0.9), Qwix a running mean of each batch's absmax; both update every step.
   In the forward pass Qwix multiplies int8 by int8 codes into int32 where both operands
-  are quantized with unblocked contractions (the Dense layers in int8), where qjax
-  multiplies fake-quantized floats; its backward pass (no ``bwd_qtype``) multiplies the
-  unquantized residuals.
+  are quantized with unblocked contractions (the Dense layers in int8), as qjax does
+  with ``integer_dot=True`` (:func:`qjax_rules`). Qwix's backward pass (no
+  ``bwd_qtype``) multiplies the unquantized operands, so it never materialises
+  fake-quantized weights; qjax's straight-through backward multiplies the
+  fake-quantized ones, as fake-quant QAT does (torchao), which costs a pass or two over
+  each weight per step.
 
 The three steps run in turn, ``repeats`` times, so that machine noise hits them alike;
 each run times one call from the same inputs (to ``block_until_ready``). The table
