@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 
 __all__ = ["exact_divide", "round_quotient", "round_to_format", "round_to_scale_dtype", "unfused"]
 
-SCALE_FORMATS = {"bfloat16": (7, -126), "float16": (10, -14)}
-"""(mantissa bits, smallest normal exponent) of the float scale dtypes narrower than
-float32 that :func:`round_to_scale_dtype` rounds to."""
+NARROW_SCALE_DTYPES = ("bfloat16", "float16")
+"""The float scale dtypes narrower than float32 that :func:`round_to_scale_dtype` rounds
+to (float8_e8m0fnu scales are built from exponent bits and need no rounding)."""
 
 _SPLITTER = 4097.0
 """Veltkamp's constant 2**12 + 1: splits a float32 into two halves of 12 bits."""
@@ -80,8 +81,9 @@ def round_to_scale_dtype(scale: jax.Array, scale_dtype: str) -> jax.Array:
     >>> round_to_scale_dtype(jnp.float32(1.00390625), "bfloat16")  # a tie: rounds to even
     Array(1, dtype=bfloat16)
     """
-    if scale_dtype in SCALE_FORMATS:
-        scale = round_to_format(scale.astype(jnp.float32), *SCALE_FORMATS[scale_dtype])
+    if scale_dtype in NARROW_SCALE_DTYPES:
+        info = ml_dtypes.finfo(jnp.dtype(scale_dtype))
+        scale = round_to_format(scale.astype(jnp.float32), int(info.nmant), int(info.minexp))
     return scale.astype(scale_dtype)
 
 

@@ -76,55 +76,50 @@ def drop_unit_axes(scale: jax.Array, axes: tuple) -> jax.Array | None:
 def qat_dot(
     lhs: jax.Array,
     rhs: jax.Array,
-    lhs_scale: jax.Array,
-    rhs_scale: jax.Array,
+    lhs_codes: jax.Array,
+    rhs_codes: jax.Array,
     out_scale: jax.Array,
     dimension_numbers: tuple,
     precision: Any = None,
 ) -> jax.Array:
-    """``dot_general`` of fake-quantized operands, run as int8 x int8 -> int32.
+    """``dot_general`` of fake-quantized operands, run on their int8 codes into int32.
 
-    ``lhs`` and ``rhs`` hold ``codes * scale`` (what ``fake_quant`` returns for signed
-    symmetric integer specs); ``lhs_scale`` and ``rhs_scale`` broadcast against them and
-    ``out_scale`` (:func:`dot_scale`) against the dot's output. The codes come back
-    exactly (``|code| <= 128``, so ``round(fake / scale)`` is off by far less than a
-    half), their dot is exact in int32 and is rounded once when it is scaled. The
-    gradient is that of the float dot of ``lhs`` and ``rhs``: the same as without
-    integer dots, so training sees the straight-through estimator unchanged.
+    ``lhs`` and ``rhs`` are the fake-quantized operands, ``lhs_codes`` and ``rhs_codes``
+    their integer codes (``qjax.quantize`` of them with the same params gives exactly the
+    codes, as they lie on the grid) and ``out_scale`` (:func:`dot_scale`) broadcasts
+    against the dot's output. The codes' dot is exact in int32 and rounded once when it
+    is scaled. The gradient is that of the float dot of ``lhs`` and ``rhs``: the same as
+    without integer dots, so training sees the straight-through estimator unchanged.
     """
-    return _qat_dot(dimension_numbers, precision, lhs, rhs, lhs_scale, rhs_scale, out_scale)
+    return _qat_dot(dimension_numbers, precision, lhs, rhs, lhs_codes, rhs_codes, out_scale)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _qat_dot(dimension_numbers, precision, lhs, rhs, lhs_scale, rhs_scale, out_scale):
-    del precision  # an integer dot is exact
-    lhs_codes, rhs_codes = _codes(lhs, lhs_scale), _codes(rhs, rhs_scale)
+def _qat_dot(dimension_numbers, precision, lhs, rhs, lhs_codes, rhs_codes, out_scale):
+    del precision, rhs  # an integer dot is exact; rhs is a residual for the backward
     acc = jax.lax.dot_general(
-        lhs_codes, rhs_codes, dimension_numbers, preferred_element_type=jnp.int32
+        lhs_codes.astype(jnp.int8),
+        rhs_codes.astype(jnp.int8),
+        dimension_numbers,
+        preferred_element_type=jnp.int32,
     )
     return (acc.astype(jnp.float32) * out_scale).astype(lhs.dtype)
 
 
-def _qat_dot_fwd(dimension_numbers, precision, lhs, rhs, lhs_scale, rhs_scale, out_scale):
-    out = _qat_dot(dimension_numbers, precision, lhs, rhs, lhs_scale, rhs_scale, out_scale)
-    return out, (lhs, rhs, lhs_scale, rhs_scale, out_scale)
+def _qat_dot_fwd(dimension_numbers, precision, lhs, rhs, lhs_codes, rhs_codes, out_scale):
+    out = _qat_dot(dimension_numbers, precision, lhs, rhs, lhs_codes, rhs_codes, out_scale)
+    return out, (lhs, rhs)
 
 
 def _qat_dot_bwd(dimension_numbers, precision, residuals, g):
-    lhs, rhs, lhs_scale, rhs_scale, out_scale = residuals
+    lhs, rhs = residuals
 
     def float_dot(a: jax.Array, b: jax.Array) -> jax.Array:
         return jax.lax.dot_general(a, b, dimension_numbers, precision=precision)
 
     _, vjp = jax.vjp(float_dot, lhs, rhs)
     d_lhs, d_rhs = vjp(g.astype(jnp.result_type(lhs, rhs)))
-    zeros = (jnp.zeros_like(s) for s in (lhs_scale, rhs_scale, out_scale))
-    return (d_lhs, d_rhs, *zeros)
+    return d_lhs, d_rhs, None, None, None  # codes and scales take no gradient
 
 
 _qat_dot.defvjp(_qat_dot_fwd, _qat_dot_bwd)
-
-
-def _codes(fake: jax.Array, scale: jax.Array) -> jax.Array:
-    codes = jnp.round(fake.astype(jnp.float32) / scale.astype(jnp.float32))
-    return jnp.clip(codes, -128, 127).astype(jnp.int8)

@@ -33,7 +33,7 @@ from qjax.flax._common import (
     quantize_activation,
 )
 from qjax.flax._integer import dense_contraction, dot_scale, qat_dot, spec_reason
-from qjax.ops import fake_quant
+from qjax.ops import fake_quant, quantize
 from qjax.qparams import QParams, compute_qparams
 from qjax.spec import QuantSpec
 
@@ -70,12 +70,12 @@ WEIGHT_NAMES: dict[type, str] = {
 class _QuantizingScope:
     """Forwards everything to a Linen scope, fake-quantizing one parameter as it is read.
 
-    ``weight_scale`` holds the scale it last used (None until the weight is read).
+    ``weight_qparams`` holds the params it last used (None until the weight is read).
     """
 
     def __init__(self, scope: Any, name: str, spec: QuantSpec):
         self._scope, self._name, self._spec = scope, name, spec
-        self.weight_scale: jax.Array | None = None
+        self.weight_qparams: QParams | None = None
 
     def __getattr__(self, attr: str) -> Any:
         return getattr(self._scope, attr)
@@ -83,9 +83,8 @@ class _QuantizingScope:
     def param(self, name: str, init_fn: Callable, *args: Any, unbox: bool = True, **kw: Any):
         value = self._scope.param(name, init_fn, *args, unbox=unbox, **kw)
         if name == self._name and isinstance(value, jax.Array | jnp.ndarray):
-            qparams = compute_qparams(jax.lax.stop_gradient(value), self._spec)
-            self.weight_scale = qparams.scale
-            return fake_quant(value, self._spec, qparams=qparams)
+            self.weight_qparams = compute_qparams(jax.lax.stop_gradient(value), self._spec)
+            return fake_quant(value, self._spec, qparams=self.weight_qparams)
         return value
 
 
@@ -154,7 +153,7 @@ def quantized_call(
         if contraction is None:
             return fun(*args, **kwargs)
         hooks = {
-            "dot_general": _integer_dot_general(act_qparams.scale, scope, contraction),
+            "dot_general": _integer_dot_general(quant, act_qparams, scope, contraction),
             "dot_general_cls": None,
         }
         with swapped_attributes(module, hooks):
@@ -186,18 +185,22 @@ def _integer_dot_contraction(
 
 
 def _integer_dot_general(
-    act_scale: jax.Array, scope: _QuantizingScope, contraction: tuple[tuple, tuple]
+    quant: LayerQuant,
+    act_qparams: QParams,
+    scope: _QuantizingScope,
+    contraction: tuple[tuple, tuple],
 ) -> Callable:
     """A ``dot_general`` for the layer: its fake-quantized operands dotted as int8 codes."""
 
     def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
         del preferred_element_type  # the output keeps the input's dtype, as the float dot
-        out_scale = dot_scale(act_scale, scope.weight_scale, *contraction)
+        weight_qparams = scope.weight_qparams
+        out_scale = dot_scale(act_qparams.scale, weight_qparams.scale, *contraction)
         if isinstance(out_scale, str):
             raise ValueError(f"integer_dot=True: {out_scale}")
-        return qat_dot(
-            lhs, rhs, act_scale, scope.weight_scale, out_scale, dimension_numbers, precision
-        )
+        lhs_codes = quantize(lhs, quant.act.spec, qparams=act_qparams, packed=False).data
+        rhs_codes = quantize(rhs, quant.weight, qparams=weight_qparams, packed=False).data
+        return qat_dot(lhs, rhs, lhs_codes, rhs_codes, out_scale, dimension_numbers, precision)
 
     return dot_general
 
