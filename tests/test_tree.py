@@ -121,9 +121,13 @@ def test_non_finite_leaf_is_named():
 
 
 def test_leaf_errors_name_the_leaf():
+    # Without the per-channel fallback (the default), a block that does not fit is an error
+    # naming the leaf and the axis that would fit.
     params = {"w": jnp.ones((30, 64))}
-    with pytest.raises(ValueError, match=r"parameter 'w': block size 32 does not divide axis 0"):
-        qjax.quantize_tree(params, {".*": "int4:per_block:32"}, min_size=0)
+    with pytest.raises(
+        ValueError, match=r"parameter 'w' .*block 32 does not divide axis 0 .*divides axis 1"
+    ):
+        qjax.quantize_tree(params, {".*": "int4:per_block:32"}, fallback=None)
 
 
 @pytest.mark.parametrize(
@@ -145,8 +149,8 @@ def test_invalid_rules_name_the_rule(rules, message):
 
 def test_command_line_style_rules():
     rules = qjax.parse_rules([".*kernel=int4:per_block:32:axis=0", ".*=keep"])
-    assert rules[0][1].granularity == qjax.per_block(0, 32)
-    assert rules[1] == (".*", None)
+    assert rules[0][1].spec.granularity == qjax.per_block(0, 32)
+    assert rules[1] == (".*", qjax.LeafRule(None))
 
 
 def test_mx_shorthand_can_block_along_the_flax_contraction_axis():

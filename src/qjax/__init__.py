@@ -27,6 +27,12 @@ from qjax.qparams import compute_qparams as compute_qparams
 from qjax.qparams import qparams_from_minmax as qparams_from_minmax
 from qjax.report import Report as Report
 from qjax.report import report as report
+from qjax.rules import Calibration as Calibration
+from qjax.rules import LeafRule as LeafRule
+from qjax.rules import Plan as Plan
+from qjax.rules import QjaxRuleWarning as QjaxRuleWarning
+from qjax.rules import Resolution as Resolution
+from qjax.rules import RulePlan as RulePlan
 from qjax.rules import default_rules as default_rules
 from qjax.rules import parse_rules as parse_rules
 from qjax.rules import parse_spec as parse_spec
@@ -35,6 +41,7 @@ from qjax.tree import DEFAULT_MIN_SIZE as DEFAULT_MIN_SIZE
 from qjax.tree import count_nonfinite as count_nonfinite
 from qjax.tree import dequantize_tree as dequantize_tree
 from qjax.tree import leaf_specs as leaf_specs
+from qjax.tree import plan as plan
 from qjax.tree import quantize_tree as quantize_tree
 
 __version__ = "0.1.0"
@@ -42,12 +49,18 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_MIN_SIZE",
     "TARGET_DTYPES",
+    "Calibration",
     "Granularity",
+    "LeafRule",
     "MovingAverage",
+    "Plan",
     "QArray",
     "QParams",
+    "QjaxRuleWarning",
     "QuantSpec",
     "Report",
+    "Resolution",
+    "RulePlan",
     "TargetDType",
     "block_shape",
     "calibrate",
@@ -69,6 +82,7 @@ __all__ = [
     "per_channel",
     "per_tensor",
     "per_token",
+    "plan",
     "qparams_from_minmax",
     "quantize",
     "quantize_tree",

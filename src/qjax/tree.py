@@ -3,31 +3,30 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qjax.calibration import calibrate
 from qjax.ops import quantize
 from qjax.qarray import QArray
-from qjax.rules import Rule, RulesLike, default_rules, parse_rules
+from qjax.rules import DEFAULT_MIN_SIZE, Plan, PlanRow, Resolution, RulePlan, RulesLike
 from qjax.spec import QuantSpec
 
 __all__ = [
     "DEFAULT_MIN_SIZE",
+    "FLOAT32_OVERFLOW",
     "count_nonfinite",
     "dequantize_tree",
     "leaf_specs",
+    "nonfinite_in_float32",
     "path_str",
+    "plan",
+    "quantize_leaf",
     "quantize_tree",
 ]
-
-DEFAULT_MIN_SIZE = 1024
-"""Leaves with fewer elements stay float: their bytes are negligible next to the big
-matrices, and per-channel scales would eat much of the saving. (coremltools skips
-weights under 2048 elements; 1024 keeps the 32x32 kernels of small models in play.)"""
 
 
 def path_str(path: tuple) -> str:
@@ -43,14 +42,66 @@ def path_str(path: tuple) -> str:
     return "/".join(parts)
 
 
+def plan(
+    params: Any,
+    rules: RulesLike | None = None,
+    *,
+    layout: str = "auto",
+    min_size: int = DEFAULT_MIN_SIZE,
+    fallback: str | None = "per_channel",
+    strict: bool = False,
+) -> Plan:
+    """What :func:`quantize_tree` would do to each leaf, without quantizing anything.
+
+    The arguments are those of :func:`quantize_tree`; ``params`` may hold
+    ``jax.ShapeDtypeStruct`` leaves (e.g. from ``jax.eval_shape``), as only shapes and
+    dtypes are read. Each row gives the leaf's path (what rules match), shape, dtype, the
+    layout it was read in, the spec it gets (or None), the rule that matched and a note:
+    why it stays float, or a fallback.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, qjax
+      >>> f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+      >>> params = {"Dense_0": {"kernel": f32(64, 48), "bias": f32(48)},
+      ...           "Dense_1": {"kernel": f32(48, 32)}, "head.weight": f32(16, 96)}
+      >>> print(qjax.plan(params, {".*": "int4:per_block:32:mse"}))
+      path            shape  dtype    layout  spec                           rule  note
+      Dense_0/bias    48     float32  other   float                          .*    1-D
+      Dense_0/kernel  64x48  float32  flax    int4:per_block:32:axis=-2:mse  .*
+      Dense_1/kernel  48x32  float32  flax    int4:per_channel:axis=-1:mse   .*    fallback ...
+      head.weight     16x96  float32  torch   int4:per_block:32:axis=1:mse   .*
+      >>> qjax.plan(params, {".*": "int4:per_block:32"})[2].note
+      'fallback per_channel(axis=-1): block 32 does not divide axis 0 (size 48)'
+    """
+    rule_plan = RulePlan(rules, layout=layout, min_size=min_size, fallback=fallback)
+    rows = _plan_rows(params, rule_plan)
+    rule_plan.check_unmatched(strict=strict, where="plan")
+    return rows
+
+
+def _plan_rows(params: Any, rule_plan: RulePlan) -> Plan:
+    rows = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_qarray)[0]:
+        name = path_str(path)
+        resolution = _resolve(rule_plan, name, leaf)
+        dtype = getattr(leaf, "dtype", None)
+        dtype = type(leaf).__name__ if dtype is None else jnp.dtype(dtype).name
+        rows.append(PlanRow.of(name, getattr(leaf, "shape", ()), dtype, resolution))
+    return Plan(tuple(rows))
+
+
 def leaf_specs(
-    params: Any, rules: RulesLike | None = None, *, min_size: int = DEFAULT_MIN_SIZE
+    params: Any,
+    rules: RulesLike | None = None,
+    *,
+    layout: str = "auto",
+    min_size: int = DEFAULT_MIN_SIZE,
+    fallback: str | None = "per_channel",
+    strict: bool = False,
 ) -> dict[str, QuantSpec | None]:
     """Which spec each leaf gets: ``{path: spec or None}``, without quantizing anything.
 
-    A leaf gets the spec of the first rule whose regex ``re.fullmatch``-es its path.
-    Leaves that are not floating point, have fewer than ``min_size`` elements, or match
-    no rule (or a rule with spec None) get None and stay as they are.
+    The arguments are those of :func:`quantize_tree`; :func:`plan` gives the reasons too.
 
     Examples:
       >>> import jax.numpy as jnp, qjax
@@ -58,34 +109,51 @@ def leaf_specs(
       >>> {p: str(s) for p, s in qjax.leaf_specs(params, min_size=0).items()}
       {'Dense_0/bias': 'None', 'Dense_0/kernel': 'int8:symmetric:scale:per_channel(axis=-1)'}
     """
-    compiled = _compile(rules)
-    leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_qarray)[0]
-    return {path_str(p): _spec_for(path_str(p), leaf, compiled, min_size) for p, leaf in leaves}
+    rule_plan = RulePlan(rules, layout=layout, min_size=min_size, fallback=fallback)
+    rows = _plan_rows(params, rule_plan)
+    rule_plan.check_unmatched(strict=strict, where="leaf_specs")
+    return {row.path: row.spec for row in rows}
 
 
 def quantize_tree(
     params: Any,
     rules: RulesLike | None = None,
     *,
+    layout: str = "auto",
     min_size: int = DEFAULT_MIN_SIZE,
+    fallback: str | None = "per_channel",
+    strict: bool = False,
     check_finite: bool = True,
 ) -> Any:
     """Quantizes the leaves of a parameter pytree that the rules select.
 
     Args:
-      params: any pytree of arrays (Flax variables, an Optax-trained dict, ...).
-      rules: ordered rules, first match wins: a mapping ``{regex: spec}``, a sequence of
+      params: any pytree of arrays (Flax variables, an Optax-trained dict, a flat dict of
+        PyTorch names, ...).
+      rules: ordered rules, first match wins: a mapping ``{regex: spec}``, a list of
         ``(regex, spec)`` pairs or ``"REGEX=SPEC"`` strings; a spec is a
-        :class:`~qjax.QuantSpec`, shorthand such as ``"int4:per_block:32"``, or None to
-        keep the leaf float. Regexes are matched with ``re.fullmatch`` against the leaf's
-        path joined with ``/``. Default: :func:`~qjax.default_rules` (int8 per output
-        channel for Flax ``kernel`` and per row for ``embedding``).
+        :class:`~qjax.QuantSpec`, shorthand such as ``"int4:per_block:32"`` (optionally
+        with a calibration: ``"int4:per_block:32:mse"``, ``":percentile=99.99"``,
+        ``":minmax"``), or None to keep the leaf float. Regexes are matched with
+        ``re.fullmatch`` against the leaf's path joined with ``/`` (and its ``.``-separated
+        names with ``.`` read as ``/``). Default: :func:`~qjax.default_rules` (int8 per
+        output channel for Flax ``kernel`` / ``embedding`` and PyTorch ``weight`` leaves).
+      layout: ``"auto"`` (default), ``"flax"`` or ``"torch"``: how leaves are read, which
+        decides the axes of shorthand without ``axis=`` (see :class:`~qjax.RulePlan`).
       min_size: leaves with fewer elements stay float (default
-        :data:`DEFAULT_MIN_SIZE` = 1024).
-      check_finite: with concrete (not traced) leaves, refuse NaN or inf in a leaf to be
-        quantized with a ``ValueError`` naming the leaf and the count. Under ``jit`` the
-        leaves are traced and cannot be checked here: call :func:`count_nonfinite`
-        inside the jitted function and check its result outside.
+        :data:`DEFAULT_MIN_SIZE` = 1024) under catch-all rules (patterns that match any
+        path, e.g. ``.*``) and the default rules, which also leave 1-D leaves (biases,
+        norm scales) float. A rule that names a leaf (any other pattern) quantizes it
+        whatever its size and rank.
+      fallback: ``"per_channel"`` (default): a leaf whose blocked axis the block size does
+        not divide is quantized per channel (shown by :func:`plan`); None raises instead.
+      strict: a rule that matches no leaf raises ``ValueError`` instead of a
+        :class:`~qjax.QjaxRuleWarning`.
+      check_finite: with concrete (not traced) leaves, refuse values that are NaN or inf
+        once cast to float32, the precision quantization computes in (float64 values
+        beyond float32's range included), with a ``ValueError`` naming the leaf and the
+        count. Under ``jit`` the leaves are traced and cannot be checked here: call
+        :func:`count_nonfinite` inside the jitted function and check its result outside.
 
     Returns:
       A pytree of the same structure, with :class:`~qjax.QArray` leaves where quantized.
@@ -95,39 +163,74 @@ def quantize_tree(
       >>> params = {"attention": {"kernel": jnp.ones((64, 64))},
       ...           "mlp": {"kernel": jnp.ones((64, 256)), "bias": jnp.zeros(256)}}
       >>> rules = {".*attention.*kernel": "int8", ".*mlp.*kernel": "int4:per_block:32"}
-      >>> q = qjax.quantize_tree(params, rules, min_size=0)
+      >>> q = qjax.quantize_tree(params, rules)
       >>> q["mlp"]["kernel"].spec.dtype, q["mlp"]["bias"].dtype
       ('int4', dtype('float32'))
+
+      PyTorch names work as they are: ``[out, in]`` weights are blocked along ``in``.
+
+      >>> torch = {"encoder.dense.weight": jnp.ones((64, 96))}
+      >>> qjax.quantize_tree(torch, {".*": "int4:per_block:32"})["encoder.dense.weight"].scale.shape
+      (64, 3)
 
       Scan-stacked layers: ``vmap`` over the leading axis quantizes each layer on its own
       (per-channel scales per layer), exactly as a loop over the layers would.
 
       >>> stacked = {"layers": {"kernel": jnp.stack([jnp.ones((64, 64)), 2 * jnp.ones((64, 64))])}}
-      >>> qs = jax.vmap(lambda p: qjax.quantize_tree(p, min_size=0))(stacked)
+      >>> qs = jax.vmap(lambda p: qjax.quantize_tree(p))(stacked)
       >>> qs["layers"]["kernel"].scale.shape
       (2, 1, 64)
     """
-    compiled = _compile(rules)
+    _check_bool("check_finite", check_finite)
+    rule_plan = RulePlan(rules, layout=layout, min_size=min_size, fallback=fallback)
 
-    def quantize_leaf(path: tuple, leaf: Any) -> Any:
+    def quantize_one(path: tuple, leaf: Any) -> Any:
         name = path_str(path)
-        spec = _spec_for(name, leaf, compiled, min_size)
-        if spec is None:
-            return leaf
-        if check_finite and not isinstance(leaf, jax.core.Tracer):
-            bad = int(np.size(leaf) - np.count_nonzero(np.isfinite(np.asarray(leaf))))
-            if bad:
-                raise ValueError(
-                    f"parameter {name!r} (shape {tuple(np.shape(leaf))}) has {bad} NaN or "
-                    "inf values; fix or drop them, or keep this leaf float with a rule "
-                    f"like ({re.escape(name)!r}, None)"
-                )
-        try:
-            return quantize(leaf, spec)
-        except (ValueError, TypeError) as e:
-            raise type(e)(f"parameter {name!r}: {e}") from None
+        return quantize_leaf(name, leaf, _resolve(rule_plan, name, leaf), check_finite=check_finite)
 
-    return jax.tree_util.tree_map_with_path(quantize_leaf, params, is_leaf=_is_qarray)
+    out = jax.tree_util.tree_map_with_path(quantize_one, params, is_leaf=_is_qarray)
+    rule_plan.check_unmatched(strict=strict, where="quantize_tree")
+    return out
+
+
+def quantize_leaf(
+    name: str, leaf: Any, resolution: Resolution, *, check_finite: bool = True
+) -> Any:
+    """Quantizes one tensor as its :class:`~qjax.Resolution` says (PTQ of one leaf).
+
+    The leaf as it is where ``resolution.spec`` is None; else :func:`~qjax.quantize` with
+    the resolution's spec, with params from :func:`~qjax.calibrate` where the rule chose
+    a calibration. Errors name the leaf.
+
+    Args:
+      name: the leaf's path or name, for error messages.
+      leaf: the array.
+      resolution: from :meth:`~qjax.RulePlan.resolve`.
+      check_finite: refuse (unless traced) values that are NaN or inf in float32.
+
+    Examples:
+      >>> import jax.numpy as jnp, qjax
+      >>> from qjax.tree import quantize_leaf
+      >>> plan = qjax.RulePlan({".*": "int4:per_block:32:mse"})
+      >>> w = jnp.linspace(-1, 1, 64 * 64).reshape(64, 64)
+      >>> quantize_leaf("fc.weight", w, plan.resolve("fc.weight", w.shape, w.dtype)).scale.shape
+      (64, 2)
+    """
+    _check_bool("check_finite", check_finite)
+    if resolution.spec is None:
+        return leaf
+    if check_finite and not isinstance(leaf, jax.core.Tracer):
+        _check_finite(name, leaf)
+    calibration = resolution.calibration
+    try:
+        qparams = None
+        if calibration is not None:
+            qparams = calibrate(
+                leaf, resolution.spec, calibration.method, percentile=calibration.percentile
+            )
+        return quantize(leaf, resolution.spec, qparams=qparams)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"parameter {name!r}: {e}") from None
 
 
 def dequantize_tree(tree: Any) -> Any:
@@ -147,20 +250,27 @@ def dequantize_tree(tree: Any) -> Any:
 
 
 def count_nonfinite(params: Any) -> Any:
-    """The number of NaN / inf values of each floating leaf (0 for others); jit-friendly.
+    """The number of values of each floating leaf that are NaN or inf once cast to float32.
+
+    Quantization computes in float32, so float64 values beyond its range (about
+    ``3.4e38``) count as inf; other leaves count 0. Jit-friendly.
 
     Examples:
-      >>> import jax, jax.numpy as jnp, qjax
+      >>> import jax, jax.numpy as jnp, numpy as np, qjax
       >>> counts = jax.jit(qjax.count_nonfinite)({"w": jnp.array([1.0, jnp.nan])})
       >>> int(counts["w"])
+      1
+      >>> int(qjax.count_nonfinite({"w": np.array([1e39, 1.0])})["w"])
       1
     """
 
     def count(leaf: Any) -> Any:
+        if isinstance(leaf, np.ndarray | np.generic) and np.issubdtype(leaf.dtype, np.floating):
+            leaf = _as_float32(leaf)
         leaf = jnp.asarray(leaf)
         if not jnp.issubdtype(leaf.dtype, jnp.floating):
             return jnp.int32(0)
-        return jnp.sum(~jnp.isfinite(leaf), dtype=jnp.int32)
+        return jnp.sum(~jnp.isfinite(leaf.astype(jnp.float32)), dtype=jnp.int32)
 
     return jax.tree.map(count, params)
 
@@ -169,17 +279,60 @@ def _is_qarray(x: Any) -> bool:
     return isinstance(x, QArray)
 
 
-def _compile(rules: RulesLike | None) -> list[tuple[Callable[[str], Any], QuantSpec | None]]:
-    parsed: list[Rule] = default_rules() if rules is None else parse_rules(rules)
-    return [(re.compile(pattern).fullmatch, spec) for pattern, spec in parsed]
+def _resolve(rule_plan: RulePlan, name: str, leaf: Any) -> Resolution:
+    """The leaf's resolution; QArrays and leaves without a dtype stay as they are."""
+    if isinstance(leaf, QArray):
+        return Resolution(None, None, "other", "already quantized")
+    if not hasattr(leaf, "dtype") or not hasattr(leaf, "shape"):
+        return Resolution(None, None, "other", "not an array")
+    try:
+        return rule_plan.resolve(name, leaf.shape, leaf.dtype)
+    except ValueError as e:
+        raise ValueError(f"parameter {e}") from None
 
 
-def _spec_for(name: str, leaf: Any, compiled: list, min_size: int) -> QuantSpec | None:
-    if isinstance(leaf, QArray) or not hasattr(leaf, "dtype"):
-        return None
-    if not jnp.issubdtype(leaf.dtype, jnp.floating) or np.size(leaf) < min_size:
-        return None
-    for match, spec in compiled:
-        if match(name):
-            return spec
-    return None
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def _as_float32(x: np.ndarray) -> np.ndarray:
+    """``x`` in float32, where values beyond its range become inf (without a warning)."""
+    with np.errstate(over="ignore"):
+        return np.asarray(x).astype(np.float32)
+
+
+FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
+"""The smallest magnitude that a cast to float32 (round to nearest even) turns into inf."""
+
+
+def nonfinite_in_float32(x: np.ndarray) -> int:
+    """The number of values of a floating ``x`` that are NaN or inf once cast to float32.
+
+    Exactly what the cast gives, without a float32 copy: values of wider types count when
+    ``|x| >= 2**128 - 2**103`` (:data:`FLOAT32_OVERFLOW`) or NaN.
+
+    Examples:
+      >>> import numpy as np
+      >>> from qjax.tree import nonfinite_in_float32
+      >>> nonfinite_in_float32(np.array([3.4028235e38, 3.5e38, np.nan, 1.0]))
+      2
+    """
+    x = np.asarray(x)
+    if x.dtype.itemsize > 4:
+        with np.errstate(invalid="ignore"):
+            return int(np.count_nonzero(~(np.abs(x) < FLOAT32_OVERFLOW)))
+    return int(x.size - np.count_nonzero(np.isfinite(x)))
+
+
+def _check_finite(name: str, leaf: Any) -> None:
+    """Refuses a leaf with values that are not finite in float32, naming it."""
+    x = np.asarray(leaf)
+    bad = nonfinite_in_float32(x)
+    if bad:
+        beyond = " (float64 values beyond float32's range count too)" if x.itemsize > 4 else ""
+        raise ValueError(
+            f"parameter {name!r} (shape {x.shape}) has {bad} NaN or inf values in float32, "
+            f"the precision quantization computes in{beyond}; fix or drop them, or keep this "
+            f"leaf float with a rule like ({re.escape(name)!r}, None)"
+        )
