@@ -24,7 +24,6 @@ TENSORS = {
     "head.kernel": RNG.standard_normal((64, 32)).astype(np.float32),
     "step": np.array(3, np.int32),
 }
-PATHS = {name: name.replace(".", "/") for name in TENSORS}
 
 
 @pytest.fixture(params=[".safetensors", ".npz"])
@@ -64,8 +63,9 @@ def test_quantize_defaults_nest_names_and_pick_flax_axes(checkpoint, tmp_path, c
     assert isinstance(tree["head"]["kernel"], qjax.QArray)
     np.testing.assert_array_equal(tree["Dense_0"]["bias"], TENSORS["Dense_0.bias"])
     assert int(tree["step"]) == 3
-    for path in ("Dense_0/kernel", "Embed_0/embedding", "blocks/0/mlp/kernel", "total"):
-        assert path in stdout
+    # the report shows the original tensor names
+    for name in ("Dense_0.kernel", "Embed_0.embedding", "blocks/0/mlp.kernel", "total"):
+        assert name in stdout
     assert "int8:per_channel:axis=-1" in stdout and "4 of 6 quantized" in stdout
 
 
@@ -132,10 +132,10 @@ def test_dequantize_round_trip_is_within_half_a_scale(checkpoint, tmp_path, caps
     code, _, err = run(capsys, "dequantize", qfile, out)
     assert code == 0, err
     back = dict(np.load(out)) if suffix == ".npz" else load_file(str(out))
-    assert set(back) == set(PATHS.values())
+    assert set(back) == set(TENSORS)  # the original names, not the paths
     tree = qjax.io.load(qfile)
     for name, x in TENSORS.items():
-        y, q = back[PATHS[name]], leaf(tree, PATHS[name])
+        y, q = back[name], leaf(tree, name.replace(".", "/"))
         assert y.dtype == x.dtype and y.shape == x.shape
         if not isinstance(q, qjax.QArray):
             np.testing.assert_array_equal(y, x)
@@ -152,10 +152,11 @@ def test_inspect_prints_specs_and_sizes(tmp_path, capsys):
     assert run(capsys, "quantize", tmp_path / "m.safetensors", qfile, "-q")[0] == 0
     code, out, err = run(capsys, "inspect", qfile, "--report", tmp_path / "r.json")
     assert code == 0, err
-    assert "Dense_0/kernel" in out and "int8:per_channel:axis=0" in out and "total" in out
+    assert "Dense_0.kernel" in out and "int8:per_channel:axis=-1" in out and "total" in out
     assert "(128, 64)" in out and "SQNR" not in out
+    assert "kept as they were (2): Dense_0.bias, step" in out
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
-    kernel = next(r for r in rows if r["path"] == "Dense_0/kernel")
+    kernel = next(r for r in rows if r["path"] == "Dense_0.kernel")
     assert kernel["bytes_after"] == 128 * 64 + 64 * 4 and kernel["bytes_before"] == 128 * 64 * 4
 
 
@@ -187,7 +188,10 @@ def write_bad(tmp_path, tensors, name="bad.safetensors"):
 @pytest.mark.parametrize(
     ("make_argv", "message"),
     [
-        (lambda p: ["quantize", p / "missing.safetensors", p / "o.safetensors"], "no such file"),
+        (
+            lambda p: ["quantize", p / "missing.safetensors", p / "o.safetensors"],
+            "missing.safetensors: No such file",
+        ),
         (lambda p: ["quantize", write_bad(p, TENSORS, "m.bin"), p / "o.safetensors"], "'.bin'"),
         (lambda p: ["quantize", write_bad(p, TENSORS), p / "o.npz"], "output suffix '.npz'"),
         (
@@ -209,8 +213,12 @@ def write_bad(tmp_path, tensors, name="bad.safetensors"):
             "per_block needs a block size",
         ),
         (
-            lambda p: ["quantize", write_bad(p, TENSORS), p / "o.safetensors", "--block-size=48"],
-            "tensor 'Dense_0.kernel': block size 48 does not divide axis 0 of size 128",
+            lambda p: (
+                ["quantize", write_bad(p, TENSORS), p / "o.safetensors", "--block-size=48"]
+                + ["--fallback=none"]
+            ),
+            "'Dense_0.kernel' (shape (128, 64), read as flax [..., in, out]): block 48 does "
+            "not divide axis 0 (size 128)",
         ),
         (
             lambda p: [
@@ -262,7 +270,7 @@ def write_bad(tmp_path, tensors, name="bad.safetensors"):
             "has an empty part",
         ),
         (lambda p: ["inspect", write_bad(p, TENSORS)], "not a qjax checkpoint"),
-        (lambda p: ["inspect", p / "nothing.safetensors"], "no such file"),
+        (lambda p: ["inspect", p / "nothing.safetensors"], "nothing.safetensors: no such"),
         (lambda p: ["dequantize", write_bad(p, TENSORS), p / "o.safetensors"], "not a qjax"),
         (lambda p: ["quantize"], "the following arguments are required: IN, OUT"),
     ],
@@ -282,9 +290,11 @@ def test_help_exits_zero(capsys, argv):
     assert code == 0 and out.startswith("usage: qjax")
 
 
-def test_quantize_help_documents_the_flax_axes(capsys):
+def test_quantize_help_documents_layouts_and_exit_codes(capsys):
     _, out, _ = run(capsys, "quantize", "--help")
-    assert "--axis -1" in out and "--axis -2" in out and "REGEX=SPEC" in out
+    assert "Flax kernel [..., in, out]" in out and "PyTorch *.weight [out, in, ...]" in out
+    assert "REGEX=SPEC" in out and "--keep REGEX" in out and "--fallback" in out
+    assert "130  interrupted" in out and "2    usage or input error" in out
 
 
 def test_version(capsys):

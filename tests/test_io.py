@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import zlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -189,7 +190,8 @@ def test_root_and_zero_d_qarrays_round_trip(tmp_path):
 
 
 def test_tensor_names_are_the_tree_paths(tmp_path):
-    qa = qjax.quantize(jnp.ones((4, 8)), qjax.QuantSpec("uint4", granularity=qjax.per_channel(0)))
+    spec = qjax.QuantSpec("uint4", "asymmetric", granularity=qjax.per_channel(0))
+    qa = qjax.quantize(jnp.ones((4, 8)), spec)
     qio.save(tmp_path / "n.safetensors", {"dense": [{"kernel": qa, "bias": jnp.zeros(8)}]})
     with safe_open(tmp_path / "n.safetensors", framework="numpy") as f:
         assert set(f.keys()) == {
@@ -200,6 +202,8 @@ def test_tensor_names_are_the_tree_paths(tmp_path):
         }
         header = json.loads(f.metadata()["qjax"])
         assert f.get_slice("dense/0/kernel:data").get_dtype() == "U8"
+        # uint4 zero points lie in [0, 15]: stored as uint8, loaded as the int32 they were
+        assert f.get_slice("dense/0/kernel:offset").get_dtype() == "U8"
     assert header["format"] == "qjax" and header["version"] == qio.FORMAT_VERSION
     assert header["specs"][0]["dtype"] == "uint4"
 
@@ -231,12 +235,10 @@ def test_save_replaces_atomically_and_leaves_no_temporary(tmp_path, saved, monke
     qio.save(path, {"w": jnp.ones(3)})
     before = path.read_bytes()
 
-    def crash(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"half a file")
+    def crash(fd):  # Ctrl-C once the whole temporary file is written, before the rename
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(safetensors.numpy, "save_file", crash)
+    monkeypatch.setattr(os, "fsync", crash)
     with pytest.raises(KeyboardInterrupt):
         qio.save(path, {"w": jnp.zeros(3)})
     assert path.read_bytes() == before
@@ -287,7 +289,9 @@ def _rewrite(source, target, edit=None, tensors=None):
         edit(header)
     if tensors is not None:
         tensors(stored)
-    safetensors.numpy.save_file(stored, target, metadata={"qjax": json.dumps(header)})
+    text = json.dumps(header)
+    crc = f"{zlib.crc32(text.encode()):08x}"  # a valid checksum: the checks behind it must hold
+    safetensors.numpy.save_file(stored, target, metadata={"qjax": text, "qjax_crc32": crc})
     return target
 
 
@@ -367,12 +371,12 @@ B = ["tree", "dict", "b", "array"]
         (lambda h: _set(h, [*B, "dtype"], "int32"), None, "expected int32 .* holds F32"),
         (lambda h: _set(h, [*W, "data", "dtype"], "int8"), None, "expected int8 .* holds U8"),
         (lambda h: _set(h, [*W, "data", "dtype"], "uint4"), None, "data is uint4, expected int4"),
-        (lambda h: _set(h, [*W, "packed"], True), None, "QArray at 'w' is inconsistent"),
+        (lambda h: _set(h, [*W, "packed"], True), None, "'w' does not fit its spec: data is int4"),
         (lambda h: _set(h, [*W, "spec"], 5), None, "unknown spec #5"),
         (lambda h: _set(h, ["specs", 0, "dtype"], "int3"), None, "invalid spec #0"),
         (lambda h: _set(h, ["specs", 0, "scale_dtype"], "bfloat16"), None, "scale is float32"),
         (lambda h: _set(h, ["specs", 0, "formulation"], "minval"), None, "offset is missing"),
-        (lambda h: _set(h, ["version"], 2), None, "unsupported qjax format version 2"),
+        (lambda h: _set(h, ["version"], 3), None, "unsupported qjax format version 3"),
         (lambda h: _set(h, ["format"], "other"), None, "no 'format': 'qjax'"),
         (lambda h: _set(h, ["tree", "dict", "c"], {"array": {}}), None, "'c' is in the qjax"),
         (lambda h: h["tree"]["dict"].pop("b"), None, "1 tensor.* does not describe, e.g. .'b'"),
@@ -390,8 +394,11 @@ def test_metadata_that_is_not_json(tmp_path, small):
     with safe_open(small, framework="numpy") as f:
         stored = {name: f.get_tensor(name) for name in f.keys()}
     path = tmp_path / "json.safetensors"
-    safetensors.numpy.save_file(stored, path, metadata={"qjax": "{not json"})
+    crc = f"{zlib.crc32(b'{not json'):08x}"
+    safetensors.numpy.save_file(stored, path, metadata={"qjax": "{not json", "qjax_crc32": crc})
     _load_fails(path, "corrupted qjax metadata: not valid JSON")
+    safetensors.numpy.save_file(stored, path, metadata={"qjax": "{not json"})
+    _load_fails(path, "corrupted qjax metadata: it fails its CRC-32 check")
 
 
 def test_non_finite_values_are_refused_unless_allowed(tmp_path):

@@ -1,5 +1,9 @@
-"""The ``qjax`` command: quantize a float checkpoint, inspect a qjax file, dequantize it,
-and ``qjax demo``, the accuracy/size sweep on the bundled digits.
+"""The ``qjax`` command: quantize a float checkpoint, plan it, inspect a qjax file,
+dequantize it, and ``qjax demo``, the accuracy/size sweep on the bundled digits.
+
+A thin shell over the library: argument parsing, printing and exit codes live here; the
+files, rules and formats live in :mod:`qjax.files` (readers, the one atomic writer, the
+checkpoint operations), :mod:`qjax.io` (the qjax format) and :class:`qjax.RulePlan`.
 
 ``qjax quantize`` streams: it reads one tensor of the input at a time, quantizes it and keeps
 only the quantized result (and a report row), so its memory stays near the size of the
@@ -16,23 +20,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
-import json
-import math
 import os
-import re
-import secrets
-import struct
 import sys
 import time
-import zipfile
+import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, BinaryIO, NoReturn
+from typing import Any, NoReturn
 
-import jax
-import jax.numpy as jnp
-import ml_dtypes
-import numpy as np
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -42,67 +36,77 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
 import qjax
-from qjax import io as qio
-from qjax.granularity import per_block, per_channel, per_tensor
-from qjax.qarray import QArray
-from qjax.report import Report, format_bytes, leaf_row, stored_row
-from qjax.spec import FORMULATIONS, MX_PRESETS, SCHEMES, QuantSpec
-from qjax.tree import path_str
+from qjax import files
+from qjax.files import write_safetensors as write_safetensors  # benchmarks import it from here
+from qjax.report import Report, format_bytes
+from qjax.rules import LAYOUTS, parse_leaf_rule
+from qjax.spec import FORMULATIONS, MX_PRESETS, SCHEMES
 
-__all__ = ["main"]
+__all__ = ["EXIT_ERROR", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "main"]
 
-FLOAT_SUFFIXES = (".safetensors", ".npz")
-"""Float checkpoint formats ``qjax quantize`` reads and ``qjax dequantize`` writes."""
+EXIT_ERROR = 2
+"""Exit status for usage and input errors (bad flags, missing or damaged files, specs
+that do not fit, full disks, permissions): one ``qjax: error: ...`` line on stderr."""
 
-# safetensors dtype codes <-> NumPy / ml_dtypes dtypes.
-_ST_DTYPES = {
-    "BOOL": np.dtype(np.bool_),
-    "U8": np.dtype(np.uint8),
-    "I8": np.dtype(np.int8),
-    "U16": np.dtype(np.uint16),
-    "I16": np.dtype(np.int16),
-    "U32": np.dtype(np.uint32),
-    "I32": np.dtype(np.int32),
-    "U64": np.dtype(np.uint64),
-    "I64": np.dtype(np.int64),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F32": np.dtype(np.float32),
-    "F64": np.dtype(np.float64),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
-}
-_ST_CODES = {dtype: code for code, dtype in _ST_DTYPES.items()}
+EXIT_INTERRUPTED = 130
+"""Exit status after Ctrl-C (128 + SIGINT): one ``qjax: interrupted`` line."""
 
-_DESCRIPTION = "Quantize JAX / Flax checkpoints, inspect qjax files, dequantize them back."
+EXIT_INTERNAL = 1
+"""Exit status for an unexpected internal error (a bug): one line and a hint to report it."""
 
-_QUANTIZE_EPILOG = """\
-which tensors get which spec:
-  Tensor names are split on "." and "/" into a path: "Dense_0.kernel" becomes the
-  parameter Dense_0/kernel, and rules are regexes matched (re.fullmatch) against it.
-  1. --rule REGEX=SPEC, in the order given: the first match wins. SPEC is shorthand
-     such as int8, int4:per_block:32, uint8:asymmetric:per_channel:axis=0, mxfp4, or
-     "keep" to leave the tensor float.
-  2. Otherwise every floating tensor with at least 2 dimensions gets the spec of
-     --dtype, --granularity, --block-size, --axis, --scheme and --formulation
-     (int8 per output channel by default; --dtype keep turns this catch-all off).
-  Tensors with fewer than --min-size elements, non-floating tensors and 1-D tensors
-  (biases, norm scales) stay as they are.
+PROGRESS_INTERVAL_S = 5.0
+"""When stderr is not a terminal (CI logs), a progress line at most this often."""
 
-axes (the Flax layout, kernel [..., in, out]):
-  per_channel scales each output channel: default --axis -1.
-  per_block splits the input axis into blocks of --block-size: default --axis -2.
-  Tensors whose path ends in "embedding" ([vocab, features]) default to the transposed
-  axes (per_channel 0, per_block 1) unless --axis is given. PyTorch Linear weights are
-  [out, in]: pass --axis 0 (per_channel) or --axis -1 (per_block).
+_DESCRIPTION = "Quantize JAX / Flax / PyTorch checkpoints, inspect qjax files, dequantize them."
+
+_EPILOG = """exit status:
+  0    success
+  2    usage or input error: bad flags, a missing, unreadable or damaged file, a rule
+       or spec that does not fit, an output that cannot be written (full disk, no
+       permission, a directory or device at the path); one 'qjax: error:' line on
+       stderr naming the path or tensor
+  130  interrupted (Ctrl-C); an output file being written is left as it was
+  1    unexpected internal error (a bug): one line; please report it
+"""
+
+_RULES_EPILOG = """which tensors get which spec (all go through qjax.RulePlan, as quantize_tree):
+  Rules are regexes matched (re.fullmatch) against each tensor's name as it is
+  ("encoder.layer.0.output.dense.weight", "Dense_0.kernel") and with "." read as "/".
+  1. --drop REGEX: the tensor is left out of the output. --keep REGEX: it is written
+     as it is (float). Both repeatable; --drop wins over --keep, both over rules.
+  2. --rule REGEX=SPEC, in the order given: the first match wins. SPEC is shorthand
+     such as int8, int4:per_block:32, uint8:asymmetric:per_channel:axis=0, mxfp4,
+     int4:per_block:32:mse (a calibration: minmax, absmax, mse, percentile=P), or
+     "keep" to leave the tensor float. A rule names its tensors: it quantizes them
+     whatever their size and rank.
+  3. Otherwise the catch-all rule from --dtype, --granularity, --block-size, --axis,
+     --scheme, --formulation and --calibration (int8 per output channel by default;
+     --dtype keep turns it off) applies to floating tensors with at least 2 dimensions
+     and --min-size elements; the others (biases, norm scales, integer tensors such as
+     position_ids) are written as they are.
+  A --rule, --keep or --drop that matches no tensor is an error naming it.
+
+axes: without --axis (or axis= in a rule), each tensor's layout decides them
+  (--layout auto reads it from the name; flax or torch force one):
+  Flax kernel [..., in, out]: per_channel scales the last axis, per_block blocks
+    the input axis (-2); Flax embedding [vocab, features]: per row, blocks along
+    features.
+  PyTorch *.weight [out, in, ...] (Linear, Conv): per_channel on axis 0, blocks
+    along axis 1; embeddings (word_embeddings, embed_tokens, wte, lm_head, ...) per
+    row, blocks along the features.
+  A block size that does not divide a tensor's blocked axis (a conv with 3 or 16
+  inputs and blocks of 32): --fallback per_channel (default) quantizes that tensor
+  per channel and says so under the table; --fallback none or --strict stop with an
+  error naming the tensor.
 
 examples:
   qjax quantize model.safetensors model-int8.safetensors
   qjax quantize model.safetensors model-int4.safetensors --dtype int4 --block-size 32
-  qjax quantize model.npz q.safetensors --rule '.*attention.*=int8' --rule '.*head.*=keep'
+  qjax quantize model.npz q.safetensors --rule '.*attention.*=int8' --keep '.*head.*'
+  qjax plan model.safetensors --dtype int4 --block-size 32
 """
 
 
@@ -115,7 +119,7 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         _print_error(f"{message} (see '{self.prog} --help')")
-        raise SystemExit(2)
+        raise SystemExit(EXIT_ERROR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -125,27 +129,49 @@ def main(argv: Sequence[str] | None = None) -> int:
       argv: the arguments after the program name (default: ``sys.argv[1:]``).
 
     Returns:
-      0 on success, 2 for bad input (printed as one ``qjax: error: ...`` line on stderr),
-      130 when interrupted.
+      0 on success, 2 for usage and input errors (one ``qjax: error: ...`` line on
+      stderr naming the path or tensor), 130 when interrupted (Ctrl-C), 1 for an
+      unexpected internal error (one line, with a hint to report it). Warnings are
+      printed as one ``qjax: warning: ...`` line each.
     """
-    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # --help, --version and usage errors
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
-    try:
-        return args.run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            parser = build_parser()
+            try:
+                args = parser.parse_args(argv)
+            except SystemExit as e:  # --help, --version and usage errors
+                return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+            return args.run(args)
+    except KeyboardInterrupt:
+        _print_error("interrupted", prefix="qjax: ")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. `qjax inspect f | head`: stop quietly
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
+    except MemoryError:
+        _print_error("out of memory; free memory or quantize a smaller checkpoint")
+        return EXIT_INTERNAL
     except (CLIError, ValueError, TypeError, OSError, SafetensorError) as e:
         _print_error(_describe(e))
-        return 2
-    except KeyboardInterrupt:
-        _print_error("interrupted")
-        return 130
+        return EXIT_ERROR
+    except Exception as e:  # a bug: one line, not a traceback
+        _print_error(
+            f"internal error: {type(e).__name__}: {e}; this is a bug in qjax "
+            f"{qjax.__version__}: please report it with the command you ran",
+        )
+        return EXIT_INTERNAL
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``qjax`` and its subcommands."""
-    parser = _Parser(prog="qjax", description=_DESCRIPTION)
+    parser = _Parser(
+        prog="qjax",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"qjax {qjax.__version__}")
     commands = parser.add_subparsers(
         title="commands", dest="command", required=True, metavar="COMMAND", parser_class=_Parser
@@ -155,62 +181,39 @@ def build_parser() -> argparse.ArgumentParser:
         "quantize",
         help="quantize a float .safetensors / .npz checkpoint into a qjax file",
         description="Quantize a float checkpoint tensor by tensor and print a report of\n"
-        "sizes and errors. Reads .safetensors or .npz, writes a qjax .safetensors file,\n"
-        "holding one tensor of the input in memory at a time.",
-        epilog=_QUANTIZE_EPILOG,
+        "sizes and errors. Reads .safetensors or .npz (Flax or PyTorch layout), writes a\n"
+        "qjax .safetensors file, holding one tensor of the input in memory at a time.\n"
+        "Every tensor not dropped is written, under its own name.",
+        epilog=_RULES_EPILOG + "\n" + _EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     q.add_argument("input", metavar="IN", help="float checkpoint: .safetensors or .npz")
     q.add_argument("output", metavar="OUT", help="qjax file to write (.safetensors)")
-    q.add_argument(
-        "--dtype",
-        default="int8",
-        choices=[*qjax.TARGET_DTYPES, *MX_PRESETS, "keep"],
-        metavar="DTYPE",
-        help="target of the catch-all spec: int8 (default), uint8, int4, uint4, int2, "
-        "uint2, float8_e4m3fn, float8_e5m2, float4_e2m1fn, mxfp8, mxfp4, or keep (none)",
-    )
-    q.add_argument(
-        "--granularity",
-        choices=("per_tensor", "per_channel", "per_block"),
-        help="default: per_block if --block-size is given, else per_channel",
-    )
-    q.add_argument(
-        "--block-size", type=int, metavar="N", help="per_block block length (default 32)"
-    )
-    q.add_argument(
-        "--axis",
-        type=int,
-        metavar="N",
-        help="per_channel channel axis (default -1) or per_block blocked axis (default -2)",
-    )
-    q.add_argument("--scheme", choices=SCHEMES, help="default: symmetric")
-    q.add_argument(
-        "--formulation",
-        choices=FORMULATIONS,
-        help="default: scale where the zero point is 0, else zero_point",
-    )
-    q.add_argument(
-        "--rule",
-        action="append",
-        default=[],
-        metavar="REGEX=SPEC",
-        help="spec for tensors whose path matches REGEX; repeatable, first match wins",
-    )
-    q.add_argument(
-        "--min-size",
-        type=_non_negative,
-        default=qjax.DEFAULT_MIN_SIZE,
-        metavar="N",
-        help=f"tensors with fewer elements stay float (default {qjax.DEFAULT_MIN_SIZE})",
-    )
-    _add_output_flags(q, "no progress bar and no table on stdout")
+    _add_rule_flags(q)
+    _add_output_flags(q, "no progress and no table on stdout")
     q.set_defaults(run=run_quantize)
+
+    p = commands.add_parser(
+        "plan",
+        help="show which spec each tensor of a float checkpoint would get (reads no data)",
+        description="Print what 'qjax quantize' would do to each tensor of a float\n"
+        "checkpoint, with the same flags: its layout, spec (with its axes), the rule that\n"
+        "matched and why a tensor stays float or falls back. Only the header is read.",
+        epilog=_RULES_EPILOG + "\n" + _EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("input", metavar="IN", help="float checkpoint: .safetensors or .npz")
+    _add_rule_flags(p)
+    p.set_defaults(run=run_plan)
 
     i = commands.add_parser(
         "inspect",
         help="print the tensors, specs and sizes of a qjax file",
-        description="Print the tensors, specs and stored sizes of a qjax file.",
+        description="Print the tensors of a qjax file under their original names: spec\n"
+        "(with the axis each was scaled or blocked on) and stored size; float tensors\n"
+        "kept as they were are listed too.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     i.add_argument("file", metavar="FILE", help="a qjax .safetensors file")
     _add_output_flags(i, "no table on stdout")
@@ -219,16 +222,104 @@ def build_parser() -> argparse.ArgumentParser:
     d = commands.add_parser(
         "dequantize",
         help="write the float tensors of a qjax file to .safetensors / .npz",
-        description="Dequantize a qjax file into float tensors named by their '/'-joined "
-        "paths. OUT's suffix picks the format: .safetensors or .npz (which cannot hold "
-        "bfloat16: those are written as float32).",
+        description="Dequantize a qjax file into float tensors under their original names\n"
+        "(as given to 'qjax quantize'). OUT's suffix picks the format: .safetensors or\n"
+        ".npz (which cannot hold bfloat16: those are written as float32). Kept tensors\n"
+        "(integers, float64, ...) are written bit for bit.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     d.add_argument("input", metavar="IN", help="a qjax .safetensors file")
     d.add_argument("output", metavar="OUT", help="float checkpoint to write: .safetensors or .npz")
-    d.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    d.add_argument("-q", "--quiet", action="store_true", help="no progress")
     d.set_defaults(run=run_dequantize)
     _add_demo_parser(commands)
     return parser
+
+
+def _add_rule_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dtype",
+        default="int8",
+        choices=[*qjax.TARGET_DTYPES, *MX_PRESETS, "keep"],
+        metavar="DTYPE",
+        help="target of the catch-all rule: int8 (default), uint8, int4, uint4, int2, "
+        "uint2, float8_e4m3fn, float8_e5m2, float4_e2m1fn, mxfp8, mxfp4, or keep (none)",
+    )
+    parser.add_argument(
+        "--granularity",
+        choices=("per_tensor", "per_channel", "per_block"),
+        help="default: per_block if --block-size is given, else per_channel",
+    )
+    parser.add_argument(
+        "--block-size", type=_positive, metavar="N", help="per_block block length (default 32)"
+    )
+    parser.add_argument(
+        "--axis",
+        type=int,
+        metavar="N",
+        help="channel axis (per_channel) or blocked axis (per_block) for every tensor; "
+        "default: from each tensor's layout (see below)",
+    )
+    parser.add_argument("--scheme", choices=SCHEMES, help="default: symmetric")
+    parser.add_argument(
+        "--formulation",
+        choices=FORMULATIONS,
+        help="default: scale where the zero point is 0, else zero_point",
+    )
+    parser.add_argument(
+        "--calibration",
+        metavar="METHOD",
+        help="how the catch-all rule computes its params: minmax (default), absmax, mse "
+        "or percentile=P",
+    )
+    parser.add_argument(
+        "--rule",
+        action="append",
+        default=[],
+        metavar="REGEX=SPEC",
+        help="spec for tensors whose name matches REGEX; repeatable, first match wins",
+    )
+    parser.add_argument(
+        "--keep",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="write matching tensors as they are (float); repeatable",
+    )
+    parser.add_argument(
+        "--drop",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="leave matching tensors out of the output; repeatable",
+    )
+    parser.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="auto",
+        help="how tensors are read: auto (default: from each name), flax or torch",
+    )
+    parser.add_argument(
+        "--fallback",
+        choices=("per_channel", "none"),
+        default="per_channel",
+        help="a block size that does not divide a tensor: quantize it per channel "
+        "(default, shown under the table) or stop with an error (none)",
+    )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="no fallback: a spec that does not fit a tensor as written is an error",
+    )
+    parser.add_argument(
+        "--min-size",
+        type=_non_negative,
+        default=qjax.DEFAULT_MIN_SIZE,
+        metavar="N",
+        help="the catch-all rule leaves tensors with fewer elements float "
+        f"(default {qjax.DEFAULT_MIN_SIZE})",
+    )
 
 
 def _add_output_flags(parser: argparse.ArgumentParser, quiet_help: str) -> None:
@@ -308,213 +399,98 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-# qjax quantize
-
-
-@dataclasses.dataclass(frozen=True)
-class Tensor:
-    """One tensor of a float checkpoint, before it is read: name, path, shape, dtype, spec."""
-
-    name: str
-    path: tuple[str, ...]
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    spec: QuantSpec | None
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
+# qjax quantize / plan
 
 
 def run_quantize(args: argparse.Namespace) -> int:
     """``qjax quantize IN OUT``: plans every tensor, then quantizes them one at a time."""
-    reader = open_float_checkpoint(args.input)
-    _check_output(args.output, (".safetensors",), args.input)
     _check_report_path(args.report)
-    catch_all = catch_all_rules(args)
-    rules = _parse_rules(args.rule)
-    plan = plan_tensors(reader.header(), rules, catch_all, args.min_size)
-
+    plan = _plan(args)
+    total = sum(t.nbytes for t in plan.tensors if t.name not in plan.dropped)
     start = time.perf_counter()
-    tree: dict[str, Any] = {}
-    rows = []
-    with _progress(args.quiet, sum(t.nbytes for t in plan)) as advance:
-        for t in plan:
-            advance(t.name, 0)
-            x = reader.read(t.name)
-            q = quantize_tensor(t, x)
-            rows.append(leaf_row("/".join(t.path), x, q))
-            _insert(tree, t.path, q)
-            del x, q
-            advance(t.name, t.nbytes)
-    rep = Report.from_rows(rows)
-    qio.save(args.output, tree)
+    with _progress(args.quiet, "quantize", total) as advance:
+        rows = files.quantize_checkpoint(plan, args.output, progress=advance)
     elapsed = time.perf_counter() - start
+    rep = Report.from_rows(rows)
     title = (
         f"{args.input} -> {args.output}: {format_bytes(rep.totals['bytes_before'])} -> "
         f"{format_bytes(os.path.getsize(args.output))} on disk in {elapsed:.1f} s"
     )
     _emit(rep, title, args)
+    if not args.quiet:
+        for row in plan.fallbacks:
+            print(f"{row.path}: {row.note}")
+        if plan.dropped:
+            print(f"dropped ({len(plan.dropped)}): {_names(sorted(plan.dropped))}")
     return 0
 
 
-def catch_all_rules(args: argparse.Namespace) -> list[tuple[str, QuantSpec]]:
-    """The rules that follow the ``--rule`` ones, from the flags (empty for ``--dtype keep``).
+def run_plan(args: argparse.Namespace) -> int:
+    """``qjax plan IN``: what ``qjax quantize`` would do to each tensor, from the header."""
+    print(_plan(args).table)
+    return 0
 
-    Two rules when ``--axis`` is not given: Flax embeddings (``.../embedding``, shaped
-    ``[vocab, features]``) get the transposed default axis, everything else the kernel
-    default. They apply to tensors with at least 2 dimensions only.
+
+def catch_all_rule(args: argparse.Namespace) -> str | None:
+    """The catch-all rule's shorthand from the flags (None for ``--dtype keep``).
+
+    Without ``--axis`` it is a template: each tensor's layout decides its axes.
+
+    Examples:
+      >>> from qjax.cli import build_parser, catch_all_rule
+      >>> argv = ["plan", "m.npz", "--dtype", "int4", "--block-size", "32"]
+      >>> catch_all_rule(build_parser().parse_args(argv))
+      'int4:per_block:32'
     """
-    g = args.granularity or ("per_block" if args.block_size is not None else "per_channel")
-    if args.dtype == "keep":
-        return []
     flags = (args.granularity, args.block_size, args.axis)
+    if args.dtype == "keep":
+        if any(f is not None for f in (*flags, args.scheme, args.formulation, args.calibration)):
+            raise CLIError("--dtype keep turns the catch-all rule off; drop its other flags")
+        return None
+    g = args.granularity or ("per_block" if args.block_size is not None else "per_channel")
     if args.dtype in MX_PRESETS and any(flag is not None for flag in flags):
         raise CLIError(
-            f"--dtype {args.dtype} sets its own blocks (32 along the last axis); drop "
+            f"--dtype {args.dtype} sets its own blocks (32 along the contraction axis); drop "
             "--granularity / --block-size / --axis"
         )
     if args.block_size is not None and g != "per_block":
         raise CLIError(f"--block-size needs --granularity per_block, not {g}")
     if args.axis is not None and g == "per_tensor":
         raise CLIError("--axis needs --granularity per_channel or per_block, not per_tensor")
-    block_size = 32 if args.block_size is None else args.block_size
-    if block_size <= 0:
-        raise CLIError(f"--block-size must be a positive integer, got {block_size}")
-
-    def spec(axis: int) -> QuantSpec:
-        kwargs: dict[str, Any] = {}
-        if args.scheme:
-            kwargs["scheme"] = args.scheme
-        if args.formulation:
-            kwargs["formulation"] = args.formulation
-        if args.dtype not in MX_PRESETS:
-            granularity = {
-                "per_tensor": per_tensor,
-                "per_channel": lambda: per_channel(axis),
-                "per_block": lambda: per_block(axis, block_size),
-            }[g]
-            kwargs["granularity"] = granularity()
-        try:
-            return QuantSpec(args.dtype, **kwargs)
-        except (ValueError, TypeError) as e:
-            raise CLIError(f"--dtype {args.dtype} with the given flags: {e}") from None
-
-    kernel_axis, embedding_axis = (-1, 0) if g == "per_channel" else (-2, 1)
-    if args.axis is not None:
-        return [(".*", spec(args.axis))]
-    return [(r"(.*/)?embedding", spec(embedding_axis)), (".*", spec(kernel_axis))]
-
-
-def plan_tensors(
-    header: list[tuple[str, tuple[int, ...], np.dtype]],
-    rules: list[tuple[str, QuantSpec | None]],
-    catch_all: list[tuple[str, QuantSpec]],
-    min_size: int,
-) -> list[Tensor]:
-    """Assigns each tensor its path and spec, and checks that every spec fits its shape.
-
-    Specs follow :func:`qjax.leaf_specs` (first ``re.fullmatch`` wins, floating leaves with
-    at least ``min_size`` elements); the catch-all rules apply to leaves of 2 or more
-    dimensions. Nothing is read: the check runs before any work, so a block size that
-    does not divide some tensor fails at once.
-
-    Raises:
-      CLIError: for names that give empty or clashing paths, or a spec that does not fit.
-    """
-    plan: list[Tensor] = []
-    leaves: dict[tuple, str] = {}
-    folders: dict[tuple, str] = {}
-    for name, shape, dtype in header:
-        path = tensor_path(name)
-        _check_clash(name, path, leaves, folders)
-        probe = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
-        leaf_rules = rules + (catch_all if len(shape) >= 2 else [])
-        (spec,) = qjax.leaf_specs(_nest(path, probe), leaf_rules, min_size=min_size).values()
-        if spec is not None:
-            try:
-                qjax.block_shape(shape, spec.granularity)
-            except ValueError as e:
-                raise CLIError(
-                    f"tensor {name!r}: {e}; or keep it float "
-                    f"with --rule '{re.escape('/'.join(path))}=keep'"
-                ) from None
-        plan.append(Tensor(name, path, tuple(shape), np.dtype(dtype), spec))
-    return plan
-
-
-def quantize_tensor(t: Tensor, x: np.ndarray) -> Any:
-    """Quantizes one tensor by its planned spec (or returns it as it is, where None).
-
-    Raises:
-      CLIError: when a tensor to quantize holds NaN or inf.
-    """
-    if t.spec is None:
-        return x
-    bad = int(x.size - np.count_nonzero(np.isfinite(x)))
-    if bad:
-        raise CLIError(
-            f"tensor {t.name!r} (shape {t.shape}) has {bad} NaN or inf value(s); fix the "
-            f"checkpoint or keep it float with --rule '{re.escape('/'.join(t.path))}=keep'"
-        )
+    tokens = [args.dtype]
+    tokens += [args.scheme] if args.scheme else []
+    tokens += [args.formulation] if args.formulation else []
+    if args.dtype not in MX_PRESETS:
+        tokens += [g] + ([str(args.block_size or 32)] if g == "per_block" else [])
+        tokens += [] if args.axis is None else [f"axis={args.axis}"]
+    tokens += [args.calibration] if args.calibration else []
+    text = ":".join(tokens)
     try:
-        return qjax.quantize(x, t.spec)
-    except (ValueError, TypeError) as e:
-        raise CLIError(f"tensor {t.name!r}: {e}") from None
+        parse_leaf_rule(text)
+    except ValueError as e:
+        raise CLIError(f"--dtype {args.dtype} with the given flags: {e}") from None
+    return text
 
 
-def tensor_path(name: str) -> tuple[str, ...]:
-    """Splits a tensor name on ``.`` and ``/``: ``"Dense_0.kernel"`` -> ``("Dense_0", "kernel")``.
-
-    Examples:
-      >>> from qjax.cli import tensor_path
-      >>> tensor_path("params/layers.0.mlp.kernel")
-      ('params', 'layers', '0', 'mlp', 'kernel')
-    """
-    path = tuple(re.split(r"[./]", name))
-    if not all(path):
-        raise CLIError(
-            f"tensor name {name!r} has an empty part between '.' or '/' separators; rename "
-            "it (qjax splits names on '.' and '/' into parameter paths)"
-        )
-    return path
-
-
-def _check_clash(
-    name: str, path: tuple[str, ...], leaves: dict[tuple, str], folders: dict[tuple, str]
-) -> None:
-    """Refuses a path that equals another tensor's path, or lies inside or around it."""
-    other = leaves.get(path) or folders.get(path)
-    other = other or next(
-        (leaves[path[:i]] for i in range(1, len(path)) if path[:i] in leaves), None
-    )
-    if other is not None:
-        raise CLIError(
-            f"tensor names {other!r} and {name!r} give clashing parameter paths once split "
-            "on '.' and '/' (the same path, or one inside the other); rename one of them"
-        )
-    for i in range(1, len(path)):
-        folders.setdefault(path[:i], name)
-    leaves[path] = name
-
-
-def _nest(path: Sequence[str], leaf: Any) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    _insert(tree, path, leaf)
-    return tree
-
-
-def _insert(tree: dict[str, Any], path: Sequence[str], leaf: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = leaf
-
-
-def _parse_rules(texts: Sequence[str]) -> list[tuple[str, QuantSpec | None]]:
+def _plan(args: argparse.Namespace) -> files.CheckpointPlan:
+    rules: list[Any] = list(args.rule)
+    catch_all = catch_all_rule(args)
     try:
-        return qjax.parse_rules(list(texts))
+        parsed = qjax.parse_rules(rules)
     except (ValueError, TypeError) as e:
         raise CLIError(f"--rule: {e}") from None
+    if catch_all is not None:
+        parsed.append((".*", catch_all))
+    fallback = None if args.strict or args.fallback == "none" else "per_channel"
+    return files.plan_checkpoint(
+        args.input,
+        parsed,
+        layout=args.layout,
+        min_size=args.min_size,
+        fallback=fallback,
+        keep=args.keep,
+        drop=args.drop,
+    )
 
 
 # qjax inspect / dequantize
@@ -522,280 +498,86 @@ def _parse_rules(texts: Sequence[str]) -> list[tuple[str, QuantSpec | None]]:
 
 def run_inspect(args: argparse.Namespace) -> int:
     """``qjax inspect FILE``: the table of a qjax file (sizes as float and as stored)."""
-    tree = _load_qjax(args.file)
-    rep = Report.from_rows(stored_row(path, leaf) for path, leaf in _leaves(tree))
+    rep = Report.from_rows(files.inspect_checkpoint(args.file))
     title = f"{args.file}: {format_bytes(os.path.getsize(args.file))} on disk"
     _emit(rep, title, args)
+    kept = [r["path"] for r in rep.rows if not r["quantized"]]
+    if kept and not args.quiet:
+        print(f"kept as they were ({len(kept)}): {_names(kept)}")
     return 0
 
 
 def run_dequantize(args: argparse.Namespace) -> int:
-    """``qjax dequantize IN OUT``: float tensors named by their ``/``-joined paths."""
-    suffix = _check_output(args.output, FLOAT_SUFFIXES, args.input)
-    leaves = _leaves(_load_qjax(args.input))
-    writer = write_npz if suffix == ".npz" else write_safetensors
-    items = [(path, *_float_meta(leaf, suffix)) for path, leaf in leaves]
-    arrays = dict(leaves)
-    total = sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in items)
-
-    def produce(path: str, dtype: np.dtype) -> np.ndarray:
-        leaf = arrays.pop(path)
-        x = qjax.dequantize(leaf) if isinstance(leaf, QArray) else leaf
-        return np.asarray(x).astype(dtype, copy=False)
-
-    with _progress(args.quiet, total) as advance:
-
-        def produce_and_count(path: str, dtype: np.dtype) -> np.ndarray:
-            advance(path, 0)
-            x = produce(path, dtype)
-            advance(path, x.nbytes)
-            return x
-
-        writer(args.output, items, produce_and_count)
+    """``qjax dequantize IN OUT``: float tensors under their original names."""
+    with _progress(args.quiet, "dequantize", 0) as advance:
+        files.dequantize_checkpoint(args.input, args.output, progress=advance)
     return 0
-
-
-def _load_qjax(path: str) -> Any:
-    if not os.path.exists(path):
-        raise CLIError(f"{path}: no such file")
-    with jax.enable_x64(True):  # kept int64 / float64 tensors load as they were saved
-        return qio.load(path)
-
-
-def _leaves(tree: Any) -> list[tuple[str, Any]]:
-    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, QArray))[0]
-    return [(path_str(p), leaf) for p, leaf in flat]
-
-
-def _float_meta(leaf: Any, suffix: str) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype a leaf is written as (npz cannot hold the ml_dtypes floats)."""
-    if isinstance(leaf, QArray):
-        shape, dtype = tuple(leaf.shape), np.dtype(jnp.dtype(leaf.float_dtype))
-    else:
-        shape, dtype = tuple(leaf.shape), np.dtype(leaf.dtype)
-    if suffix == ".npz" and dtype.kind == "V" and jnp.issubdtype(dtype, jnp.floating):
-        dtype = np.dtype(np.float32)
-    return shape, dtype
-
-
-# Reading float checkpoints, one tensor at a time.
-
-
-class FloatCheckpoint:
-    """A float checkpoint on disk: its tensor list, and each tensor read on its own."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def header(self) -> list[tuple[str, tuple[int, ...], np.dtype]]:
-        """``(name, shape, dtype)`` of every tensor, in file order, without reading data."""
-        raise NotImplementedError
-
-    def read(self, name: str) -> np.ndarray:
-        """One tensor as a NumPy array that owns its memory."""
-        raise NotImplementedError
-
-
-class SafetensorsCheckpoint(FloatCheckpoint):
-    """A ``.safetensors`` file, each tensor read through a fresh ``safe_open``.
-
-    ``safe_open`` memory-maps the file, and every page a read touches stays resident (and
-    counts toward RSS) while the map lives. With one handle kept open for the whole run,
-    quantizing a 1 GiB checkpoint peaked at 1.6 GB RSS; reopening per tensor, at 0.65 GB.
-    """
-
-    def header(self) -> list[tuple[str, tuple[int, ...], np.dtype]]:
-        out = []
-        with self._open() as f:
-            for name in f.keys():
-                info = f.get_slice(name)
-                code = info.get_dtype()
-                if code not in _ST_DTYPES:
-                    raise CLIError(f"{self.path}: tensor {name!r} has unsupported dtype {code}")
-                out.append((name, tuple(int(d) for d in info.get_shape()), _ST_DTYPES[code]))
-        return out
-
-    def read(self, name: str) -> np.ndarray:
-        with self._open() as f:
-            return f.get_tensor(name)
-
-    @contextlib.contextmanager
-    def _open(self) -> Iterator[Any]:
-        try:
-            with safe_open(self.path, framework="numpy") as f:
-                yield f
-        except SafetensorError as e:
-            raise CLIError(f"{self.path}: not a valid safetensors file ({e})") from None
-
-
-class NpzCheckpoint(FloatCheckpoint):
-    """A ``.npz`` archive (``np.savez``). Headers are read without loading the arrays."""
-
-    def header(self) -> list[tuple[str, tuple[int, ...], np.dtype]]:
-        out = []
-        try:
-            with zipfile.ZipFile(self.path) as zf:
-                for member in zf.namelist():
-                    if not member.endswith(".npy"):
-                        continue
-                    with zf.open(member) as f:
-                        version = np.lib.format.read_magic(f)
-                        read = (
-                            np.lib.format.read_array_header_1_0
-                            if version == (1, 0)
-                            else np.lib.format.read_array_header_2_0
-                        )
-                        shape, _, dtype = read(f)
-                    if dtype.hasobject:
-                        raise CLIError(
-                            f"{self.path}: array {member[:-4]!r} holds Python objects; "
-                            "qjax reads numeric arrays only"
-                        )
-                    out.append((member[:-4], tuple(shape), dtype))
-        except (zipfile.BadZipFile, ValueError) as e:
-            raise CLIError(f"{self.path}: not a valid .npz archive ({e})") from None
-        return out
-
-    def read(self, name: str) -> np.ndarray:
-        with np.load(self.path, allow_pickle=False) as npz:
-            return npz[name]
-
-
-def open_float_checkpoint(path: str) -> FloatCheckpoint:
-    """A reader for a ``.safetensors`` or ``.npz`` float checkpoint.
-
-    Raises:
-      CLIError: for a missing file or an unknown suffix.
-    """
-    if not os.path.isfile(path):
-        raise CLIError(
-            f"{path}: no such file" if not os.path.exists(path) else f"{path}: not a file"
-        )
-    suffix = os.path.splitext(path)[1].lower()
-    if suffix == ".safetensors":
-        return SafetensorsCheckpoint(path)
-    if suffix == ".npz":
-        return NpzCheckpoint(path)
-    raise CLIError(
-        f"{path}: unknown suffix {suffix or '(none)'!r}; qjax reads float checkpoints as "
-        ".safetensors or .npz"
-    )
-
-
-# Writing float checkpoints, one tensor at a time, atomically.
-
-Item = tuple[str, tuple[int, ...], np.dtype]
-Producer = Callable[[str, np.dtype], np.ndarray]
-
-
-def write_safetensors(path: str, items: Sequence[Item], produce: Producer) -> None:
-    """Streams tensors into a ``.safetensors`` file: the header first, then each tensor.
-
-    ``produce(name, dtype)`` is called once per item, in order, so only one tensor needs to
-    exist at a time. Tensors are laid out by decreasing item size, which keeps each one
-    aligned to its item size.
-    """
-    items = sorted(items, key=lambda item: -item[2].itemsize)
-    header: dict[str, Any] = {}
-    offset = 0
-    for name, shape, dtype in items:
-        if dtype not in _ST_CODES:
-            raise CLIError(f"cannot write tensor {name!r} of dtype {dtype} to .safetensors")
-        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        entry = {"dtype": _ST_CODES[dtype], "shape": list(shape)}
-        header[name] = entry | {"data_offsets": [offset, offset + size]}
-        offset += size
-    header["__metadata__"] = {"format": "np"}
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
-
-    def write(f: BinaryIO) -> None:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
-        for name, shape, dtype in items:
-            array = np.asarray(produce(name, dtype), order="C")
-            if array.shape != shape or array.dtype != dtype:
-                raise AssertionError(f"{name}: produced {array.dtype}{array.shape}")
-            f.write(array.reshape(-1).view(np.uint8).data)
-
-    _write_atomically(path, write)
-
-
-def write_npz(path: str, items: Sequence[Item], produce: Producer) -> None:
-    """Streams tensors into an uncompressed ``.npz`` archive, as ``np.savez`` lays it out."""
-
-    def write(f: BinaryIO) -> None:
-        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-            for name, _, dtype in items:
-                array = produce(name, dtype)
-                with zf.open(name + ".npy", "w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, array, allow_pickle=False)
-
-    _write_atomically(path, write)
-
-
-def _write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
-    """Writes next to ``path`` under a temporary name, then renames it over ``path``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    temporary = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(8)}.tmp")
-    try:
-        with open(temporary, "xb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temporary)
-        raise
 
 
 # Shared helpers.
 
 
-def _check_output(path: str, suffixes: Sequence[str], source: str) -> str:
-    """Checks OUT before any work: its suffix, its directory, and that it is not the input."""
-    suffix = os.path.splitext(path)[1].lower()
-    if suffix not in suffixes:
-        raise CLIError(
-            f"{path}: unknown output suffix {suffix or '(none)'!r}; name it with "
-            + " or ".join(suffixes)
-        )
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise CLIError(f"{path}: directory {directory} does not exist")
-    if os.path.isdir(path):
-        raise CLIError(f"{path}: is a directory")
-    if os.path.exists(path) and os.path.samefile(path, source):
-        raise CLIError(f"{path}: is the input file; write to another path")
-    return suffix
-
-
 def _check_report_path(path: str | None) -> None:
-    if path is not None and os.path.splitext(path)[1].lower() not in (".csv", ".json"):
+    """Checks --report before any work: its suffix, and that it may be written."""
+    if path is None:
+        return
+    if os.path.splitext(path)[1].lower() not in (".csv", ".json"):
         raise CLIError(f"--report {path}: name it with .csv or .json")
+    files.check_target(path)
 
 
 def _emit(rep: Report, title: str, args: argparse.Namespace) -> None:
-    """Prints the table (unless --quiet) and writes --report."""
+    """Prints the table (unless --quiet) and writes --report (atomically)."""
     if args.report:
         _check_report_path(args.report)
         (rep.to_json if args.report.lower().endswith(".json") else rep.to_csv)(args.report)
     if not args.quiet:
-        console = Console() if sys.stdout.isatty() else Console(width=120)
+        console = Console() if sys.stdout.isatty() else Console(width=200)
         console.print(rep.to_table(title=title))
 
 
+def _names(names: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
 @contextlib.contextmanager
-def _progress(quiet: bool, total: int) -> Iterator[Callable[[str, int], None]]:
-    """A progress bar over bytes on stderr (a terminal only).
+def _progress(quiet: bool, stage: str, total: int) -> Iterator[Callable[[str, int], None]]:
+    """Progress on stderr: a bar on a terminal, else a line at most every few seconds.
 
     Yields ``advance(name, nbytes)``: shows ``name`` as the current tensor and adds ``nbytes``
-    to the bytes done.
+    to the bytes done. Where stderr is not a terminal (CI logs), a line
+    ``qjax quantize: 12 tensors, 1.2 GiB done, 10 s: <name>`` is printed when at least
+    :data:`PROGRESS_INTERVAL_S` passed since the last one, so long runs are never silent
+    and short ones print nothing.
     """
     console = Console(stderr=True)
-    if quiet or not console.is_terminal:
+    if quiet:
         yield lambda name, nbytes: None
+        return
+    if not console.is_terminal:
+        start = last = time.monotonic()
+        done = {"tensors": 0, "bytes": 0}
+
+        def line(name: str, nbytes: int) -> None:
+            nonlocal last
+            if nbytes:
+                done["tensors"] += 1
+                done["bytes"] += nbytes
+            now = time.monotonic()
+            if now - last >= PROGRESS_INTERVAL_S:
+                last = now
+                of = f" of {format_bytes(total)}" if total else ""
+                print(
+                    f"qjax {stage}: {done['tensors']} tensors, {format_bytes(done['bytes'])}"
+                    f"{of} done, {now - start:.0f} s: {name}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+        yield line
+        if time.monotonic() - start >= PROGRESS_INTERVAL_S:
+            print(f"qjax {stage}: writing done, {time.monotonic() - start:.0f} s", file=sys.stderr)
         return
     columns = (
         TextColumn("{task.description}", style="cyan"),
@@ -805,7 +587,7 @@ def _progress(quiet: bool, total: int) -> Iterator[Callable[[str, int], None]]:
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("tensors", total=total)
+        task = progress.add_task("tensors", total=total or None)
 
         def advance(name: str, nbytes: int) -> None:
             progress.update(task, advance=nbytes, description=name[-40:])
@@ -814,24 +596,41 @@ def _progress(quiet: bool, total: int) -> Iterator[Callable[[str, int], None]]:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    value = _int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
     return value
 
 
 def _non_negative(text: str) -> int:
-    value = int(text)
+    value = _int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
 def _describe(e: BaseException) -> str:
     if isinstance(e, OSError) and e.filename and e.strerror:
         return f"{e.filename}: {e.strerror}"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
     return str(e) or type(e).__name__
 
 
-def _print_error(message: str) -> None:
-    print("qjax: error: " + " ".join(message.split()), file=sys.stderr)
+def _print_error(message: str, prefix: str = "qjax: error: ") -> None:
+    print(prefix + " ".join(message.split()), file=sys.stderr, flush=True)
+
+
+def _show_warning(message: Any, category: type, *args: Any, **kwargs: Any) -> None:
+    _print_error(f"{category.__name__}: {message}", prefix="qjax: warning: ")
+
+
+if __name__ == "__main__":  # python -m qjax.cli
+    sys.exit(main())

@@ -3,33 +3,46 @@
 A tree of nested ``dict`` / ``list`` / ``tuple`` / ``None`` whose leaves are
 :class:`~qjax.QArray` s or plain arrays (jax or NumPy) is written as one safetensors file:
 
-* every array is one tensor. A QArray gives two or three: ``<path>:data`` (packed
+* every array is one tensor. A QArray gives one to three: ``<path>:data`` (packed
   sub-byte values stay packed, one uint8 per 2 or 4 values), ``<path>:scale`` and, where
-  the formulation has one, ``<path>:offset``. ``<path>`` joins dict keys and list indices
-  with ``/``; ``%``, ``/`` and ``:`` inside keys are percent-encoded (``%25``, ``%2F``,
-  ``%3A``), so any string key round-trips;
+  the formulation has one that the spec does not fix, ``<path>:offset``. ``<path>`` joins
+  dict keys and list indices with ``/``; ``%``, ``/`` and ``:`` inside keys are
+  percent-encoded (``%25``, ``%2F``, ``%3A``), so any string key round-trips;
+* offsets are stored as small as the maths allows: a symmetric ``zero_point`` spec fixes
+  every zero point (0 for signed targets, 128 / 8 / 2 for uint8 / uint4 / uint2), so
+  none is stored (``"offset": "implied"``); other zero points are stored in the narrowest
+  integer type that holds the target's range (int8 for signed targets, uint8 for
+  unsigned ones) and come back as the int32 they were. Minvals stay float32;
 * dtypes that safetensors cannot hold (int4, uint4, int2, uint2 unpacked, the float8 and
   float4 types, float8_e8m0fnu scales) are stored as a raw unsigned view of the same item
   size (uint8), so the round trip is bit-exact; bool, (u)int8-64, float16/32/64 and
   bfloat16 are stored as themselves;
-* the safetensors metadata holds one JSON string under the key ``"qjax"``::
+* the safetensors metadata holds one JSON string under the key ``"qjax"`` and its CRC-32
+  (8 hex digits) under ``"qjax_crc32"``::
 
-    {"format": "qjax", "version": 1,
+    {"format": "qjax", "version": 2,
      "specs": [{"dtype": "int4", "scheme": "symmetric", "formulation": "scale",
                 "granularity": {"kind": "per_channel", "axis": -1, ...},
                 "scale_dtype": "float32"}, ...],
      "tree": {"dict": {"dense": {"dict": {
        "kernel": {"qarray": {"spec": 0, "float_dtype": "float32", "packed": true, "pad": 0,
-                             "data": T, "scale": T, "offset": null}},
-       "bias": {"array": T}}}}}}
+                             "data": T, "scale": T, "offset": null, "name": "dense.kernel"}},
+       "bias": {"array": {..T.., "name": "dense.bias"}}}}}}}
 
   where each ``T`` is ``{"dtype": <real dtype>, "shape": [...], "crc32": <checksum of the
-  stored bytes>}``. Other nodes are ``{"list": [...]}``, ``{"tuple": [...]}`` and ``null``.
-  Tensor names are not stored: they follow from the tree paths.
+  stored bytes>}``; an offset is ``null``, ``"implied"`` or a ``T``, with
+  ``"offset_dtype"`` its dtype in memory. ``"name"`` (optional) is the leaf's original
+  tensor name (``qjax quantize`` stores it; :func:`load_tensors` gives it back). Other
+  nodes are ``{"list": [...]}``, ``{"tuple": [...]}`` and ``null``.
 
-:func:`load` checks everything it reads (format version, tensor names, dtypes, shapes,
-checksums, spec and QArray consistency, finite values) and raises a one-line
-``ValueError`` naming the file and what is wrong rather than return wrong weights.
+:func:`load` checks everything it reads (the metadata checksum, format version, tensor
+names, dtypes, shapes, tensor checksums, every QArray against its spec, finite values)
+and raises a one-line ``ValueError`` naming the file and what is wrong rather than
+return different weights. Files of format version 1 (qjax 0.1.0 before metadata
+checksums) are refused with a message saying to re-create them.
+
+Tensors of 64-bit dtypes (int64, uint64, float64) load as NumPy arrays unless JAX's x64
+mode is on: JAX would truncate them to 32 bits. Every other leaf loads as a jax array.
 """
 
 from __future__ import annotations
@@ -38,28 +51,31 @@ import dataclasses
 import errno
 import json
 import os
-import secrets
+import stat
 import zlib
-from collections.abc import Iterable
+from collections.abc import Mapping
 from typing import Any, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
 from safetensors import SafetensorError, safe_open
 
-from qjax.granularity import Granularity
+from qjax.granularity import Granularity, block_shape, param_shape
 from qjax.qarray import QArray
 from qjax.spec import QuantSpec
 
-__all__ = ["FORMAT_VERSION", "METADATA_KEY", "load", "save"]
+__all__ = ["CHECKSUM_KEY", "FORMAT_VERSION", "METADATA_KEY", "load", "load_tensors", "save"]
 
-FORMAT_VERSION = 1
-"""Version of the metadata layout written by :func:`save`; :func:`load` reads only this."""
+FORMAT_VERSION = 2
+"""Version of the metadata layout written by :func:`save`; :func:`load` reads only this.
+Version 2 added the metadata checksum, implied and narrowed offsets and tensor names."""
 
 METADATA_KEY = "qjax"
 """The safetensors metadata key that holds the qjax JSON."""
+
+CHECKSUM_KEY = "qjax_crc32"
+"""The safetensors metadata key that holds the CRC-32 of the qjax JSON (8 hex digits)."""
 
 PathLike = Union[str, "os.PathLike[str]"]
 Path = tuple[Union[str, int], ...]
@@ -84,30 +100,44 @@ _NATIVE_DTYPES = {
 _RAW_VIEWS = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.uint32)}
 """Unsigned views, by item size, for the dtypes safetensors cannot hold."""
 
-_PARTS = ("data", "scale", "offset")
+_NARROW_INTS = tuple(
+    np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32)
+)
+"""Candidates for stored zero points, narrowest first (unsigned ones for ranges from 0)."""
+
+IMPLIED = "implied"
+"""The offset entry of a QArray whose zero points the spec fixes (none stored)."""
 
 
 class _Invalid(Exception):
     """A problem with the file's content; :func:`load` reports it as a ValueError."""
 
 
-def save(path: PathLike, tree: Any) -> None:
+def save(path: PathLike, tree: Any, *, names: Mapping[str, str] | None = None) -> None:
     """Saves a pytree of QArrays and arrays to one ``.safetensors`` file, atomically.
 
     The file is written next to ``path`` under a temporary name and then renamed over
-    ``path``, so a crash never leaves a half-written file there. See the module docstring
-    for the layout.
+    ``path``, so a crash never leaves a half-written file there. Only a regular file or a
+    new path is written: a directory, device, FIFO or socket at ``path`` is refused, and a
+    symbolic link is written through (its target is replaced). A new file's permissions
+    follow the umask, as with ``numpy.save``. See the module docstring for the layout and
+    :mod:`qjax.files` for the writer.
 
     Args:
       path: the file to write (conventionally ending in ``.safetensors``); replaced if it
         exists. Its directory must exist.
       tree: nested ``dict`` (string keys) / ``list`` / ``tuple`` / ``None`` whose leaves
         are :class:`~qjax.QArray` s or jax / NumPy arrays of a numeric or bool dtype.
+      names: optional original tensor names by leaf path (keys joined with ``/``, as
+        :func:`qjax.leaf_specs` shows them); stored, and given back by :func:`load_tensors`.
 
     Raises:
       TypeError: for a non-string dict key, an unsupported container or leaf type (named
         by its path), or an unsupported dtype.
+      ValueError: for a ``names`` entry that names no leaf, or a path that is not a regular
+        file.
       FileNotFoundError: when the directory of ``path`` does not exist.
+      OSError: when writing fails (e.g. "no space left on <path>"); ``path`` is unchanged.
 
     Examples:
       >>> import os, tempfile, jax.numpy as jnp, qjax
@@ -125,16 +155,23 @@ def save(path: PathLike, tree: Any) -> None:
       >>> bool((kernel.data == tree["dense"]["kernel"].data).all())
       True
     """
-    path = os.fspath(path)
-    encoder = _Encoder()
+    encoder = _Encoder(names)
     header = {
         "format": "qjax",
         "version": FORMAT_VERSION,
         "tree": encoder.node(tree, ()),
         "specs": encoder.specs,
     }
-    metadata = {METADATA_KEY: json.dumps(header, separators=(",", ":"), allow_nan=False)}
-    _write_atomically(path, encoder.tensors, metadata)
+    unused = sorted(set(encoder.names) - encoder.named)
+    if unused:
+        raise ValueError(f"names given for paths that hold no array leaf: {unused[:3]}")
+    text = json.dumps(header, separators=(",", ":"), allow_nan=False)
+    metadata = {METADATA_KEY: text, CHECKSUM_KEY: _text_crc32(text)}
+    tensors = encoder.tensors
+    items = [(name, array.shape, array.dtype) for name, array in tensors.items()]
+    from qjax.files import write_safetensors  # qjax.files builds on this module
+
+    write_safetensors(path, items, lambda name, dtype: tensors[name], metadata)
 
 
 def load(path: PathLike, *, check_finite: bool = True) -> Any:
@@ -148,16 +185,18 @@ def load(path: PathLike, *, check_finite: bool = True) -> Any:
     Returns:
       The saved structure (dicts, lists, tuples, None) with :class:`~qjax.QArray` leaves
       whose data, scale and offset are bit-identical jax arrays and whose spec equals the
-      saved one, and plain leaves as jax arrays of their saved dtype.
+      saved one, and plain leaves as jax arrays of their saved dtype (NumPy arrays for
+      64-bit dtypes while JAX's x64 mode is off, since JAX would truncate them).
 
     Raises:
       FileNotFoundError: when ``path`` does not exist.
-      ValueError: when the file is not a valid safetensors file (truncated, corrupted),
-        is not a qjax checkpoint, has an unsupported format version, or its metadata does
-        not match its tensors. The one-line message names the file and the problem.
+      ValueError: when ``path`` is a directory, the file is not a valid safetensors file
+        (truncated, corrupted), is not a qjax checkpoint, has an unsupported format
+        version, its metadata fails its checksum or does not match its tensors, or a
+        QArray does not fit its spec. The one-line message names the file and the problem.
 
     Examples:
-      >>> import os, tempfile, jax.numpy as jnp, qjax
+      >>> import os, tempfile, jax.numpy as jnp, numpy as np, qjax
       >>> from qjax import io
       >>> x = jnp.linspace(-1.0, 1.0, 64).reshape(2, 32)
       >>> tree = [qjax.quantize(x, qjax.QuantSpec("mxfp4")), (jnp.arange(3),)]
@@ -166,15 +205,58 @@ def load(path: PathLike, *, check_finite: bool = True) -> Any:
       ...     qa, (steps,) = io.load(os.path.join(tmp, "w.safetensors"))
       >>> qa.shape, qa.scale.dtype, steps
       ((2, 32), dtype(float8_e8m0fnu), Array([0, 1, 2], dtype=int32))
+      >>> with tempfile.TemporaryDirectory() as tmp:  # int64 without x64: a NumPy array
+      ...     io.save(os.path.join(tmp, "p.safetensors"), {"ids": np.arange(3)})
+      ...     io.load(os.path.join(tmp, "p.safetensors"))
+      {'ids': array([0, 1, 2])}
     """
+    return _read(path, check_finite)[0]
+
+
+def load_tensors(path: PathLike, *, check_finite: bool = True) -> dict[str, Any]:
+    """Loads a file written by :func:`save` as a flat ``{tensor name: leaf}`` dict.
+
+    Leaves saved with a name (``qjax quantize`` saves every tensor's original name, e.g.
+    ``"Dense_0.kernel"``) come back under it; others under their ``/``-joined path.
+    ``None`` leaves and empty containers are left out. Checks as :func:`load`.
+
+    Raises:
+      ValueError: as :func:`load`, and when two leaves would get the same name.
+
+    Examples:
+      >>> import os, tempfile, jax.numpy as jnp
+      >>> from qjax import io
+      >>> with tempfile.TemporaryDirectory() as tmp:
+      ...     path = os.path.join(tmp, "w.safetensors")
+      ...     io.save(path, {"Dense_0": {"kernel": jnp.ones(2)}, "step": jnp.int32(3)},
+      ...             names={"Dense_0/kernel": "Dense_0.kernel"})
+      ...     sorted(io.load_tensors(path))
+      ['Dense_0.kernel', 'step']
+    """
+    _, leaves = _read(path, check_finite)
+    out: dict[str, Any] = {}
+    for leaf_path, name, leaf in leaves:
+        key = name if name is not None else "/".join(str(k) for k in leaf_path)
+        if key in out:
+            raise ValueError(f"{os.fspath(path)}: two leaves are named {key!r}")
+        out[key] = leaf
+    return out
+
+
+def _read(path: PathLike, check_finite: bool) -> tuple[Any, list[tuple[Path, str | None, Any]]]:
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(errno.ENOENT, "no such qjax checkpoint file", path)
-    if os.path.isdir(path):
-        raise ValueError(f"{path}: is a directory, not a qjax checkpoint file")
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, "no such qjax checkpoint file", path) from None
+    if not stat.S_ISREG(mode):  # a FIFO would block, a device would be read forever
+        from qjax.files import file_kind
+
+        raise ValueError(f"{path}: is a {file_kind(mode)}, not a qjax checkpoint file")
     try:
         with safe_open(path, framework="numpy") as file:
-            return _Decoder(file, check_finite).checkpoint(file.metadata())
+            decoder = _Decoder(file, check_finite)
+            return decoder.checkpoint(file.metadata()), decoder.leaves
     except _Invalid as e:
         raise ValueError(_one_line(f"{path}: {e}")) from None
     except SafetensorError as e:
@@ -191,14 +273,16 @@ def load(path: PathLike, *, check_finite: bool = True) -> Any:
 class _Encoder:
     """Walks a tree, collecting its tensors (by name) and its distinct specs."""
 
-    def __init__(self):
+    def __init__(self, names: Mapping[str, str] | None):
         self.tensors: dict[str, np.ndarray] = {}
         self.specs: list[dict[str, Any]] = []
         self._spec_ids: dict[QuantSpec, int] = {}
+        self.names = dict(names or {})
+        self.named: set[str] = set()
 
     def node(self, node: Any, path: Path) -> Any:
         if isinstance(node, QArray):
-            return {"qarray": self.qarray(node, path)}
+            return {"qarray": self.named_leaf(self.qarray(node, path), path)}
         if node is None:
             return None
         if type(node) is dict:
@@ -213,12 +297,22 @@ class _Encoder:
             children = [self.node(child, path + (i,)) for i, child in enumerate(node)]
             return {type(node).__name__: children}
         if isinstance(node, (jax.Array, np.ndarray, np.generic)):
-            return {"array": self.tensor(_tensor_name(path), node)}
+            return {"array": self.named_leaf(self.tensor(_tensor_name(path), node), path)}
         raise TypeError(
             f"cannot save {type(node).__name__} at {_show(path)}: qjax.io.save takes nested "
             "dict / list / tuple / None with QArray or array leaves; convert other containers "
             "(e.g. flax FrozenDict, namedtuple) to dict / tuple and scalars to arrays"
         )
+
+    def named_leaf(self, encoded: dict[str, Any], path: Path) -> dict[str, Any]:
+        key = "/".join(str(k) for k in path)
+        if key in self.names:
+            name = self.names[key]
+            if not isinstance(name, str):
+                raise TypeError(f"names[{key!r}] must be a string, got {type(name).__name__}")
+            encoded["name"] = name
+            self.named.add(key)
+        return encoded
 
     def qarray(self, qa: QArray, path: Path) -> dict[str, Any]:
         encoded: dict[str, Any] = {
@@ -226,11 +320,23 @@ class _Encoder:
             "float_dtype": jnp.dtype(qa.float_dtype).name,
             "packed": bool(qa.packed),
             "pad": int(qa.pad),
+            "data": self.tensor(_tensor_name(path, "data"), qa.data),
+            "scale": self.tensor(_tensor_name(path, "scale"), qa.scale),
+            "offset": None,
         }
-        for part in _PARTS:
-            value = getattr(qa, part)
-            encoded[part] = None if value is None else self.tensor(_tensor_name(path, part), value)
+        if qa.offset is not None:
+            offset = np.asarray(qa.offset)
+            encoded["offset_dtype"] = offset.dtype.name
+            encoded["offset"] = self.offset(qa.spec, offset, _tensor_name(path, "offset"))
         return encoded
+
+    def offset(self, spec: QuantSpec, offset: np.ndarray, name: str) -> Any:
+        if spec.formulation != "zero_point" or not np.issubdtype(offset.dtype, np.integer):
+            return self.tensor(name, offset)
+        fixed = spec.symmetric_zero_point
+        if fixed is not None and bool(np.all(offset == fixed)):
+            return IMPLIED
+        return self.tensor(name, offset.astype(_narrowest_int(offset, spec)))
 
     def spec_id(self, spec: QuantSpec) -> int:
         if spec not in self._spec_ids:
@@ -243,6 +349,19 @@ class _Encoder:
         stored = array.view(_storage_dtype(array.dtype, name))
         self.tensors[name] = stored
         return {"dtype": array.dtype.name, "shape": list(array.shape), "crc32": _crc32(stored)}
+
+
+def _narrowest_int(values: np.ndarray, spec: QuantSpec) -> np.dtype:
+    """The narrowest integer dtype that holds the spec's range [qmin, qmax] (int8 for signed
+    targets, uint8 for unsigned ones), or failing that the values' own range."""
+    low, high = int(spec.qmin), int(spec.qmax)
+    if values.size and not (low <= int(values.min()) and int(values.max()) <= high):
+        low, high = int(values.min()), int(values.max())
+    for dtype in _NARROW_INTS:
+        info = np.iinfo(dtype)
+        if (info.min == 0) == (low >= 0) and info.min <= low and high <= info.max:
+            return dtype
+    return values.dtype
 
 
 def _encode_spec(spec: QuantSpec) -> dict[str, Any]:
@@ -263,38 +382,6 @@ def _encode_spec(spec: QuantSpec) -> dict[str, Any]:
     return encoded
 
 
-def _write_atomically(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(errno.ENOENT, "directory to save into does not exist", directory)
-    temporary = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(8)}.tmp")
-    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
-        safetensors.numpy.save_file(tensors, temporary, metadata=metadata)
-        with open(temporary, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-    _fsync_directory(directory)
-
-
-def _fsync_directory(directory: str) -> None:
-    """Makes the rename durable where the platform allows it (POSIX); else does nothing."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 # Loading.
 
 
@@ -307,25 +394,10 @@ class _Decoder:
         self.names = set(file.keys())
         self.used: set[str] = set()
         self.specs: list[QuantSpec] = []
+        self.leaves: list[tuple[Path, str | None, Any]] = []
 
     def checkpoint(self, metadata: dict[str, str] | None) -> Any:
-        if not metadata or METADATA_KEY not in metadata:
-            raise _Invalid(
-                f"not a qjax checkpoint: it has no {METADATA_KEY!r} metadata; use qjax.load "
-                "only on files written by qjax.save"
-            )
-        try:
-            header = json.loads(metadata[METADATA_KEY])
-        except json.JSONDecodeError as e:
-            raise _Invalid(f"corrupted qjax metadata: not valid JSON ({e})") from None
-        if not isinstance(header, dict) or header.get("format") != "qjax":
-            raise _Invalid("corrupted qjax metadata: no 'format': 'qjax' entry")
-        version = header.get("version")
-        if version != FORMAT_VERSION:
-            raise _Invalid(
-                f"unsupported qjax format version {version!r}; this qjax reads version "
-                f"{FORMAT_VERSION}: load it with the qjax release that wrote it"
-            )
+        header = _header(metadata)
         self.specs = [self.spec(i, fields) for i, fields in enumerate(header["specs"])]
         tree = self.node(header["tree"], ())
         extra = sorted(self.names - self.used)
@@ -348,38 +420,77 @@ class _Decoder:
         if not isinstance(node, dict) or len(node) != 1:
             raise _Invalid(f"corrupted qjax metadata: bad tree node at {_show(path)}")
         ((kind, body),) = node.items()
-        if kind == "dict":
+        if kind == "dict" and isinstance(body, dict):
             return {key: self.node(child, path + (key,)) for key, child in body.items()}
-        if kind in ("list", "tuple"):
+        if kind in ("list", "tuple") and isinstance(body, list):
             children = [self.node(child, path + (i,)) for i, child in enumerate(body)]
             return children if kind == "list" else tuple(children)
         if kind == "array":
-            return self.tensor(_tensor_name(path), body)
-        if kind == "qarray":
-            return self.qarray(body, path)
-        raise _Invalid(f"corrupted qjax metadata: unknown node kind {kind!r} at {_show(path)}")
+            leaf = self.tensor(_tensor_name(path), body)
+        elif kind == "qarray":
+            leaf = self.qarray(body, path)
+        else:
+            raise _Invalid(f"corrupted qjax metadata: unknown node kind {kind!r} at {_show(path)}")
+        name = body.get("name")
+        if name is not None and not isinstance(name, str):
+            raise _Invalid(f"corrupted qjax metadata: name {name!r} at {_show(path)}")
+        self.leaves.append((path, name, leaf))
+        return leaf
 
     def qarray(self, body: dict[str, Any], path: Path) -> QArray:
-        parts = {
-            part: None if body[part] is None else self.tensor(_tensor_name(path, part), body[part])
-            for part in _PARTS
-        }
         spec_id = body["spec"]
-        if not isinstance(spec_id, int) or not 0 <= spec_id < len(self.specs):
+        if type(spec_id) is not int or not 0 <= spec_id < len(self.specs):
             raise _Invalid(f"QArray at {_show(path)} refers to unknown spec #{spec_id!r}")
-        qa = QArray(
-            **parts,
-            spec=self.specs[spec_id],
-            float_dtype=body["float_dtype"],
-            packed=body["packed"],
-            pad=body["pad"],
-        )
-        _check_qarray(qa, path)
+        spec = self.specs[spec_id]
+        data = self.tensor(_tensor_name(path, "data"), body["data"])
+        scale = self.tensor(_tensor_name(path, "scale"), body["scale"])
+        offset = self.offset(body, spec, scale.shape, path)
+        try:
+            qa = QArray(
+                data=data,
+                scale=scale,
+                offset=offset,
+                spec=spec,
+                float_dtype=body["float_dtype"],
+                packed=body["packed"],
+                pad=body["pad"],
+            )
+            validate_qarray(qa)
+        except (TypeError, ValueError) as e:
+            raise _Invalid(f"QArray at {_show(path)} does not fit its spec: {e}") from None
         return qa
 
-    def tensor(self, name: str, info: dict[str, Any]) -> jax.Array:
+    def offset(
+        self, body: dict[str, Any], spec: QuantSpec, shape: tuple[int, ...], path: Path
+    ) -> jax.Array | None:
+        entry = body["offset"]
+        if entry is None:
+            return None
+        dtype = jnp.dtype(body["offset_dtype"])
+        if entry == IMPLIED:
+            fixed = spec.symmetric_zero_point
+            if spec.formulation != "zero_point" or fixed is None:
+                raise _Invalid(
+                    f"QArray at {_show(path)}: spec {spec} does not fix its zero points, but "
+                    "the file has none stored"
+                )
+            return jnp.full(shape, fixed, dtype)
+        stored = self.tensor(_tensor_name(path, "offset"), entry)
+        if stored.dtype != dtype:
+            integers = jnp.issubdtype(stored.dtype, jnp.integer)
+            if not (integers and jnp.issubdtype(dtype, jnp.integer)):
+                raise _Invalid(
+                    f"QArray at {_show(path)}: offset stored as {stored.dtype.name} cannot "
+                    f"stand for {dtype.name}"
+                )
+            stored = stored.astype(dtype)
+        return stored
+
+    def tensor(self, name: str, info: dict[str, Any]) -> Any:
         if name not in self.names:
             raise _Invalid(f"tensor {name!r} is in the qjax metadata but not in the file")
+        if name in self.used:
+            raise _Invalid(f"tensor {name!r} is described twice in the qjax metadata")
         dtype = jnp.dtype(info["dtype"])
         stored = _storage_dtype(dtype, name)
         shape = tuple(info["shape"])
@@ -402,14 +513,53 @@ class _Decoder:
                     f"tensor {name!r} holds {bad} non-finite value(s) (NaN or inf); pass "
                     "check_finite=False to load it anyway"
                 )
-        if jax.dtypes.canonicalize_dtype(dtype) != dtype:
-            raise _Invalid(
-                f"tensor {name!r} is {dtype.name}, which JAX would truncate to "
-                f"{jax.dtypes.canonicalize_dtype(dtype).name}; enable 64-bit types with "
-                "jax.config.update('jax_enable_x64', True) before loading"
-            )
         self.used.add(name)
+        if jax.dtypes.canonicalize_dtype(dtype) != dtype:
+            return array  # 64-bit without x64: JAX would truncate it
         return jnp.asarray(array)
+
+
+def _header(metadata: dict[str, str] | None) -> dict[str, Any]:
+    """The qjax JSON of a file, after its checksum and format version are checked."""
+    if not metadata or METADATA_KEY not in metadata:
+        raise _Invalid(
+            f"not a qjax checkpoint: it has no {METADATA_KEY!r} metadata; use qjax.load "
+            "only on files written by qjax.save"
+        )
+    text = metadata[METADATA_KEY]
+    checksum = metadata.get(CHECKSUM_KEY)
+    if checksum is None and _version_of(text) == 1:
+        raise _Invalid(
+            "qjax format version 1 (written by qjax 0.1.0 without a metadata checksum) is no "
+            f"longer read; this qjax reads version {FORMAT_VERSION}: re-create the file with "
+            "qjax.save or qjax quantize from the float weights"
+        )
+    if checksum != _text_crc32(text):
+        raise _Invalid(
+            "corrupted qjax metadata: it fails its CRC-32 check "
+            + (f"(no {CHECKSUM_KEY!r} entry)" if checksum is None else "")
+        )
+    try:
+        header = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _Invalid(f"corrupted qjax metadata: not valid JSON ({e})") from None
+    if not isinstance(header, dict) or header.get("format") != "qjax":
+        raise _Invalid("corrupted qjax metadata: no 'format': 'qjax' entry")
+    version = header.get("version")
+    if version != FORMAT_VERSION:
+        raise _Invalid(
+            f"unsupported qjax format version {version!r}; this qjax reads version "
+            f"{FORMAT_VERSION}: load it with the qjax release that wrote it"
+        )
+    return header
+
+
+def _version_of(text: str) -> Any:
+    try:
+        header = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return header.get("version") if isinstance(header, dict) else None
 
 
 def _decode_spec(fields: dict[str, Any]) -> QuantSpec:
@@ -423,38 +573,84 @@ def _decode_spec(fields: dict[str, Any]) -> QuantSpec:
     return QuantSpec(**fields)
 
 
-def _check_qarray(qa: QArray, path: Path) -> None:
-    """Checks that the parts of a loaded QArray fit its spec, as dequantize assumes."""
+def validate_qarray(qa: QArray) -> None:
+    """Checks that a QArray's parts fit its spec, as :meth:`~qjax.QArray.dequantize` assumes.
+
+    The one place :func:`load` checks a decoded QArray: the statics' types, the data dtype
+    (uint8 when packed, else the target's storage type), packing and padding, the scale
+    dtype and shape (``shape // block_shape`` of the spec's granularity, also on each
+    layer of a vmap-stacked QArray), and the offset the formulation needs.
+
+    Raises:
+      ValueError: naming every field that does not fit.
+
+    Examples:
+      >>> import dataclasses, jax.numpy as jnp, qjax
+      >>> from qjax.io import validate_qarray
+      >>> spec = qjax.QuantSpec("int4", granularity=qjax.per_channel(-1))
+      >>> qa = qjax.quantize(jnp.ones((16, 16)), spec)
+      >>> validate_qarray(qa)
+      >>> validate_qarray(dataclasses.replace(qa, pad=1))  # a (16, 15) array: 16 scales?
+      Traceback (most recent call last):
+        ...
+      ValueError: scale shape (1, 16) does not fit shape (16, 15) under per_channel(axis=-1)
+    """
     problems = []
     target = qa.spec.target
-    if not isinstance(qa.packed, bool) or not isinstance(qa.pad, int):
-        problems.append(f"packed {qa.packed!r} / pad {qa.pad!r} are not a bool / an int")
-    elif qa.packed and (target.bits >= 8 or qa.data.ndim == 0):
+    if type(qa.packed) is not bool or type(qa.pad) is not int:
+        raise ValueError(f"packed {qa.packed!r} / pad {qa.pad!r} are not a bool / an int")
+    if not isinstance(qa.float_dtype, str) or not jnp.issubdtype(qa.float_dtype, jnp.floating):
+        problems.append(f"float_dtype {qa.float_dtype!r} is not a float dtype name")
+    if qa.packed and (target.bits >= 8 or qa.data.ndim == 0):
         problems.append(f"packed storage of {target.name} values of shape {qa.data.shape}")
     elif not 0 <= qa.pad < (target.packs if qa.packed else 1):
-        problems.append(f"pad {qa.pad} out of range")
+        problems.append(f"pad {qa.pad} out of range for {'packed' if qa.packed else 'unpacked'}")
+    elif qa.packed and qa.data.shape[-1] * target.packs < qa.pad:
+        problems.append(f"pad {qa.pad} exceeds the packed last axis {qa.data.shape[-1]}")
     expected_data = jnp.dtype(jnp.uint8) if qa.packed else target.storage
     if qa.data.dtype != expected_data:
         problems.append(f"data is {qa.data.dtype.name}, expected {expected_data.name}")
     if qa.scale.dtype != jnp.dtype(qa.spec.scale_dtype):
         problems.append(f"scale is {qa.scale.dtype.name}, expected {qa.spec.scale_dtype}")
-    if (qa.offset is None) != (qa.spec.formulation == "scale"):
-        problems.append(f"offset is {'missing' if qa.offset is None else 'unexpected'}")
-    elif qa.offset is not None and qa.offset.shape != qa.scale.shape:
-        problems.append(f"offset shape {qa.offset.shape} != scale shape {qa.scale.shape}")
-    if not problems and not _divides(qa.scale.shape, qa.shape):
-        problems.append(f"scale shape {qa.scale.shape} does not divide shape {qa.shape}")
-    if not isinstance(qa.float_dtype, str) or not jnp.issubdtype(qa.float_dtype, jnp.floating):
-        problems.append(f"float_dtype {qa.float_dtype!r} is not a float dtype name")
     if problems:
-        raise _Invalid(f"QArray at {_show(path)} is inconsistent: {'; '.join(problems)}")
+        raise ValueError("; ".join(problems))
+    shape = qa.shape
+    if not _fits_granularity(tuple(qa.scale.shape), shape, qa.spec):
+        problems.append(
+            f"scale shape {tuple(qa.scale.shape)} does not fit shape {shape} under "
+            f"{qa.spec.granularity}"
+        )
+    formulation = qa.spec.formulation
+    if (qa.offset is None) != (formulation == "scale"):
+        problems.append(f"offset is {'missing' if qa.offset is None else 'unexpected'}")
+    elif qa.offset is not None:
+        if tuple(qa.offset.shape) != tuple(qa.scale.shape):
+            problems.append(f"offset shape {qa.offset.shape} != scale shape {qa.scale.shape}")
+        kind = jnp.integer if formulation == "zero_point" else jnp.floating
+        if not jnp.issubdtype(qa.offset.dtype, kind):
+            problems.append(f"{formulation} offset has dtype {qa.offset.dtype.name}")
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
-def _divides(params: Iterable[int], shape: tuple[int, ...]) -> bool:
-    params = tuple(params)
-    return len(params) == len(shape) and all(
-        (n == 0 and d == 0) or (n > 0 and d % n == 0) for n, d in zip(params, shape)
-    )
+def _fits_granularity(
+    scale_shape: tuple[int, ...], shape: tuple[int, ...], spec: QuantSpec
+) -> bool:
+    """Whether ``scale_shape`` is ``shape // block`` for the spec's blocks on the trailing
+    axes, after zero or more leading axes of one scale per index (vmap-stacked QArrays)."""
+    if len(scale_shape) != len(shape):
+        return False
+    for k in range(len(shape) + 1):
+        if scale_shape[:k] != shape[:k]:
+            return False
+        inner = shape[k:]
+        try:
+            expected = param_shape(inner, block_shape(inner, spec.granularity)) if inner else ()
+        except ValueError:
+            continue
+        if scale_shape[k:] == expected:
+            return True
+    return False
 
 
 # Shared helpers.
@@ -477,6 +673,10 @@ def _crc32(array: np.ndarray) -> int:
     return zlib.crc32(np.asarray(array, order="C").reshape(-1).view(np.uint8))
 
 
+def _text_crc32(text: str) -> str:
+    return f"{zlib.crc32(text.encode('utf-8', 'surrogatepass')):08x}"
+
+
 def _tensor_name(path: Path, part: str | None = None) -> str:
     name = "/".join(_escape(key) if isinstance(key, str) else str(key) for key in path)
     if name == "__metadata__":  # safetensors reserves this key for its metadata
@@ -493,4 +693,4 @@ def _show(path: Path) -> str:
 
 
 def _one_line(message: str) -> str:
-    return " ".join(message.splitlines())
+    return " ".join(message.split())
