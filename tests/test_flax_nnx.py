@@ -13,6 +13,7 @@ from flax import nnx
 import qjax
 from qjax.flax import linen as qlinen
 from qjax.flax import nnx as qnnx
+from qjax.rules import QjaxRuleWarning
 from reference import reference
 
 INT8 = qjax.QuantSpec("int8", granularity=qjax.per_channel(-1))
@@ -74,7 +75,8 @@ def test_quantized_cnn_equals_the_float_cnn_with_fake_quantized_kernels():
 def test_params_are_the_float_params_and_unmatched_layers_are_unchanged():
     model = CNN(nnx.Rngs(1))
     float_model = nnx.clone(model)
-    qnnx.quantize(model, {"conv": qnnx.LayerQuant(weight=INT8, act=STATIC), "other": "int8"})
+    with pytest.warns(QjaxRuleWarning, match="'other' matched nothing"):
+        qnnx.quantize(model, {"conv": qnnx.LayerQuant(weight=INT8, act=STATIC), "other": "int8"})
     float_params, params = nnx.state(float_model, nnx.Param), nnx.state(model, nnx.Param)
     assert jax.tree.structure(params) == jax.tree.structure(float_params)
     jax.tree.map(np.testing.assert_array_equal, params, float_params)

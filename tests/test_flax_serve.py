@@ -119,10 +119,11 @@ def test_converted_tree_holds_packed_qarrays_and_keeps_the_rest(float_variables)
 
 def test_integer_path_runs_an_int32_accumulating_dot_and_conv(float_variables):
     served = serve.convert(calibrated(float_variables, INT8_RULES), INT8_RULES)
-    jaxpr = str(jax.make_jaxpr(serve.served(MODEL.apply, INT8_RULES))(served, X))
+    auto = serve.served(MODEL.apply, INT8_RULES, integer_dots="auto")
+    jaxpr = str(jax.make_jaxpr(auto)(served, X))
     assert "dot_general[" in jaxpr and "conv_general_dilated[" in jaxpr
     assert jaxpr.count("preferred_element_type=int32") == 2
-    hlo = jax.jit(serve.served(MODEL.apply, INT8_RULES)).lower(served, X).as_text()
+    hlo = jax.jit(auto).lower(served, X).as_text()
     assert "tensor<576x10xi8>) -> tensor<4x10xi32>" in hlo
     assert "tensor<3x3x4x16xi8>) -> tensor<4x6x6x16xi32>" in hlo
     never = serve.served(MODEL.apply, INT8_RULES, integer_dots="never")

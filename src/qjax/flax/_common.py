@@ -1,8 +1,13 @@
-"""What the Linen and NNX adapters share: layer configs, rules and activation quantization."""
+"""What the Linen and NNX adapters share: layer configs, rules and activation quantization.
+
+The rule language (module path or weight path, first match wins, layout-following
+shorthand, unmatched rules reported) is described once, in :mod:`qjax.flax`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Callable, Mapping
 from typing import Any, Union
@@ -11,19 +16,32 @@ import jax
 import jax.numpy as jnp
 
 from qjax.calibration import ema
+from qjax.exact import unfused
 from qjax.ops import fake_quant
 from qjax.qparams import QParams, block_range, compute_qparams, qparams_from_minmax
-from qjax.rules import parse_spec
+from qjax.rules import (  # the layout readings of qjax.rules.RulePlan
+    LeafRule,
+    _read,
+    _template,
+    parse_leaf_rule,
+    parse_spec,
+    report_unmatched,
+)
 from qjax.spec import QuantSpec
 
 __all__ = [
     "ActQuant",
     "LayerQuant",
+    "ModelPlan",
+    "ModelPlanRow",
+    "Rule",
     "RuleValue",
+    "Rules",
     "activation_qparams",
     "as_layer_quant",
     "compile_rules",
     "quantize_activation",
+    "weight_spec_problem",
 ]
 
 
@@ -90,6 +108,14 @@ def as_layer_quant(value: RuleValue, where: str) -> LayerQuant | None:
     )
 
 
+def _shorthand_template(value: RuleValue) -> LeafRule | None:
+    """The parsed shorthand when ``value`` is text whose axes follow the layout, else None."""
+    if not isinstance(value, str):
+        return None
+    leaf = parse_leaf_rule(value)
+    return leaf if leaf.template else None
+
+
 def compile_rules(
     rules: Mapping[str, RuleValue],
 ) -> list[tuple[Callable[[str], Any], LayerQuant | None, str]]:
@@ -103,6 +129,242 @@ def compile_rules(
             raise ValueError(f"{where}: invalid regular expression: {e}") from None
         compiled.append((match, as_layer_quant(value, where), pattern))
     return compiled
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One compiled rule: its regex, its value as a LayerQuant (None: stays float).
+
+    ``template``: for shorthand without ``axis=`` (``"int8:per_channel"``,
+    ``"int4:per_block:32"``, ``"mxfp4"``), the parsed text, whose axes follow each
+    weight's layout as in :class:`qjax.rules.RulePlan`: a kernel ``[..., in, out]`` is
+    scaled per output channel (-1) and blocked along its inputs (-2), an Embed table
+    ``[vocab, features]`` per row and along its features.
+    """
+
+    pattern: str
+    quant: LayerQuant | None
+    fullmatch: Callable[[str], Any]
+    template: LeafRule | None = None
+
+    def weight_spec(self, param_path: str, shape: tuple[int, ...]) -> QuantSpec | None:
+        """The weight spec for the weight at ``param_path`` (``".../kernel"``) of ``shape``."""
+        if self.quant is None or self.quant.weight is None or self.template is None:
+            return None if self.quant is None else self.quant.weight
+        ndim = len(shape)
+        return _template(self.template.spec, _read(param_path.split("/"), ndim, "flax"), ndim)
+
+
+class Rules:
+    """Compiled rules, first match wins, remembering which rules won a layer.
+
+    Args:
+      rules: ``{regex: LayerQuant | QuantSpec | shorthand | None}``.
+      collection: the variable collection the weights live in (``"params"`` for Linen),
+        also tried as a prefix of the weight's path; None for NNX.
+
+    Examples:
+      >>> from qjax.flax._common import Rules
+      >>> rules = Rules({".*head.*": None, ".*kernel": "int8", "unused": "int4"})
+      >>> rules.find("Block_0/Dense_0", "kernel").pattern
+      '.*kernel'
+      >>> rules.find("head", "kernel").quant is None
+      True
+      >>> rules.unmatched()
+      ['unused']
+    """
+
+    def __init__(self, rules: Mapping[str, RuleValue], *, collection: str | None = "params"):
+        if not isinstance(rules, Mapping):
+            raise TypeError(
+                f"rules must be a mapping {{regex: spec}}, got {type(rules).__name__}"
+            )
+        self.rules = [
+            Rule(p, q, m, _shorthand_template(value))
+            for (m, q, p), value in zip(compile_rules(rules), rules.values())
+        ]
+        self.collection = collection
+        self._won: set[str] = set()
+
+    def names(self, module_path: str, weight: str | None) -> tuple[str, ...]:
+        """The names a rule may match for a layer: its path, its weight's path(s)."""
+        if weight is None:
+            return (module_path,)
+        param = f"{module_path}/{weight}" if module_path else weight
+        if self.collection is None:
+            return module_path, param
+        return module_path, param, f"{self.collection}/{param}"
+
+    def find(self, module_path: str, weight: str | None) -> Rule | None:
+        """The first rule matching the layer at ``module_path`` (reading ``weight``)."""
+        names = self.names(module_path, weight)
+        for rule in self.rules:
+            if any(rule.fullmatch(name) for name in names):
+                self._won.add(rule.pattern)
+                return rule
+        return None
+
+    def unmatched(self) -> list[str]:
+        """The patterns that have won no layer so far, in rule order."""
+        return [rule.pattern for rule in self.rules if rule.pattern not in self._won]
+
+    def check(self, *, strict: bool, where: str, stacklevel: int = 2) -> None:
+        """Warns (or with ``strict``, raises ValueError) about the rules that won no layer.
+
+        ``stacklevel`` as for ``warnings.warn`` called where ``check`` is called.
+        """
+        report_unmatched(self.unmatched(), strict=strict, where=where, stacklevel=stacklevel + 1)
+
+
+def weight_spec_problem(shape: tuple[int, ...], dtype: Any, spec: QuantSpec) -> str | None:
+    """Why ``spec`` cannot quantize a weight of this shape and dtype, or None (no compute)."""
+    try:
+        jax.eval_shape(
+            functools.partial(compute_qparams, spec=spec), jax.ShapeDtypeStruct(shape, dtype)
+        )
+    except (ValueError, TypeError) as e:
+        return str(e)
+    return None
+
+
+def cannot_quantize(path: str, layer: str, weight: str, shape: tuple, rule: str, why: str) -> str:
+    """The error text for a rule that reaches a weight it cannot quantize."""
+    return (
+        f"rule {rule!r} reaches layer {path!r} ({layer}), whose {weight} {tuple(shape)} it "
+        f"cannot quantize: {why}. Give that layer its own rule before {rule!r}: a spec that "
+        f"fits, or {{{re.escape(path)!r}: None}} to keep it float"
+    )
+
+
+def refuse_embed_activation(path: str, rule: str) -> str:
+    """The error text for an activation spec on an Embed (its input is integer ids)."""
+    return (
+        f"rule {rule!r} gives layer {path!r} (Embed) an activation spec, but an Embed's "
+        "input is integer ids, which qjax does not quantize: add a rule with a weight spec "
+        f"only for it before {rule!r}, e.g. {{{re.escape(path)!r}: 'int8:per_channel'}}"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelPlanRow:
+    """One parameter of a model, and what the rules do to it.
+
+    Attributes:
+      path: its path in the parameter tree, ``"Block_0/Dense_0/kernel"``.
+      shape: its shape.
+      dtype: its dtype's name.
+      layer: the type of the layer that owns it (``"Dense"``), or None if unknown.
+      pattern: the rule that decides it, or None.
+      spec: the weight spec it is quantized with, or None (stays float).
+      act: the activation spec of its layer's input, or None.
+      note: why it stays float, or why the rule fails on it (then ``spec`` is None).
+    """
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    layer: str | None
+    pattern: str | None
+    spec: QuantSpec | None
+    act: ActQuant | None
+    note: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelPlan:
+    """What a set of rules does to each parameter of a model; ``str()`` is a table.
+
+    Attributes:
+      rows: one :class:`ModelPlanRow` per parameter, in tree order.
+      unmatched: the rules that win no layer.
+    """
+
+    rows: tuple[ModelPlanRow, ...]
+    unmatched: tuple[str, ...]
+
+    @property
+    def quantized(self) -> dict[str, QuantSpec]:
+        """``{param path: weight spec}`` of the parameters the rules quantize."""
+        return {row.path: row.spec for row in self.rows if row.spec is not None}
+
+    @property
+    def errors(self) -> dict[str, str]:
+        """``{param path: why}`` of the weights a rule reaches but cannot quantize."""
+        return {row.path: row.note for row in self.rows if row.note.startswith("error")}
+
+    def __str__(self) -> str:
+        table = [("path", "shape", "layer", "rule", "quantization")]
+        for row in self.rows:
+            what = str(row.spec) if row.spec is not None else f"float ({row.note})"
+            if row.act is not None and row.spec is not None:
+                what += f", input {row.act.spec}{' static' if row.act.static else ''}"
+            elif row.spec is not None and row.note:
+                what += f" ({row.note})"
+            pattern = "-" if row.pattern is None else repr(row.pattern)
+            table.append((row.path, str(row.shape), row.layer or "-", pattern, what))
+        widths = [max(len(r[i]) for r in table) for i in range(4)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4] for r in table]
+        if self.unmatched:
+            lines.append(f"rules that match no layer: {', '.join(map(repr, self.unmatched))}")
+        return "\n".join(line.rstrip() for line in lines)
+
+
+def plan_row(
+    rules: Rules,
+    param: str,
+    value: Any,
+    layer: type | None,
+    weight: str | None,
+    hookless: bool = False,
+) -> ModelPlanRow:
+    """The :class:`ModelPlanRow` of one parameter; ``weight`` names the layer's weight parameter.
+
+    ``hookless``: the layer type is one qjax cannot quantize (NNX ConvTranspose, Embed).
+    """
+    shape, dtype = tuple(value.shape), jnp.dtype(value.dtype).name
+    layer_name = None if layer is None else layer.__name__
+    module_path, _, name = param.rpartition("/")
+    row = functools.partial(ModelPlanRow, param, shape, dtype, layer_name)
+    if weight is None or name != weight:
+        if weight:
+            why = f"rules quantize {layer_name}'s {weight} only"
+        else:
+            why = "no layer" if layer is None else f"{layer_name} is not a layer qjax quantizes"
+        return row(None, None, None, why)
+    rule = rules.find(module_path, weight)
+    if rule is None:
+        return row(None, None, None, "no rule matches")
+    quant = rule.quant
+    if quant is None or (quant.weight is None and quant.act is None):
+        return row(rule.pattern, None, None, "the rule keeps it float")
+    if hookless:
+        return row(rule.pattern, None, None, f"error: NNX gives {layer_name} no operator hook")
+    if quant.act is not None and weight == "embedding":
+        why = refuse_embed_activation(module_path, rule.pattern)
+        return row(rule.pattern, None, None, "error: " + why)
+    spec = rule.weight_spec(param, shape)
+    if spec is None:
+        return row(rule.pattern, None, quant.act, "the rule quantizes only the input")
+    problem = weight_spec_problem(shape, value.dtype, spec)
+    if problem is not None:
+        why = cannot_quantize(module_path, layer_name, name, shape, rule.pattern, problem)
+        return row(rule.pattern, None, None, "error: " + why)
+    return row(rule.pattern, spec, quant.act)
+
+
+def rounded(values: jax.Array) -> jax.Array:
+    """Fake-quantized or dequantized values, kept apart from the ops that consume them.
+
+    Both are ``scale * q`` products. Under jit, XLA:CPU contracts a product that feeds an
+    add into one fused multiply-add (one rounding instead of two) wherever its fusion
+    decisions allow, and those differ between the QAT graph (``fake_quant(w)``) and the
+    served one (``dequantize(qarray)``): an Embed table whose rows are summed with other
+    embeddings, or a bias added to a product, then differ in the last bit, and through
+    many quantized layers such bits move activation codes. :func:`qjax.exact.unfused`
+    rounds the product on its own in both, so they agree bit for bit (and equal the
+    op-by-op result).
+    """
+    return unfused(values)
 
 
 Stats = tuple[jax.Array, jax.Array]
@@ -156,7 +418,7 @@ def quantize_activation(
       ``(fake-quantized x, params, stats)``; stats are None for dynamic activations.
     """
     qp, stats = activation_qparams(x, act, stats, calibrating)
-    return fake_quant(x, act.spec, qparams=qp), qp, stats
+    return rounded(fake_quant(x, act.spec, qparams=qp)), qp, stats
 
 
 def _drop_leading_ones(shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qjax.exact import unfused
 from qjax.spec import QuantSpec
 
 __all__ = ["dense_contraction", "dot_scale", "drop_unit_axes", "qat_dot", "spec_reason"]
@@ -103,7 +104,9 @@ def _qat_dot(dimension_numbers, precision, lhs, rhs, lhs_codes, rhs_codes, out_s
         dimension_numbers,
         preferred_element_type=jnp.int32,
     )
-    return (acc.astype(jnp.float32) * out_scale).astype(lhs.dtype)
+    # unfused: the scaled sum is rounded on its own, as in serving, never fused into the
+    # layer's bias add (see qjax.flax._common.rounded).
+    return unfused(acc.astype(jnp.float32) * out_scale).astype(lhs.dtype)
 
 
 def _qat_dot_fwd(dimension_numbers, precision, lhs, rhs, lhs_codes, rhs_codes, out_scale):

@@ -28,19 +28,29 @@ import jax.numpy as jnp
 from qjax.flax._common import (
     ActQuant,
     LayerQuant,
+    ModelPlan,
+    ModelPlanRow,
+    Rule,
+    Rules,
     RuleValue,
-    compile_rules,
+    cannot_quantize,
+    plan_row,
     quantize_activation,
+    refuse_embed_activation,
+    rounded,
 )
 from qjax.flax._integer import dense_contraction, dot_scale, qat_dot, spec_reason
 from qjax.ops import fake_quant, quantize
 from qjax.qparams import QParams, compute_qparams
 from qjax.spec import QuantSpec
+from qjax.tree import path_str
 
 __all__ = [
     "STATS",
     "ActQuant",
     "LayerQuant",
+    "ModelPlan",
+    "ModelPlanRow",
     "QuantConv",
     "QuantConvTranspose",
     "QuantDense",
@@ -48,6 +58,8 @@ __all__ = [
     "QuantEinsum",
     "intercept",
     "intercepted",
+    "layer_rule",
+    "plan",
     "quantized_call",
     "swapped_attributes",
     "weight_name",
@@ -70,11 +82,14 @@ WEIGHT_NAMES: dict[type, str] = {
 class _QuantizingScope:
     """Forwards everything to a Linen scope, fake-quantizing one parameter as it is read.
 
-    ``weight_qparams`` holds the params it last used (None until the weight is read).
+    The spec is ``spec``, or with a ``rule``, the rule's spec for that weight (shorthand
+    templates take their axes from the weight's layout). ``weight_qparams`` holds the
+    params it last used (None until the weight is read).
     """
 
-    def __init__(self, scope: Any, name: str, spec: QuantSpec):
-        self._scope, self._name, self._spec = scope, name, spec
+    def __init__(self, module: nn.Module, name: str, spec: QuantSpec, rule: Rule | None):
+        self._scope, self._name, self._spec = module.scope, name, spec
+        self._module, self._rule = module, rule
         self.weight_qparams: QParams | None = None
 
     def __getattr__(self, attr: str) -> Any:
@@ -82,21 +97,31 @@ class _QuantizingScope:
 
     def param(self, name: str, init_fn: Callable, *args: Any, unbox: bool = True, **kw: Any):
         value = self._scope.param(name, init_fn, *args, unbox=unbox, **kw)
-        if name == self._name and isinstance(value, jax.Array | jnp.ndarray):
-            self.weight_qparams = compute_qparams(jax.lax.stop_gradient(value), self._spec)
-            return fake_quant(value, self._spec, qparams=self.weight_qparams)
-        return value
+        if name != self._name or not isinstance(value, jax.Array | jnp.ndarray):
+            return value
+        path = "/".join(self._module.path)
+        spec = self._spec
+        if self._rule is not None:
+            spec = self._rule.weight_spec(f"{path}/{name}" if path else name, value.shape)
+        try:
+            self.weight_qparams = compute_qparams(jax.lax.stop_gradient(value), spec)
+        except ValueError as e:
+            rule = f"quant={spec}" if self._rule is None else self._rule.pattern
+            layer = type(self._module).__name__
+            why = cannot_quantize(path, layer, name, value.shape, rule, str(e))
+            raise ValueError(why) from None
+        return rounded(fake_quant(value, spec, qparams=self.weight_qparams))
 
 
 @contextlib.contextmanager
 def _weights_quantized(
-    module: nn.Module, spec: QuantSpec | None
+    module: nn.Module, spec: QuantSpec | None, rule: Rule | None
 ) -> Iterator[_QuantizingScope | None]:
     name = weight_name(module)
     if spec is None or name is None:
         yield None
         return
-    scope = _QuantizingScope(module.scope, name, spec)
+    scope = _QuantizingScope(module, name, spec, rule)
     with swapped_attributes(module, {"scope": scope}):
         yield scope
 
@@ -114,11 +139,10 @@ def swapped_attributes(module: nn.Module, values: dict[str, Any]) -> Iterator[No
             object.__setattr__(module, attr, value)
 
 
-def weight_name(module: nn.Module) -> str | None:
-    for cls in type(module).__mro__:
-        if cls in WEIGHT_NAMES:
-            return WEIGHT_NAMES[cls]
-    return None
+def weight_name(module: nn.Module | type) -> str | None:
+    """The name of the parameter a quantizable layer multiplies with, or None."""
+    layer = module if isinstance(module, type) else type(module)
+    return next((WEIGHT_NAMES[cls] for cls in layer.__mro__ if cls in WEIGHT_NAMES), None)
 
 
 def _quantize_activation(
@@ -141,15 +165,24 @@ def _quantize_activation(
 
 
 def quantized_call(
-    module: nn.Module, fun: Callable, args: tuple, kwargs: dict, quant: LayerQuant
+    module: nn.Module,
+    fun: Callable,
+    args: tuple,
+    kwargs: dict,
+    quant: LayerQuant,
+    rule: Rule | None = None,
 ) -> Any:
-    """Runs ``fun(*args, **kwargs)``, a method of ``module``, with ``quant`` applied."""
+    """Runs ``fun(*args, **kwargs)``, a method of ``module``, with ``quant`` applied.
+
+    ``rule``: the rule that gave ``quant``: it resolves the weight spec for the weight's
+    layout, and errors name it.
+    """
     contraction = _integer_dot_contraction(module, args, quant) if quant.integer_dot else None
     act_qparams = None
     if quant.act is not None and args and jnp.issubdtype(jnp.asarray(args[0]).dtype, jnp.floating):
         x_q, act_qparams = _quantize_activation(module, args[0], quant.act)
         args = (x_q, *args[1:])
-    with _weights_quantized(module, quant.weight) as scope:
+    with _weights_quantized(module, quant.weight, rule) as scope:
         if contraction is None:
             return fun(*args, **kwargs)
         hooks = {
@@ -215,11 +248,20 @@ def _quantized_layer(base: type[nn.Module]) -> type[nn.Module]:
                 self, functools.partial(base.__call__, self), args, kwargs, self.quant
             )
 
-    Quantized.__name__ = Quantized.__qualname__ = f"Quant{base.__name__}"
+        def __repr__(self) -> str:
+            return f"Quant{super().__repr__()}"
+
+    # Linen names an unnamed submodule after ``type(module).__name__`` ("Dense_0"): the
+    # float layer's name keeps a float checkpoint's tree, so swapping the class is the
+    # only change. The qualified name (repr of the class, pickling) stays "QuantDense".
+    Quantized.__name__ = base.__name__
+    Quantized.__qualname__ = f"Quant{base.__name__}"
     Quantized.__doc__ = (
         f"Drop-in :class:`flax.linen.{base.__name__}` with fake-quantized weight and input.\n\n"
-        "Same parameter names and shapes as the float layer. ``quant`` is a\n"
-        ":class:`LayerQuant`: the weight spec and an optional :class:`ActQuant`."
+        "Same parameter names and shapes as the float layer, and the same automatic name\n"
+        f"(``{base.__name__}_0``, not ``Quant{base.__name__}_0``): a float checkpoint loads as\n"
+        "it is. ``quant`` is a :class:`LayerQuant`: the weight spec and an optional\n"
+        ":class:`ActQuant`."
     )
     return Quantized
 
@@ -231,32 +273,62 @@ QuantConvTranspose = _quantized_layer(nn.ConvTranspose)
 QuantEinsum = _quantized_layer(nn.Einsum)
 
 
-def _interceptor(rules: list[tuple[Callable[[str], Any], LayerQuant | None]]) -> Callable:
+def layer_rule(module: nn.Module, rules: Rules, method: str) -> tuple[LayerQuant, Rule] | None:
+    """The quantization of one intercepted call of ``module``, and the rule that gave it.
+
+    None where the module is not a quantizable layer or no rule (or a None rule) matches.
+    ``setup`` (where Embed reads its table) quantizes weights only.
+
+    Raises:
+      ValueError: an activation spec on an Embed, whose input is integer ids.
+    """
+    name = weight_name(module)
+    if method not in ("__call__", "setup") or name is None:
+        return None
+    path = "/".join(module.path)
+    rule = rules.find(path, name)
+    if rule is None or rule.quant is None:
+        return None
+    quant = rule.quant
+    if isinstance(module, nn.Embed) and quant.act is not None:
+        raise ValueError(refuse_embed_activation(path, rule.pattern))
+    if method == "setup":
+        quant = LayerQuant(weight=quant.weight)
+    return quant, rule
+
+
+def _interceptor(rules: Rules) -> Callable:
     def intercept_method(next_fun, args, kwargs, context):
-        module = context.module
-        if context.method_name not in ("__call__", "setup") or weight_name(module) is None:
+        found = layer_rule(context.module, rules, context.method_name)
+        if found is None:
             return next_fun(*args, **kwargs)
-        path = "/".join(module.path)
-        quant = next((q for match, q in rules if match(path)), None)
-        if quant is None:
-            return next_fun(*args, **kwargs)
-        if context.method_name == "setup" or isinstance(module, nn.Embed):
-            quant = LayerQuant(weight=quant.weight)  # setup / integer ids: weights only
-        return quantized_call(module, next_fun, args, kwargs, quant)
+        quant, rule = found
+        return quantized_call(context.module, next_fun, args, kwargs, quant, rule)
 
     return intercept_method
 
 
 @contextlib.contextmanager
-def intercept(rules: Mapping[str, RuleValue]) -> Iterator[None]:
+def intercept(rules: Mapping[str, RuleValue], *, strict: bool = False) -> Iterator[None]:
     """Quantizes the layers of an unmodified Linen model while the context is active.
 
     Args:
       rules: ``{regex: LayerQuant | QuantSpec | shorthand | None}``, first match wins,
-        matched with ``re.fullmatch`` against each module's path joined with ``/``
-        (e.g. ``"Block_0/Dense_1"``). A QuantSpec or shorthand quantizes weights only.
-        Dense, DenseGeneral, Conv, ConvTranspose, Einsum and Embed are quantized where
-        a rule matches them; other modules run unchanged.
+        on the layer's module path (``"Block_0/Dense_1"``) or its weight's path
+        (``"Block_0/Dense_1/kernel"``): the rule language of :mod:`qjax.flax`, the same
+        as :func:`qjax.quantize_tree`'s. A QuantSpec or shorthand quantizes weights
+        only. Dense, DenseGeneral, Conv, ConvTranspose, Einsum and Embed are quantized
+        where a rule matches them; other modules run unchanged.
+      strict: what happens to a rule that quantized no layer while the context was
+        active, checked when the context exits without an error (inside ``jax.jit``: when
+        the function is traced, not at each cached call): a
+        :class:`~qjax.rules.QjaxRuleWarning` naming it, or with ``strict=True`` a
+        ``ValueError``.
+
+    Raises:
+      ValueError: (when a layer runs) a rule that reaches a weight its spec cannot
+        quantize (e.g. an Embed table whose vocabulary no block divides), naming the
+        layer's path; an activation spec on an Embed (its input is integer ids).
 
     Enter the context inside the function you jit (or wrap it with :func:`intercepted`):
     Linen's interceptors are Python state that JAX's jit cache does not see, so a
@@ -269,18 +341,21 @@ def intercept(rules: Mapping[str, RuleValue]) -> Iterator[None]:
       >>> variables = model.init(jax.random.key(0), jnp.ones((1, 8)))
       >>> @jax.jit
       ... def quantized_apply(variables, x):
-      ...     with qlinen.intercept({".*": "int4:per_channel"}):
+      ...     with qlinen.intercept({".*kernel": "int4:per_channel"}, strict=True):
       ...         return model.apply(variables, x)
       >>> quantized_apply(variables, jnp.ones((1, 8))).shape
       (1, 4)
     """
-    compiled = [(match, quant) for match, quant, _ in compile_rules(rules)]
+    compiled = Rules(rules)
     with nn.intercept_methods(_interceptor(compiled)):
         yield
+    # Frames up from here: contextlib's __exit__, then the code that entered the context.
+    compiled.check(strict=strict, where="qjax.flax.linen.intercept", stacklevel=3)
 
 
-def intercepted(fn: Callable, rules: Mapping[str, RuleValue]) -> Callable:
-    """``fn`` run inside :func:`intercept` ``(rules)``: a new function, safe to ``jax.jit``.
+def intercepted(fn: Callable, rules: Mapping[str, RuleValue], *, strict: bool = False) -> Callable:
+    """``fn`` run inside :func:`intercept` ``(rules, strict=strict)``: a new function, safe
+    to ``jax.jit``.
 
     The wrapper is a different function from ``fn``, so jitting both gives two cache
     entries: the float and the quantized versions never replay each other's trace.
@@ -296,10 +371,86 @@ def intercepted(fn: Callable, rules: Mapping[str, RuleValue]) -> Callable:
       ...               != int8_apply(variables, jnp.ones((1, 8)))))
       True
     """
+    Rules(rules)  # invalid rules fail here, not at the first call
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with intercept(rules):
+        with intercept(rules, strict=strict):
             return fn(*args, **kwargs)
 
     return wrapper
+
+
+def _is_array(leaf: Any) -> bool:
+    return hasattr(leaf, "shape") and hasattr(leaf, "dtype")
+
+
+def plan(
+    model: nn.Module,
+    *args: Any,
+    rules: Mapping[str, RuleValue],
+    method: Callable | str | None = None,
+    **kwargs: Any,
+) -> ModelPlan:
+    """What ``rules`` do to each parameter of a Linen model, without running it.
+
+    Initializes the model abstractly (``jax.eval_shape`` of ``model.init``: no real
+    compute, no memory for weights) on ``args`` / ``kwargs``, notes which layer type owns
+    each parameter, and resolves the rules as :func:`intercept` and
+    :func:`qjax.flax.serve.convert` would. A rule that would fail on a weight (a block
+    that does not divide it, an activation spec on an Embed) is listed with the reason
+    rather than raised, so one call shows every problem.
+
+    Args:
+      model: the Linen module (for a transformers ``FlaxPreTrainedModel``, its ``.module``).
+      *args, **kwargs: example inputs for ``model.init`` (arrays or
+        ``jax.ShapeDtypeStruct``); ``method`` as for ``init``.
+      rules: as for :func:`intercept`.
+
+    Returns:
+      A :class:`ModelPlan`: ``rows`` of :class:`ModelPlanRow` (path, shape, dtype, layer
+      type, rule, weight spec, activation spec, note), the ``unmatched`` rules, and as
+      ``str()`` a table.
+
+    Examples:
+      >>> import flax.linen as nn, jax.numpy as jnp
+      >>> from qjax.flax import linen as qlinen
+      >>> model = nn.Sequential([nn.Dense(64), nn.relu, nn.Dense(10)])
+      >>> print(qlinen.plan(model, jnp.ones((1, 256)),
+      ...                   rules={".*_1/kernel": None, ".*kernel": "int8:per_channel"}))
+      path             shape      layer  rule        quantization
+      layers_0/bias    (64,)      Dense  -           float (rules quantize Dense's kernel only)
+      layers_0/kernel  (256, 64)  Dense  '.*kernel'  int8:symmetric:scale:per_channel(axis=-1)
+      layers_2/bias    (10,)      Dense  -           float (rules quantize Dense's kernel only)
+      layers_2/kernel  (64, 10)   Dense  '.*kernel'  int8:symmetric:scale:per_channel(axis=-1)
+      rules that match no layer: '.*_1/kernel'
+    """
+    compiled = Rules(rules)
+    layers: dict[str, type] = {}
+
+    def record(next_fun, args, kwargs, context):
+        layers.setdefault("/".join(context.module.path), type(context.module))
+        return next_fun(*args, **kwargs)
+
+    # Arrays (and ShapeDtypeStructs) enter eval_shape abstractly; other leaves, such as
+    # deterministic=True, stay Python values the model may branch on.
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    arrays = [i for i, leaf in enumerate(leaves) if _is_array(leaf)]
+
+    def init(*values: Any) -> Any:
+        filled = list(leaves)
+        for i, value in zip(arrays, values):
+            filled[i] = value
+        call_args, call_kwargs = jax.tree.unflatten(treedef, filled)
+        with nn.intercept_methods(record):
+            keys = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+            return model.init(keys, *call_args, method=method, **call_kwargs)
+
+    shapes = [jax.ShapeDtypeStruct(leaves[i].shape, leaves[i].dtype) for i in arrays]
+    params = nn.meta.unbox(jax.eval_shape(init, *shapes).get("params", {}))
+    rows = []
+    for keys, value in jax.tree_util.tree_flatten_with_path(params)[0]:
+        param = path_str(keys)
+        layer = layers.get(param.rpartition("/")[0])
+        rows.append(plan_row(compiled, param, value, layer, weight_name(layer or object)))
+    return ModelPlan(tuple(rows), tuple(compiled.unmatched()))

@@ -17,6 +17,7 @@ and checkpoints, and an ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` never sees t
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, TypeVar
 
@@ -27,9 +28,15 @@ from flax import nnx
 from qjax.flax._common import (
     ActQuant,
     LayerQuant,
+    ModelPlan,
+    ModelPlanRow,
+    Rules,
     RuleValue,
-    compile_rules,
+    cannot_quantize,
+    plan_row,
     quantize_activation,
+    rounded,
+    weight_spec_problem,
 )
 from qjax.ops import fake_quant
 
@@ -37,9 +44,12 @@ __all__ = [
     "HOOKS",
     "ActQuant",
     "LayerQuant",
+    "ModelPlan",
+    "ModelPlanRow",
     "QuantOp",
     "QuantStat",
     "calibrate",
+    "plan",
     "quantize",
 ]
 
@@ -65,6 +75,14 @@ HOOKS: dict[type, Hook] = {
 
 NO_HOOK: tuple[type, ...] = (nnx.ConvTranspose, nnx.Embed)
 """Layers with a weight that NNX reads without an operator hook: a rule cannot quantize them."""
+
+
+def weight_name(layer: nnx.Module | type) -> str | None:
+    """The parameter a layer multiplies with (``kernel``, ``embedding``), or None."""
+    cls = layer if isinstance(layer, type) else type(layer)
+    if issubclass(cls, nnx.Embed):
+        return "embedding"
+    return "kernel" if issubclass(cls, (*HOOKS, *NO_HOOK)) else None
 
 
 class QuantStat(nnx.Variable):
@@ -124,7 +142,7 @@ class QuantOp(nnx.Module):
         if act is not None and jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
             args[self.input_arg] = self._quantize_input(x, act)
         if self.quant.weight is not None:
-            args[self.kernel_arg] = fake_quant(args[self.kernel_arg], self.quant.weight)
+            args[self.kernel_arg] = rounded(fake_quant(args[self.kernel_arg], self.quant.weight))
         return self.op(*args, **kwargs)
 
     def _quantize_input(self, x: jax.Array, act: ActQuant) -> jax.Array:
@@ -141,10 +159,6 @@ class QuantOp(nnx.Module):
             self.calibrating = calibrating
 
 
-CompiledRules = list[tuple[Callable[[str], Any], LayerQuant | None, str]]
-"""(fullmatch, quant, pattern) per rule, in order."""
-
-
 def _hook_of(module: nnx.Module) -> Hook | None:
     for cls in type(module).__mro__:
         if cls in HOOKS:
@@ -153,16 +167,16 @@ def _hook_of(module: nnx.Module) -> Hook | None:
 
 
 def _plan(
-    module: nnx.Module, path: str, compiled: CompiledRules
+    module: nnx.Module, path: str, rules: Rules
 ) -> tuple[nnx.Module, Hook, LayerQuant | None] | None:
     """What :func:`quantize` does to ``module``: None, or (module, hook, quant)."""
-    hook = _hook_of(module)
-    if hook is None and not isinstance(module, NO_HOOK):
+    hook, name = _hook_of(module), weight_name(module)
+    if name is None:
         return None
-    found = next(((q, p) for match, q, p in compiled if match(path)), None)
-    if found is None or (hook is None and found[0] is None):
+    rule = rules.find(path, name)
+    if rule is None or (hook is None and rule.quant is None):
         return None
-    quant, pattern = found
+    quant, pattern = rule.quant, rule.pattern
     if hook is None:
         raise ValueError(
             f"rule {pattern!r} matches {path!r} ({type(module).__name__}), which NNX reads "
@@ -179,6 +193,15 @@ def _plan(
             f"layer {path!r} ({type(module).__name__}) uses dot_general_cls, which overrides "
             "the dot_general hook qjax quantizes through; build it with dot_general instead"
         )
+    if quant is not None and quant.weight is not None:
+        kernel = getattr(module, name).get_value()
+        shape = jnp.shape(kernel)
+        spec = rule.weight_spec(f"{path}/{name}" if path else name, shape)
+        problem = weight_spec_problem(shape, jnp.result_type(kernel), spec)
+        if problem is not None:
+            layer = type(module).__name__
+            raise ValueError(cannot_quantize(path, layer, name, shape, pattern, problem))
+        quant = dataclasses.replace(quant, weight=spec)
     return module, hook, quant
 
 
@@ -192,7 +215,7 @@ def _install(module: nnx.Module, hook: Hook, quant: LayerQuant | None) -> None:
     setattr(module, hook.attr, nnx.data(op))
 
 
-def quantize(model: M, rules: Mapping[str, RuleValue]) -> M:
+def quantize(model: M, rules: Mapping[str, RuleValue], *, strict: bool = False) -> M:
     """Quantizes the matched layers of an NNX model, in place.
 
     Each ``Linear``, ``LinearGeneral``, ``Conv`` and ``Einsum`` (or subclass) that a rule
@@ -209,9 +232,13 @@ def quantize(model: M, rules: Mapping[str, RuleValue]) -> M:
     Args:
       model: an ``nnx.Module``.
       rules: ``{regex: LayerQuant | QuantSpec | shorthand | None}``, first match wins,
-        matched with ``re.fullmatch`` against each module's path joined with ``/``
-        (e.g. ``"blocks/0/linear"``; the model itself is ``""``). A QuantSpec or shorthand
-        quantizes weights only; a :class:`LayerQuant` may add an :class:`ActQuant`.
+        on each layer's path (``"blocks/0/linear"``; the model itself is ``""``) or its
+        weight's path (``"blocks/0/linear/kernel"``, as in ``nnx.state(model)``): the rule
+        language of :mod:`qjax.flax`. A QuantSpec or shorthand quantizes weights only; a
+        :class:`LayerQuant` may add an :class:`ActQuant`.
+      strict: a rule that matches no layer is a :class:`~qjax.rules.QjaxRuleWarning`
+        naming it, or with ``strict=True`` a ``ValueError`` (the model is then left as it
+        was).
 
     Returns:
       ``model``, quantized.
@@ -219,8 +246,9 @@ def quantize(model: M, rules: Mapping[str, RuleValue]) -> M:
     Raises:
       ValueError: for an invalid rule, naming it; for a matched ``ConvTranspose`` or
         ``Embed`` (NNX gives no operator hook to quantize them through: exclude them with
-        a ``None`` rule before), or a layer built with ``dot_general_cls``. The model is
-        then left as it was.
+        a ``None`` rule before), a layer built with ``dot_general_cls``, or a kernel the
+        rule's spec cannot quantize (naming the layer's path). The model is then left as
+        it was.
       TypeError: for a rule value of the wrong type, naming the rule.
 
     Examples:
@@ -230,17 +258,18 @@ def quantize(model: M, rules: Mapping[str, RuleValue]) -> M:
       >>> model = nnx.Sequential(nnx.Linear(8, 8, rngs=nnx.Rngs(0)), nnx.relu,
       ...                        nnx.Linear(8, 2, rngs=nnx.Rngs(1)))
       >>> float_out = model(jnp.ones((1, 8)))
-      >>> model = qnnx.quantize(model, {"layers/0": "int4:per_channel"})
+      >>> model = qnnx.quantize(model, {"layers/0/kernel": "int4:per_channel"}, strict=True)
       >>> type(model.layers[0].dot_general).__name__, model.layers[2].dot_general.__name__
       ('QuantOp', 'dot_general')
       >>> bool(jnp.any(nnx.jit(lambda m, x: m(x))(model, jnp.ones((1, 8))) != float_out))
       True
     """
-    compiled = compile_rules(rules)
+    compiled = Rules(rules, collection=None)
     plans = [
         _plan(module, "/".join(map(str, parts)), compiled)
         for parts, module in nnx.iter_modules(model)
     ]
+    compiled.check(strict=strict, where="qjax.flax.nnx.quantize")
     for plan in plans:  # all checked first: an error leaves the model as it was
         if plan is not None:
             _install(*plan)
@@ -279,3 +308,38 @@ def calibrate(model: M, enabled: bool = True) -> M:
         if isinstance(module, QuantOp):
             module.calibrating = enabled
     return model
+
+
+def plan(model: nnx.Module, rules: Mapping[str, RuleValue]) -> ModelPlan:
+    """What :func:`quantize` ``(model, rules)`` would do to each parameter, without doing it.
+
+    Lists every ``nnx.Param`` with its path, shape, the layer type that owns it, the rule
+    that decides it and the weight / activation spec it gets, or why none (no rule, not a
+    layer's weight, a spec that does not fit, a layer NNX gives no operator hook).
+    Problems are listed, not raised, so one call shows them all.
+
+    Returns:
+      A :class:`ModelPlan` (``rows``, ``unmatched``; ``str()`` is a table).
+
+    Examples:
+      >>> from flax import nnx
+      >>> from qjax.flax import nnx as qnnx
+      >>> model = nnx.Sequential(nnx.Linear(64, 32, rngs=nnx.Rngs(0)), nnx.relu,
+      ...                        nnx.Linear(32, 10, rngs=nnx.Rngs(1)))
+      >>> print(qnnx.plan(model, {".*2/kernel": None, ".*kernel": "int8:per_channel"}))
+      path             shape     layer   rule          quantization
+      layers/0/bias    (32,)     Linear  -             float (rules quantize Linear's kernel only)
+      layers/0/kernel  (64, 32)  Linear  '.*kernel'    int8:symmetric:scale:per_channel(axis=-1)
+      layers/2/bias    (10,)     Linear  -             float (rules quantize Linear's kernel only)
+      layers/2/kernel  (32, 10)  Linear  '.*2/kernel'  float (the rule keeps it float)
+    """
+    compiled = Rules(rules, collection=None)
+    layers = {"/".join(map(str, parts)): type(module) for parts, module in nnx.iter_modules(model)}
+    rows = []
+    for parts, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        path = "/".join(map(str, parts))
+        layer = layers.get(path.rpartition("/")[0])
+        name = None if layer is None else weight_name(layer)
+        hookless = layer is not None and not any(issubclass(layer, cls) for cls in HOOKS)
+        rows.append(plan_row(compiled, path, variable.get_value(), layer, name, hookless))
+    return ModelPlan(tuple(rows), tuple(compiled.unmatched()))

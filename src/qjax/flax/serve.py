@@ -8,15 +8,25 @@ The step after quantization-aware training with :func:`qjax.flax.linen.intercept
 2. :func:`serving` (or :func:`served`) runs the unmodified model on that tree. Where a
    layer reads a QArray weight:
 
-   * weight only (no activation spec), or a combination integer dots cannot express:
-     the weight is dequantized where it is read. That is bit-exact with the QAT model,
-     because ``fake_quant(w) == dequantize(quantize(w))`` bit for bit.
-   * integer weights and activations with zero point 0 (signed, symmetric, at most 8
+   * by default (``integer_dots="as_trained"``) each layer computes what it computed in
+     QAT, so the served model is bit-exact with the QAT eval model however deep it is:
+     a layer trained with fake-quantized floats (``LayerQuant.integer_dot=False``, the
+     default) dequantizes its weight where it is read (``fake_quant(w) ==
+     dequantize(quantize(w))`` bit for bit) and runs the float dot; a layer trained with
+     ``integer_dot=True`` runs the integer dot below, as its QAT forward did.
+   * integer dots (``integer_dots="auto"`` / ``"require"``, or ``integer_dot=True``):
+     integer weights and activations with zero point 0 (signed, symmetric, at most 8
      bits) whose scales factor out of the contraction: Dense, DenseGeneral and Conv run
      ``lax.dot_general`` / ``lax.conv_general_dilated`` on int8 codes with
      ``preferred_element_type=int32``, then multiply by activation scale x weight scale.
-     The result equals the fake-quant QAT output up to float rounding (the QAT model
-     sums rounded float products; here the sum is exact and rounded once).
+     For a layer trained with fake-quantized floats the result equals the QAT output up
+     to float rounding only (QAT sums rounded float products; here the sum is exact and
+     rounded once), and through many layers those last-bit differences can move the
+     next layer's activation codes: that is why it is not the default.
+
+:func:`dequantizing` is the other way to run a converted tree: any function that wants
+float parameters (third-party wrappers such as transformers' ``FlaxBertModel(params=...)``)
+gets them dequantized inside the function you jit.
 
 How a layer is rerouted, without copying it: while it runs, the layer's variable scope
 sits behind a thin proxy that returns the weight (dequantized, or its integer codes as
@@ -34,14 +44,14 @@ import functools
 import math
 import re
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qjax.flax._common import activation_qparams, compile_rules
+from qjax.flax._common import Rules, activation_qparams, rounded
 from qjax.flax._integer import dense_contraction, dot_scale, spec_reason
 from qjax.flax.linen import (
     STATS,
@@ -49,6 +59,7 @@ from qjax.flax.linen import (
     ActQuant,
     LayerQuant,
     RuleValue,
+    layer_rule,
     quantized_call,
     swapped_attributes,
     weight_name,
@@ -59,21 +70,22 @@ from qjax.qparams import QParams
 from qjax.spec import QuantSpec
 from qjax.tree import path_str
 
-__all__ = ["IntegerDots", "convert", "served", "serving"]
+__all__ = ["IntegerDots", "convert", "dequantizing", "served", "serving"]
 
-IntegerDots = Literal["auto", "require", "never"]
-"""Where :func:`serving` uses integer dots: ``"auto"`` where the layer allows (else the
-weight is dequantized), ``"require"`` (refuse a layer with an activation spec that cannot),
-``"never"`` (always dequantize: bit-exact with the QAT model everywhere)."""
+IntegerDots = Literal["as_trained", "auto", "require", "never"]
+"""Where :func:`serving` uses integer dots: ``"as_trained"`` (default) where the rule says
+``integer_dot=True``, as QAT did (bit-exact with the QAT model), ``"auto"`` wherever the
+layer allows (else the weight is dequantized), ``"require"`` (refuse a layer with an
+activation spec that cannot), ``"never"`` (always dequantize)."""
 
-INTEGER_DOTS = ("auto", "require", "never")
+INTEGER_DOTS = ("as_trained", "auto", "require", "never")
 WEIGHT_PARAMS = frozenset(WEIGHT_NAMES.values())
 """Names of the parameters a rule quantizes: ``kernel`` and ``embedding``."""
 
-Compiled = list[tuple[Callable[[str], Any], Union[LayerQuant, None]]]
 
-
-def convert(variables: Mapping[str, Any], rules: Mapping[str, RuleValue]) -> dict[str, Any]:
+def convert(
+    variables: Mapping[str, Any], rules: Mapping[str, RuleValue], *, strict: bool = False
+) -> dict[str, Any]:
     """Turns QAT-trained float variables into the tree :func:`serving` runs.
 
     Args:
@@ -82,9 +94,11 @@ def convert(variables: Mapping[str, Any], rules: Mapping[str, RuleValue]) -> dic
         :func:`~qjax.flax.linen.intercept` with ``mutable=["quant_stats"]``).
       rules: the rules the model was trained with, as for
         :func:`~qjax.flax.linen.intercept`: ``{regex: LayerQuant | QuantSpec | shorthand |
-        None}``, first match wins, ``re.fullmatch`` on the module path. The weight of a
-        module, ``params/<module path>/kernel`` (or ``/embedding``), is quantized with its
+        None}`` (the rule language of :mod:`qjax.flax`). The weight of each matched
+        layer, ``params/<module path>/kernel`` (or ``/embedding``), is quantized with its
         rule's weight spec.
+      strict: a rule that matches no weight is a :class:`~qjax.rules.QjaxRuleWarning`,
+        or with ``strict=True`` a ``ValueError``.
 
     Returns:
       The same collections; in ``params`` each quantized weight is a
@@ -92,8 +106,9 @@ def convert(variables: Mapping[str, Any], rules: Mapping[str, RuleValue]) -> dic
       parameters (``nn.Partitioned``) come back unboxed.
 
     Raises:
-      ValueError: a weight to quantize holds NaN or inf, or a rule with static activation
-        ranges has no calibrated ``quant_stats`` for its module.
+      ValueError: a weight to quantize holds NaN or inf or does not fit its rule's spec
+        (naming its path and the rule), or a rule with static activation ranges has no
+        calibrated ``quant_stats`` for its module.
 
     Examples:
       >>> import flax.linen as nn, jax, jax.numpy as jnp
@@ -105,7 +120,7 @@ def convert(variables: Mapping[str, Any], rules: Mapping[str, RuleValue]) -> dic
       >>> kernel.shape, kernel.packed, kernel.nbytes  # 4096 + 1024 bytes, not 32768
       ((128, 64), True, 5120)
     """
-    compiled = _compile(rules)
+    compiled = Rules(rules)
     if "params" not in variables:
         raise ValueError(
             f"variables have no 'params' collection (got {sorted(variables)}); pass what "
@@ -115,21 +130,27 @@ def convert(variables: Mapping[str, Any], rules: Mapping[str, RuleValue]) -> dic
 
     def convert_leaf(path: tuple, leaf: Any) -> Any:
         name = path_str(path)
-        quant = _weight_rule(compiled, name)
-        if quant is None or isinstance(leaf, QArray):
+        module_path, _, leaf_name = name.rpartition("/")
+        rule = compiled.find(module_path, leaf_name) if leaf_name in WEIGHT_PARAMS else None
+        if rule is None or rule.quant is None or isinstance(leaf, QArray):
             return leaf
-        _check_calibrated(variables, name, quant)
-        if quant.weight is None:
+        _check_calibrated(variables, name, rule.quant)
+        spec = rule.weight_spec(name, np.shape(leaf))
+        if spec is None:
             return leaf
-        return _quantize_weight(leaf, quant.weight, f"params/{name}")
+        return _quantize_weight(leaf, spec, f"params/{name}", rule.pattern)
 
     converted = jax.tree_util.tree_map_with_path(convert_leaf, params, is_leaf=_is_qarray)
+    compiled.check(strict=strict, where="qjax.flax.serve.convert")
     return {**variables, "params": converted}
 
 
 @contextlib.contextmanager
 def serving(
-    rules: Mapping[str, RuleValue], *, integer_dots: IntegerDots = "auto"
+    rules: Mapping[str, RuleValue],
+    *,
+    integer_dots: IntegerDots = "as_trained",
+    strict: bool = False,
 ) -> Iterator[None]:
     """Runs an unmodified Linen model on the tree :func:`convert` made, while active.
 
@@ -137,10 +158,17 @@ def serving(
       rules: the same rules as for :func:`convert` and QAT. The weight specs must match
         the QArrays' (they are checked); the activation specs say how each layer's input
         is quantized.
-      integer_dots: ``"auto"`` (default): integer dots where the layer and specs allow,
-        dequantized weights elsewhere; ``"require"``: a layer whose rule has an
+      integer_dots: ``"as_trained"`` (default): integer dots exactly where the rule has
+        ``integer_dot=True`` (a ``ValueError`` if such a layer cannot use one), dequantized
+        weights elsewhere: each layer computes what QAT computed, so the output is
+        bit-exact with the QAT model's. ``"auto"``: integer dots wherever the layer and
+        specs allow (equal to fake-quant QAT up to float rounding per layer), dequantized
+        weights elsewhere; ``"require"``: as ``"auto"``, and a layer whose rule has an
         activation spec and that cannot use an integer dot is a ``ValueError`` saying
-        why; ``"never"``: dequantize every weight (bit-exact with QAT).
+        why; ``"never"``: dequantize every weight.
+      strict: a rule that quantized no layer while the context was active (checked on
+        exit, as :func:`~qjax.flax.linen.intercept` does) is a
+        :class:`~qjax.rules.QjaxRuleWarning`, or with ``strict=True`` a ``ValueError``.
 
     An integer dot needs: a Dense, DenseGeneral (no ``batch_dims``) or Conv (no
     ``mask``); weight and activation specs with signed integer targets of at most 8 bits
@@ -171,12 +199,18 @@ def serving(
       True
     """
     _check_integer_dots(integer_dots)
-    with nn.intercept_methods(_interceptor(_compile(rules), integer_dots)):
+    compiled = Rules(rules)
+    with nn.intercept_methods(_interceptor(compiled, integer_dots)):
         yield
+    compiled.check(strict=strict, where="qjax.flax.serve.serving", stacklevel=3)
 
 
 def served(
-    fn: Callable, rules: Mapping[str, RuleValue], *, integer_dots: IntegerDots = "auto"
+    fn: Callable,
+    rules: Mapping[str, RuleValue],
+    *,
+    integer_dots: IntegerDots = "as_trained",
+    strict: bool = False,
 ) -> Callable:
     """``fn`` run inside :func:`serving` ``(rules)``: a new function, safe to ``jax.jit``.
 
@@ -196,11 +230,45 @@ def served(
       True
     """
     _check_integer_dots(integer_dots)
+    Rules(rules)  # invalid rules fail here, not at the first call
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with serving(rules, integer_dots=integer_dots):
+        with serving(rules, integer_dots=integer_dots, strict=strict):
             return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def dequantizing(fn: Callable) -> Callable:
+    """``fn`` with every :class:`~qjax.QArray` in its arguments dequantized first.
+
+    For code that wants float parameters and knows nothing of QArrays: third-party model
+    wrappers (transformers' ``FlaxBertModel.__call__(..., params=...)``), ``model.apply``
+    without :func:`serving`, optax-free evaluation loops. Jit the wrapper: the QArrays
+    then enter the compiled function packed and are dequantized inside it, so only the
+    packed weights stay resident between calls, and XLA fuses the dequantization into
+    the consumers where it can. Leaves that are not QArrays pass through unchanged; the
+    floats are those of :meth:`qjax.QArray.dequantize` (the QAT model's fake-quantized
+    weights, bit for bit).
+
+    Examples:
+      >>> import flax.linen as nn, jax, jax.numpy as jnp, numpy as np, qjax
+      >>> from qjax.flax import serve
+      >>> model, x = nn.Dense(64), jnp.ones((2, 128))
+      >>> variables = model.init(jax.random.key(0), x)
+      >>> packed = qjax.quantize_tree(variables, {".*kernel": "int4:per_block:32"})
+      >>> run = jax.jit(serve.dequantizing(model.apply))
+      >>> float_kernel = packed["params"]["kernel"].dequantize()
+      >>> want = model.apply({"params": {**variables["params"], "kernel": float_kernel}}, x)
+      >>> bool(np.array_equal(run(packed, x), want))
+      True
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        args, kwargs = jax.tree.map(_dequantized, (args, kwargs), is_leaf=_is_qarray)
+        return fn(*args, **kwargs)
 
     return wrapper
 
@@ -213,21 +281,7 @@ def _check_integer_dots(integer_dots: Any) -> None:
 # Rules and the converted tree -------------------------------------------------------------
 
 
-def _compile(rules: Mapping[str, RuleValue]) -> Compiled:
-    return [(match, quant) for match, quant, _ in compile_rules(rules)]
-
-
-def _match(compiled: Compiled, module_path: str) -> LayerQuant | None:
-    return next((quant for match, quant in compiled if match(module_path)), None)
-
-
-def _weight_rule(compiled: Compiled, param_path: str) -> LayerQuant | None:
-    """The rule of the module owning ``param_path`` if it is a weight (kernel, embedding)."""
-    module_path, _, leaf = param_path.rpartition("/")
-    return _match(compiled, module_path) if leaf in WEIGHT_PARAMS else None
-
-
-def _quantize_weight(leaf: Any, spec: QuantSpec, name: str) -> QArray:
+def _quantize_weight(leaf: Any, spec: QuantSpec, name: str, rule: str) -> QArray:
     if not isinstance(leaf, jax.core.Tracer):
         bad = int(np.size(leaf) - np.count_nonzero(np.isfinite(np.asarray(leaf))))
         if bad:
@@ -239,7 +293,12 @@ def _quantize_weight(leaf: Any, spec: QuantSpec, name: str) -> QArray:
     try:
         return quantize(leaf, spec)
     except (ValueError, TypeError) as e:
-        raise type(e)(f"{name}: {e}") from None
+        module_path = name.removeprefix("params/").rpartition("/")[0]
+        raise type(e)(
+            f"rule {rule!r} reaches {name} {tuple(np.shape(leaf))}, which it cannot quantize: "
+            f"{e}. Give that layer its own rule before {rule!r}: a spec that fits, or "
+            f"{{{re.escape(module_path)!r}: None}} to keep it float"
+        ) from None
 
 
 def _check_calibrated(variables: Mapping[str, Any], param_path: str, quant: LayerQuant) -> None:
@@ -271,7 +330,7 @@ def _is_qarray(x: Any) -> bool:
 # The interceptor --------------------------------------------------------------------------
 
 
-def _interceptor(compiled: Compiled, integer_dots: IntegerDots) -> Callable:
+def _interceptor(compiled: Rules, integer_dots: IntegerDots) -> Callable:
     def intercept_method(next_fun, args, kwargs, context):
         module = context.module
         name = weight_name(module)
@@ -280,18 +339,17 @@ def _interceptor(compiled: Compiled, integer_dots: IntegerDots) -> Callable:
         if name is None:
             _refuse_unknown_qarray(module)
             return next_fun(*args, **kwargs)
-        path = "/".join(module.path)
-        quant = _match(compiled, path)
+        quant, rule = layer_rule(module, compiled, context.method_name) or (None, None)
         stored = module.scope.get_variable("params", name)
         if stored is None:  # init: nothing converted yet, so behave as QAT does
             if quant is None:
                 return next_fun(*args, **kwargs)
-            return quantized_call(module, next_fun, args, kwargs, quant)
-        _check_stored(_param_name(path, name), quant, stored)
+            return quantized_call(module, next_fun, args, kwargs, quant, rule)
+        path = "/".join(module.path)
+        spec = None if rule is None else rule.weight_spec(f"{path}/{name}", np.shape(stored))
+        _check_stored(_param_name(path, name), spec, stored)
         if quant is None:
             return next_fun(*args, **kwargs)
-        if context.method_name == "setup" or isinstance(module, nn.Embed):
-            quant = LayerQuant(weight=quant.weight)  # setup / integer ids: weights only
         return _served_call(module, next_fun, args, kwargs, quant, stored, integer_dots)
 
     return intercept_method
@@ -311,8 +369,7 @@ def _refuse_unknown_qarray(module: nn.Module) -> None:
             )
 
 
-def _check_stored(name: str, quant: LayerQuant | None, stored: Any) -> None:
-    spec = None if quant is None else quant.weight
+def _check_stored(name: str, spec: QuantSpec | None, stored: Any) -> None:
     if isinstance(stored, QArray):
         if spec is None:
             raise ValueError(
@@ -343,7 +400,8 @@ def _served_call(
     """Runs one quantized layer: integer dot where planned, else dequantize on the fly."""
     name = weight_name(module)
     act = quant.act
-    if act is not None and integer_dots != "never":
+    required = integer_dots == "require" or (integer_dots == "as_trained" and quant.integer_dot)
+    if act is not None and (required or integer_dots == "auto"):
         if isinstance(weight, QArray):
             plan = _integer_plan(module, args, act, weight)
         else:
@@ -353,15 +411,15 @@ def _served_call(
             codes = quantize(args[0], act.spec, qparams=qparams, packed=False).codes()
             with _weight_read(module, name, _codes_as_float), swapped_attributes(module, hooks):
                 return fun(codes.astype(args[0].dtype), *args[1:], **kwargs)
-        if integer_dots == "require":
+        if required:
             raise ValueError(
                 f"layer {'/'.join(module.path)!r} ({type(module).__name__}) cannot use an "
-                f"integer dot: {plan}. Change its rule accordingly, or serve with "
-                "integer_dots='auto' to dequantize its weight on the fly (float dot, "
-                "bit-exact with QAT)"
+                f"integer dot (integer_dots={integer_dots!r}, integer_dot="
+                f"{quant.integer_dot}): {plan}. Change its rule accordingly, or serve with "
+                "integer_dots='never' to dequantize its weight on the fly"
             )
     if isinstance(weight, QArray):
-        with _weight_read(module, name, QArray.dequantize):
+        with _weight_read(module, name, _dequantized):
             return quantized_call(module, fun, args, kwargs, LayerQuant(act=act))
     return quantized_call(module, fun, args, kwargs, quant)
 
@@ -396,6 +454,12 @@ class _ServingScope:
 def _weight_read(module: nn.Module, name: str, read: Callable[[QArray], jax.Array]):
     """While active, the module reads its stored QArray weight ``name`` through ``read``."""
     return swapped_attributes(module, {"scope": _ServingScope(module.scope, name, read)})
+
+
+def _dequantized(leaf: Any) -> Any:
+    """A QArray's values as the QAT model's fake-quantized weight (bit for bit), else
+    ``leaf``."""
+    return rounded(leaf.dequantize()) if isinstance(leaf, QArray) else leaf
 
 
 def _codes_as_float(weight: QArray) -> jax.Array:
@@ -488,7 +552,7 @@ def _integer_dot_general(scale: jax.Array) -> Callable:
         )
         if acc.ndim != scale.ndim:
             raise RuntimeError(f"dot output {acc.shape} does not match scales {scale.shape}")
-        return (acc.astype(jnp.float32) * scale).astype(lhs.dtype)
+        return rounded(acc.astype(jnp.float32) * scale).astype(lhs.dtype)
 
     return dot_general
 
@@ -528,6 +592,6 @@ def _integer_conv(scale: jax.Array) -> Callable:
         )
         shape = [1] * acc.ndim
         shape[dn.out_spec[1]] = scale.shape[0]
-        return (acc.astype(jnp.float32) * scale.reshape(shape)).astype(lhs.dtype)
+        return rounded(acc.astype(jnp.float32) * scale.reshape(shape)).astype(lhs.dtype)
 
     return conv_general_dilated
