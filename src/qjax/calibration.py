@@ -38,7 +38,13 @@ import numpy as np
 from qjax import granularity as gran
 from qjax.affine import dequantize_stored, quantize_blocks
 from qjax.exact import unfused
-from qjax.qparams import QParams, block_minmax, check_float_input, qparams_from_minmax
+from qjax.qparams import (
+    QParams,
+    block_minmax,
+    check_float_input,
+    qparams_from_minmax,
+    refuse_float16_overflow,
+)
 from qjax.spec import QuantSpec
 
 __all__ = [
@@ -203,7 +209,8 @@ def calibrate(
 
     Raises:
       ValueError: for an unknown method or an option out of range, or a granularity that
-        does not fit ``x.shape``.
+        does not fit ``x.shape``; with ``scale_dtype="float16"``, for a calibrated range
+        whose scale float16 cannot hold (eager calls; under ``jit`` it saturates).
       TypeError: for non-floating input.
 
     Examples:
@@ -231,7 +238,11 @@ def calibrate(
       Array([2.6065814], dtype=float32)
     """
     observer = _observer(method, percentile, grid, min_ratio)
-    return _calibrate(check_float_input(x, "calibrate"), spec, observer)
+    x = check_float_input(x, "calibrate")
+    if spec.scale_dtype == "float16" and not isinstance(x, jax.core.Tracer):
+        wide = dataclasses.replace(spec, scale_dtype="float32")
+        refuse_float16_overflow(_calibrate(x, wide, observer).scale, spec, "calibrate")
+    return _calibrate(x, spec, observer)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "observer"))
@@ -316,10 +327,11 @@ def _mse_range(
 ) -> tuple[jax.Array, jax.Array]:
     """The minmax range times the clip ratio with the lowest per-block squared error."""
     lo, hi = block_minmax(xb, layout)
+    unit = _error_unit(jnp.maximum(-lo, hi))
 
     def block_sse(ratio: jax.Array) -> jax.Array:
         qp = qparams_from_minmax(lo * ratio, hi * ratio, spec)
-        err = xb - dequantize_stored(quantize_blocks(xb, qp, spec)[0], qp, spec)
+        err = (xb - dequantize_stored(quantize_blocks(xb, qp, spec)[0], qp, spec)) * unit
         return jnp.sum(err * err, axis=layout.axes, keepdims=True)
 
     def step(best, ratio):
@@ -334,6 +346,25 @@ def _mse_range(
     if observer.grid > 1:
         (_, best_ratio), _ = jax.lax.scan(step, (block_sse(one), one), jnp.asarray(ratios[1:]))
     return lo * best_ratio, hi * best_ratio
+
+
+ERROR_UNIT_EXPONENT = 40
+"""Blocks with ``max|x| < 2**41`` sum their squared errors as they are; larger ones in
+units of a power of two, so that the sums cannot overflow float32."""
+
+
+def _error_unit(amax: jax.Array) -> jax.Array:
+    """``2**-k``, the factor a block's errors are scaled by before they are squared.
+
+    ``k = max(floor(log2(amax)) - 40, 0)``, read off amax's exponent bits: 1 for every
+    block below ``2**41`` (the sums are those of the plain errors, bit for bit), and for
+    larger blocks (up to float32's max) a power of two that keeps each scaled error below
+    ``2**42`` and the sum of squares finite. Scaling by a power of two is exact, so a
+    block picks the ratio that the same block divided by ``2**k`` picks.
+    """
+    biased = (jax.lax.bitcast_convert_type(amax, jnp.int32) >> 23) & 0xFF
+    k = jnp.clip(biased - 127 - ERROR_UNIT_EXPONENT, 0, None)
+    return jax.lax.bitcast_convert_type((127 - k) << 23, jnp.float32)
 
 
 class MovingAverage(NamedTuple):

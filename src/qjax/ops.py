@@ -13,7 +13,7 @@ from qjax import packing
 from qjax.affine import dequantize_stored, quantize_blocks, round_to_float_grid
 from qjax.exact import round_to_scale_dtype
 from qjax.qarray import QArray
-from qjax.qparams import QParams, blockwise_qparams, check_float_input
+from qjax.qparams import QParams, blockwise_qparams, check_float_input, check_scale_holds
 from qjax.spec import QuantSpec
 
 __all__ = ["dequantize", "fake_quant", "quantize", "straight_through"]
@@ -66,6 +66,8 @@ def quantize(
       ((3, 1), (3, 4))
     """
     x = check_float_input(x, "quantize")
+    if qparams is None:
+        check_scale_holds(x, spec, "quantize")
     target = spec.target
     if packed is None:
         packed = target.bits < 8 and x.ndim > 0
@@ -195,6 +197,8 @@ def fake_quant(
       Array([1., 1., 0.], dtype=float32)
     """
     x = check_float_input(x, "fake_quant")
+    if qparams is None:
+        check_scale_holds(x, spec, "fake_quant")
     return _fake_quant(x, qparams, spec)
 
 
@@ -202,8 +206,8 @@ def fake_quant(
 def _fake_quant(x: jax.Array, qparams: QParams | None, spec: QuantSpec) -> jax.Array:
     q, in_range, qp, layout = _quantize_values(jax.lax.stop_gradient(x), qparams, spec)
     qp = jax.lax.stop_gradient(qp)
-    y = dequantize_stored(q, jax.tree.map(layout.expand, qp), spec).reshape(x.shape)
-    return straight_through(x, y.astype(x.dtype), in_range.reshape(x.shape))
+    y = dequantize_stored(q, jax.tree.map(layout.expand, qp), spec, x.dtype).reshape(x.shape)
+    return straight_through(x, y, in_range.reshape(x.shape))
 
 
 @jax.custom_jvp

@@ -126,8 +126,7 @@ class QArray:
         else:
             codes = layout.blockify(self.codes())
         qp = jax.tree.map(layout.expand, self.qparams)
-        q = dequantize_blocks(codes, qp, self.spec)
-        return q.reshape(shape).astype(self.float_dtype)
+        return dequantize_blocks(codes, qp, self.spec, self.float_dtype).reshape(shape)
 
     def __repr__(self) -> str:
         return (
