@@ -45,7 +45,7 @@ from qjax.qparams import (
     qparams_from_minmax,
     refuse_float16_overflow,
 )
-from qjax.spec import QuantSpec
+from qjax.spec import QuantSpec, SpecLike, as_spec
 
 __all__ = [
     "METHODS",
@@ -123,7 +123,7 @@ def clip_ratios(grid: int, min_ratio: float) -> np.ndarray:
 
 def observe_range(
     x: jax.typing.ArrayLike,
-    spec: QuantSpec,
+    spec: SpecLike,
     method: Method = "minmax",
     *,
     percentile: float = 99.99,
@@ -175,13 +175,14 @@ def observe_range(
       >>> observe_range(x, qjax.QuantSpec("uint8", "asymmetric"), "absmax")
       (Array([[-4.]], dtype=float32), Array([[4.]], dtype=float32))
     """
+    spec = as_spec(spec)
     observer = _observer(method, percentile, grid, min_ratio)
     return _observe_range(check_float_input(x, "observe_range"), spec, observer)
 
 
 def calibrate(
     x: jax.typing.ArrayLike,
-    spec: QuantSpec,
+    spec: SpecLike,
     method: Method = "minmax",
     *,
     percentile: float = 99.99,
@@ -237,6 +238,7 @@ def calibrate(
       >>> f(x).scale * 7.5  # the 99th percentile of |x|
       Array([2.6065814], dtype=float32)
     """
+    spec = as_spec(spec)
     observer = _observer(method, percentile, grid, min_ratio)
     x = check_float_input(x, "calibrate")
     if spec.scale_dtype == "float16" and not isinstance(x, jax.core.Tracer):
@@ -405,7 +407,7 @@ def moving_average_init(params_shape: Sequence[int]) -> MovingAverage:
 def moving_average_update(
     state: MovingAverage,
     x: jax.typing.ArrayLike,
-    spec: QuantSpec,
+    spec: SpecLike,
     momentum: float = 0.9,
     method: Method = "minmax",
     *,
@@ -449,6 +451,7 @@ def moving_average_update(
       >>> float(moving_average_qparams(state, spec).scale * 127.5)  # amax = 1
       1.0
     """
+    spec = as_spec(spec)
     if not _is_real(momentum) or not 0 <= momentum < 1:
         raise ValueError(
             f"momentum must be a number in [0, 1), got {momentum!r}; it is the weight of "
@@ -489,12 +492,13 @@ def ema(old: jax.Array, new: jax.Array, momentum: float, first: jax.Array) -> ja
     return jnp.where(first, new, kept + unfused(jnp.float32(1.0 - momentum) * new))
 
 
-def moving_average_qparams(state: MovingAverage, spec: QuantSpec) -> QParams:
+def moving_average_qparams(state: MovingAverage, spec: SpecLike) -> QParams:
     """Quant params from the running range: ``qparams_from_minmax(min_val, max_val, spec)``.
 
     A state that saw no batch has a zero range, hence the eps scale. See
     :func:`moving_average_update` for an example.
     """
+    spec = as_spec(spec)
     return _qparams_from_minmax(state.min_val, state.max_val, spec)
 
 

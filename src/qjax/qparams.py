@@ -12,7 +12,7 @@ import numpy as np
 
 from qjax import granularity as gran
 from qjax.exact import exact_divide, round_to_scale_dtype
-from qjax.spec import QuantSpec
+from qjax.spec import QuantSpec, SpecLike, as_spec
 
 __all__ = [
     "QParams",
@@ -160,7 +160,7 @@ def _fused_minmax_is_fast(layout: gran.BlockLayout) -> bool:
     return last or layout.blocked[axis] <= FUSED_MINMAX_MAX_MIDDLE_BLOCK
 
 
-def qparams_from_minmax(min_val: jax.Array, max_val: jax.Array, spec: QuantSpec) -> QParams:
+def qparams_from_minmax(min_val: jax.Array, max_val: jax.Array, spec: SpecLike) -> QParams:
     """Quant params from each block's observed range (design notes section 1).
 
     This is the one place the scheme formulae live; :func:`compute_qparams`, calibration
@@ -181,6 +181,7 @@ def qparams_from_minmax(min_val: jax.Array, max_val: jax.Array, spec: QuantSpec)
       >>> float(qp.scale), int(qp.zero_point)
       (0.01568627543747425, 64)
     """
+    spec = as_spec(spec)
     min_neg = jnp.minimum(jnp.asarray(min_val, jnp.float32), 0.0)
     max_pos = jnp.maximum(jnp.asarray(max_val, jnp.float32), 0.0)
     qmin, qmax = spec.qmin, spec.qmax
@@ -225,7 +226,7 @@ def _power_of_two_scale(amax: jax.Array, emax: int) -> jax.Array:
     return jax.lax.bitcast_convert_type(biased, jnp.float8_e8m0fnu)
 
 
-def compute_qparams(x: jax.typing.ArrayLike, spec: QuantSpec) -> QParams:
+def compute_qparams(x: jax.typing.ArrayLike, spec: SpecLike) -> QParams:
     """Computes the scale and offsets of every block of ``x``.
 
     Args:
@@ -246,6 +247,7 @@ def compute_qparams(x: jax.typing.ArrayLike, spec: QuantSpec) -> QParams:
       >>> qp.scale.shape, qp.scale * 127.5  # one scale per output channel
       ((1, 2), Array([[1., 4.]], dtype=float32))
     """
+    spec = as_spec(spec)
     x = check_float_input(x, "compute_qparams")
     check_scale_holds(x, spec, "compute_qparams")
     return _compute_qparams(x, spec)
@@ -257,12 +259,13 @@ def _compute_qparams(x: jax.Array, spec: QuantSpec) -> QParams:
     return blockwise_qparams(layout.blockify(x.astype(jnp.float32)), layout, spec)
 
 
-def block_range(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
+def block_range(x: jax.Array, spec: SpecLike) -> tuple[jax.Array, jax.Array]:
     """Per-block (min, max) of ``x`` as float32, each of shape ``x.shape // block_shape``.
 
     The observation that range calibration (static activations, moving averages) feeds
     into :func:`qparams_from_minmax`.
     """
+    spec = as_spec(spec)
     x = check_float_input(x, "block_range")
     layout = gran.BlockLayout.of(x.shape, gran.block_shape(x.shape, spec.granularity))
     lo, hi = block_minmax(layout.blockify(x.astype(jnp.float32)), layout)
