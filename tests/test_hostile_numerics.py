@@ -362,11 +362,18 @@ def test_float16_scale_under_jit_saturates(value):
     ],
     ids=str,
 )
-def test_user_scales_past_the_scale_dtype_saturate(spec, given, stored):
-    """A float32 scale cast to a narrower scale dtype used to become inf (NaN in e8m0)."""
+def test_user_scales_past_the_scale_dtype_saturate_under_jit(spec, given, stored):
+    """A float32 scale cast to a narrower scale dtype used to become inf (NaN in e8m0).
+
+    Eagerly such a scale is refused where it enters (``qparams.scale``); under ``jit`` its
+    value is traced and cannot be checked, so it saturates to the scale dtype's max.
+    """
     x = np.array([1.0, -2.0], np.float32)
-    qp = qjax.QParams(np.array(given, np.float32), np.array(0, np.int32), None)
-    qa = qjax.quantize(x, spec, qparams=qp)
+    zero_point = None if spec.is_float else np.array(0, np.int32)
+    qp = qjax.QParams(np.array(given, np.float32), zero_point, None)
+    with pytest.raises(ValueError, match=r"qparams\.scale"):
+        qjax.quantize(x, spec, qparams=qp)
+    qa = jax.jit(lambda x, qp: qjax.quantize(x, spec, qparams=qp))(x, qp)
     assert np.asarray(qa.scale, np.float32).item() == stored
     assert np.all(np.isfinite(np.asarray(qjax.dequantize(qa))))
 
