@@ -62,12 +62,28 @@ def test_round_quotient_near_ties():
     np.testing.assert_array_equal(got.view(np.int32), expected.view(np.int32))
 
 
-def test_round_quotient_keeps_the_approximation_outside_the_safe_range():
-    num = np.array([0.0, np.inf, np.nan, 2.0**70, 1.0, 2.0**-70], np.float32)
-    den = np.array([3.0, 3.0, 3.0, 3.0, 0.0, 3.0], np.float32)
-    approx = np.array([0.0, np.inf, np.nan, 1.0, np.inf, 7.0], np.float32)
+def test_round_quotient_keeps_the_approximation_for_zero_inf_and_nan_operands():
+    """IEEE gives these quotients exactly; the approximation (here deliberately odd
+    values) is returned as it is."""
+    num = np.array([0.0, -0.0, np.inf, np.nan, 1.0, 1.0, 5.0, 0.0], np.float32)
+    den = np.array([3.0, 3.0, 3.0, 3.0, 0.0, np.inf, np.nan, 0.0], np.float32)
+    approx = np.array([0.0, -0.0, np.inf, np.nan, np.inf, 7.0, 2.0, np.nan], np.float32)
     got = np.asarray(jax.jit(exact.round_quotient)(num, den, approx))
-    np.testing.assert_array_equal(got, approx)
+    np.testing.assert_array_equal(got.view(np.int32), approx.view(np.int32))
+
+
+def test_round_quotient_outside_the_old_safe_range():
+    """Operands beyond [2**-60, 2**60], subnormals and overflowing quotients: the
+    correction covers every finite operand (tests/test_hostile_numerics.py has more)."""
+    num = np.array([2.0**70, 2.0**-70, 1e-17, 3e38, 1e-40, 1.0], np.float32)
+    den = np.array([3.0, 3.0, 127.5, 1e-3, 3.0, 3e-39], np.float32)
+    with np.errstate(over="ignore"):
+        expected = num / den
+    for step in (-2, -1, 1, 2):
+        approx = _ulp_steps(expected, np.full(num.shape, step))
+        approx = np.where(np.isinf(expected), expected, approx).astype(np.float32)
+        got = np.asarray(jax.jit(exact.round_quotient)(num, den, approx))
+        np.testing.assert_array_equal(got.view(np.int32), expected.view(np.int32))
 
 
 @pytest.mark.parametrize("path", ["backend", "corrected"])

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
 
 from qjax.dtypes import TargetDType
 from qjax.exact import exact_divide, round_to_format, unfused
 from qjax.qparams import QParams
 from qjax.spec import QuantSpec
 
-__all__ = ["dequantize_blocks", "quantize_blocks"]
+__all__ = ["dequantize_blocks", "quantize_blocks", "saturate"]
 
 
 def quantize_blocks(xb: jax.Array, qp: QParams, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
@@ -31,13 +33,29 @@ def quantize_blocks(xb: jax.Array, qp: QParams, spec: QuantSpec) -> tuple[jax.Ar
     elif spec.is_float:
         v = exact_divide(xb, scale)
     elif spec.formulation == "minval":
-        v = jnp.round(exact_divide(xb - qp.minval, scale)) + spec.qmin
+        v = jnp.round(_divide_offset(xb, qp.minval, scale)) + spec.qmin
     else:
         v = jnp.round(exact_divide(xb, scale))
         if spec.formulation == "zero_point":
             v = v + qp.zero_point.astype(jnp.float32)
     in_range = (v >= spec.qmin) & (v <= spec.qmax)
     return jnp.clip(v, spec.qmin, spec.qmax), in_range
+
+
+def _divide_offset(x: jax.Array, minval: jax.Array, scale: jax.Array) -> jax.Array:
+    """``(x - minval) / scale``, correctly rounded also where ``x - minval`` overflows.
+
+    The difference overflows only for ranges wider than float32's (``x`` near 3e38,
+    ``minval`` near -3e38). There both sides are halved, exactly:
+    ``round(x/2 - minval/2) / (scale/2)`` equals the formula with an unbounded exponent.
+    Everywhere else the plain difference is used, so ordinary inputs keep their bits.
+    """
+    difference = x - minval
+    wide = jnp.isinf(difference)
+    halved = x * 0.5 - minval * 0.5
+    return exact_divide(
+        jnp.where(wide, halved, difference), jnp.where(wide, scale * 0.5, scale)
+    )
 
 
 def times_power_of_two(v: jax.Array, scale: jax.Array, sign: int) -> jax.Array:
@@ -61,15 +79,18 @@ def _power_of_two(exponent: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type((exponent + 127) << 23, jnp.float32)
 
 
-def dequantize_stored(q: jax.Array, qp: QParams, spec: QuantSpec) -> jax.Array:
+def dequantize_stored(
+    q: jax.Array, qp: QParams, spec: QuantSpec, dtype: jax.typing.DTypeLike = jnp.float32
+) -> jax.Array:
     """Dequantizes clamped values from :func:`quantize_blocks` through the stored type.
 
     Casting first gives exactly what ``dequantize(quantize(x))`` gives: float targets are
     rounded by their cast, and an integer 0 never carries the sign of ``round(-0.0)``.
+    The result is in ``dtype``, saturated as in :func:`dequantize_blocks`.
     """
     if spec.is_float:
-        return dequantize_blocks(round_to_float_grid(q, spec.target), qp, spec)
-    return dequantize_blocks(q.astype(jnp.int32), qp, spec)
+        return dequantize_blocks(round_to_float_grid(q, spec.target), qp, spec, dtype)
+    return dequantize_blocks(q.astype(jnp.int32), qp, spec, dtype)
 
 
 def round_to_float_grid(v: jax.Array, target: TargetDType) -> jax.Array:
@@ -81,14 +102,54 @@ def round_to_float_grid(v: jax.Array, target: TargetDType) -> jax.Array:
     return round_to_format(v, target.mantissa_bits, target.emin)
 
 
-def dequantize_blocks(q: jax.Array, qp: QParams, spec: QuantSpec) -> jax.Array:
-    """Maps quantized values (any real dtype) back to float32."""
+def dequantize_blocks(
+    q: jax.Array, qp: QParams, spec: QuantSpec, dtype: jax.typing.DTypeLike = jnp.float32
+) -> jax.Array:
+    """Maps quantized values (any real dtype) back to floats, computed in float32.
+
+    The result is in ``dtype`` (the dtype that was quantized), saturated to its finite
+    range: a finite input never dequantizes to inf. Symmetric integer specs map ``-amax``
+    to ``qmin``, one step past ``amax`` (``-128 / 127.5 * amax`` for int8), which
+    overflows for ``amax`` near the dtype's largest value (65504 in float16); that code
+    dequantizes to ``-finfo(dtype).max`` instead. The codes are unchanged. NaN stays NaN.
+
+    Examples:
+      >>> import jax.numpy as jnp, qjax
+      >>> x = jnp.array([-65504.0, 65504.0], jnp.float16)
+      >>> qa = qjax.quantize(x, qjax.QuantSpec("int8"))
+      >>> qa.values, qjax.dequantize(qa).tolist()  # -128 * 65504 / 127.5 is -inf in float16
+      (Array([-128,  127], dtype=int8), [-65504.0, 65248.0])
+    """
     q = q.astype(jnp.float32)
     if spec.power_of_two_scale:
-        return times_power_of_two(q, qp.scale, 1)
-    scale = qp.scale.astype(jnp.float32)
-    if spec.formulation == "zero_point":
-        return scale * (q - qp.zero_point.astype(jnp.float32))
-    if spec.formulation == "minval":
-        return unfused(scale * (q - spec.qmin)) + qp.minval
-    return scale * q
+        y = times_power_of_two(q, qp.scale, 1)
+    elif spec.formulation == "zero_point":
+        y = qp.scale.astype(jnp.float32) * (q - qp.zero_point.astype(jnp.float32))
+    elif spec.formulation == "minval":
+        y = _scale_plus_minval(q - spec.qmin, qp.scale.astype(jnp.float32), qp.minval)
+    else:
+        y = qp.scale.astype(jnp.float32) * q
+    return saturate(y, dtype).astype(dtype)
+
+
+def _scale_plus_minval(steps: jax.Array, scale: jax.Array, minval: jax.Array) -> jax.Array:
+    """``scale * steps + minval`` with two roundings, finite where the result is.
+
+    On ranges wider than float32's the product can overflow although the sum does not;
+    there half of each term is summed and the sum doubled. Halving and doubling normal
+    floats is exact, so this is the formula with an unbounded exponent. Elsewhere the
+    plain formula is used, bit for bit.
+    """
+    y = unfused(scale * steps) + minval
+    halved = unfused(scale * (steps * 0.5)) + minval * 0.5
+    return jnp.where(jnp.isinf(y), halved * 2, y)
+
+
+def saturate(y: jax.Array, dtype: jax.typing.DTypeLike) -> jax.Array:
+    """Float32 ``y`` clipped to ``dtype``'s finite range (float32's, for wider dtypes).
+
+    Only values that overflowed (inf) or lie beyond ``dtype``'s largest finite value
+    change; NaN stays NaN.
+    """
+    limit = min(float(ml_dtypes.finfo(jnp.dtype(dtype)).max), float(np.finfo(np.float32).max))
+    return jnp.clip(y, jnp.float32(-limit), jnp.float32(limit))

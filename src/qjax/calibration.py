@@ -38,8 +38,14 @@ import numpy as np
 from qjax import granularity as gran
 from qjax.affine import dequantize_stored, quantize_blocks
 from qjax.exact import unfused
-from qjax.qparams import QParams, block_minmax, check_float_input, qparams_from_minmax
-from qjax.spec import QuantSpec
+from qjax.qparams import (
+    QParams,
+    block_minmax,
+    check_float_input,
+    qparams_from_minmax,
+    refuse_float16_overflow,
+)
+from qjax.spec import QuantSpec, SpecLike, as_spec
 
 __all__ = [
     "METHODS",
@@ -117,7 +123,7 @@ def clip_ratios(grid: int, min_ratio: float) -> np.ndarray:
 
 def observe_range(
     x: jax.typing.ArrayLike,
-    spec: QuantSpec,
+    spec: SpecLike,
     method: Method = "minmax",
     *,
     percentile: float = 99.99,
@@ -169,13 +175,14 @@ def observe_range(
       >>> observe_range(x, qjax.QuantSpec("uint8", "asymmetric"), "absmax")
       (Array([[-4.]], dtype=float32), Array([[4.]], dtype=float32))
     """
+    spec = as_spec(spec)
     observer = _observer(method, percentile, grid, min_ratio)
     return _observe_range(check_float_input(x, "observe_range"), spec, observer)
 
 
 def calibrate(
     x: jax.typing.ArrayLike,
-    spec: QuantSpec,
+    spec: SpecLike,
     method: Method = "minmax",
     *,
     percentile: float = 99.99,
@@ -203,7 +210,8 @@ def calibrate(
 
     Raises:
       ValueError: for an unknown method or an option out of range, or a granularity that
-        does not fit ``x.shape``.
+        does not fit ``x.shape``; with ``scale_dtype="float16"``, for a calibrated range
+        whose scale float16 cannot hold (eager calls; under ``jit`` it saturates).
       TypeError: for non-floating input.
 
     Examples:
@@ -230,8 +238,13 @@ def calibrate(
       >>> f(x).scale * 7.5  # the 99th percentile of |x|
       Array([2.6065814], dtype=float32)
     """
+    spec = as_spec(spec)
     observer = _observer(method, percentile, grid, min_ratio)
-    return _calibrate(check_float_input(x, "calibrate"), spec, observer)
+    x = check_float_input(x, "calibrate")
+    if spec.scale_dtype == "float16" and not isinstance(x, jax.core.Tracer):
+        wide = dataclasses.replace(spec, scale_dtype="float32")
+        refuse_float16_overflow(_calibrate(x, wide, observer).scale, spec, "calibrate")
+    return _calibrate(x, spec, observer)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "observer"))
@@ -316,10 +329,11 @@ def _mse_range(
 ) -> tuple[jax.Array, jax.Array]:
     """The minmax range times the clip ratio with the lowest per-block squared error."""
     lo, hi = block_minmax(xb, layout)
+    unit = _error_unit(jnp.maximum(-lo, hi))
 
     def block_sse(ratio: jax.Array) -> jax.Array:
         qp = qparams_from_minmax(lo * ratio, hi * ratio, spec)
-        err = xb - dequantize_stored(quantize_blocks(xb, qp, spec)[0], qp, spec)
+        err = (xb - dequantize_stored(quantize_blocks(xb, qp, spec)[0], qp, spec)) * unit
         return jnp.sum(err * err, axis=layout.axes, keepdims=True)
 
     def step(best, ratio):
@@ -334,6 +348,25 @@ def _mse_range(
     if observer.grid > 1:
         (_, best_ratio), _ = jax.lax.scan(step, (block_sse(one), one), jnp.asarray(ratios[1:]))
     return lo * best_ratio, hi * best_ratio
+
+
+ERROR_UNIT_EXPONENT = 40
+"""Blocks with ``max|x| < 2**41`` sum their squared errors as they are; larger ones in
+units of a power of two, so that the sums cannot overflow float32."""
+
+
+def _error_unit(amax: jax.Array) -> jax.Array:
+    """``2**-k``, the factor a block's errors are scaled by before they are squared.
+
+    ``k = max(floor(log2(amax)) - 40, 0)``, read off amax's exponent bits: 1 for every
+    block below ``2**41`` (the sums are those of the plain errors, bit for bit), and for
+    larger blocks (up to float32's max) a power of two that keeps each scaled error below
+    ``2**42`` and the sum of squares finite. Scaling by a power of two is exact, so a
+    block picks the ratio that the same block divided by ``2**k`` picks.
+    """
+    biased = (jax.lax.bitcast_convert_type(amax, jnp.int32) >> 23) & 0xFF
+    k = jnp.clip(biased - 127 - ERROR_UNIT_EXPONENT, 0, None)
+    return jax.lax.bitcast_convert_type((127 - k) << 23, jnp.float32)
 
 
 class MovingAverage(NamedTuple):
@@ -374,7 +407,7 @@ def moving_average_init(params_shape: Sequence[int]) -> MovingAverage:
 def moving_average_update(
     state: MovingAverage,
     x: jax.typing.ArrayLike,
-    spec: QuantSpec,
+    spec: SpecLike,
     momentum: float = 0.9,
     method: Method = "minmax",
     *,
@@ -418,6 +451,7 @@ def moving_average_update(
       >>> float(moving_average_qparams(state, spec).scale * 127.5)  # amax = 1
       1.0
     """
+    spec = as_spec(spec)
     if not _is_real(momentum) or not 0 <= momentum < 1:
         raise ValueError(
             f"momentum must be a number in [0, 1), got {momentum!r}; it is the weight of "
@@ -458,12 +492,13 @@ def ema(old: jax.Array, new: jax.Array, momentum: float, first: jax.Array) -> ja
     return jnp.where(first, new, kept + unfused(jnp.float32(1.0 - momentum) * new))
 
 
-def moving_average_qparams(state: MovingAverage, spec: QuantSpec) -> QParams:
+def moving_average_qparams(state: MovingAverage, spec: SpecLike) -> QParams:
     """Quant params from the running range: ``qparams_from_minmax(min_val, max_val, spec)``.
 
     A state that saw no batch has a zero range, hence the eps scale. See
     :func:`moving_average_update` for an example.
     """
+    spec = as_spec(spec)
     return _qparams_from_minmax(state.min_val, state.max_val, spec)
 
 

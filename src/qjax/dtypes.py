@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -85,7 +84,6 @@ TARGET_DTYPES: dict[str, TargetDType] = {
 """Every supported target, by canonical name. Ranges come from ml_dtypes, not literals."""
 
 
-@functools.cache
 def target_dtype(dtype: object) -> TargetDType:
     """Looks up a target by name or dtype.
 
@@ -104,10 +102,13 @@ def target_dtype(dtype: object) -> TargetDType:
       >>> (t.qmin, t.qmax, t.bits)
       (0, 15, 4)
     """
-    try:
-        name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
-    except TypeError:
-        name = str(dtype)
+    if isinstance(dtype, str):
+        name = dtype
+    else:
+        try:
+            name = jnp.dtype(dtype).name
+        except (TypeError, ValueError):
+            name = None
     if name not in TARGET_DTYPES:
         raise ValueError(
             f"unsupported target dtype {dtype!r}; choose one of {sorted(TARGET_DTYPES)} "

@@ -33,10 +33,18 @@ to (float8_e8m0fnu scales are built from exponent bits and need no rounding)."""
 _SPLITTER = 4097.0
 """Veltkamp's constant 2**12 + 1: splits a float32 into two halves of 12 bits."""
 
-_SAFE_MIN, _SAFE_MAX = 2.0**-60, 2.0**60
-"""Operands and quotients whose magnitudes lie in this range keep every partial product
-of :func:`round_quotient` a normal float32; outside it the hardware quotient is kept.
-For quantization this never matters: a quotient outside it rounds to 0 or clamps."""
+_SIGN = -(2**31)
+"""The sign bit of a float32's bits, as an int32 mask."""
+
+_MAGNITUDE = 2**31 - 1
+"""The other 31 bits: exponent and fraction."""
+
+_INF_BITS = 0x7F800000
+"""The bits of +inf: exponent field 255, fraction 0."""
+
+_EXPONENT_LIMIT = 60
+"""Scaled candidates are kept within ``[2**-60, 2**61)``, where every partial product of
+:func:`round_quotient`'s residuals is a normal float32."""
 
 
 def unfused(product: jax.Array) -> jax.Array:
@@ -76,15 +84,30 @@ def round_to_format(v: jax.Array, mantissa_bits: int, emin: int) -> jax.Array:
 def round_to_scale_dtype(scale: jax.Array, scale_dtype: str) -> jax.Array:
     """``scale.astype(scale_dtype)``, rounded first so that no compiler can skip it.
 
+    A scale beyond the scale dtype's largest finite value is saturated to it (65504 for
+    float16, 2**127 for float8_e8m0fnu), where the cast would give inf (NaN for e8m0).
+    Scales computed from float32 data reach that only in float16 (ranges past about
+    8.4e6 for int8); values past the range then clamp to ``qmin`` / ``qmax``. A scale
+    already in ``scale_dtype`` is returned as it is.
+
     >>> import jax.numpy as jnp
     >>> from qjax.exact import round_to_scale_dtype
     >>> round_to_scale_dtype(jnp.float32(1.00390625), "bfloat16")  # a tie: rounds to even
     Array(1, dtype=bfloat16)
+    >>> float(round_to_scale_dtype(jnp.float32(1e6), "float16"))  # saturated, not inf
+    65504.0
     """
+    target = jnp.dtype(scale_dtype)
+    if scale.dtype == target:
+        return scale
+    scale = scale.astype(jnp.float32)
+    if scale_dtype != "float32":
+        limit = jnp.float32(ml_dtypes.finfo(target).max)
+        scale = jnp.clip(scale, -limit, limit)
     if scale_dtype in NARROW_SCALE_DTYPES:
-        info = ml_dtypes.finfo(jnp.dtype(scale_dtype))
-        scale = round_to_format(scale.astype(jnp.float32), int(info.nmant), int(info.minexp))
-    return scale.astype(scale_dtype)
+        info = ml_dtypes.finfo(target)
+        scale = round_to_format(scale, int(info.nmant), int(info.minexp))
+    return scale.astype(target)
 
 
 def exact_divide(num: jax.Array, den: jax.Array) -> jax.Array:
@@ -119,28 +142,93 @@ def round_quotient(num: jax.Array, den: jax.Array, approx: jax.Array) -> jax.Arr
     multiplies and adds are used, which every backend does in IEEE arithmetic; the
     products that must not become part of an FMA pass through :func:`unfused`.
 
-    Where an operand or the quotient lies outside ``[2**-60, 2**60]`` in magnitude (or
-    is zero, inf or NaN) ``approx`` is returned unchanged.
+    Every finite operand is covered, subnormals included: the residuals are computed on
+    the operands' significands (``|num| = n * 2**a``, ``|den| = d * 2**b`` with ``n, d``
+    in ``[1, 2)``) and the candidates scaled by ``2**(b - a)``, all read off and built
+    from the float32 bits with integer ops, so every float in the arithmetic is normal and
+    near 1 (no overflow, no underflow, nothing a flush-to-zero mode could flush). Scaling
+    by a power of two multiplies every residual by the same factor, so the nearest
+    candidate is the same. Candidates are the neighbours of ``approx`` in its own grid, so
+    a subnormal quotient is rounded on the subnormal grid, and ``inf`` takes part as
+    ``2**128``: a quotient past the overflow midpoint becomes ``inf``, as in IEEE.
+
+    Where an operand is zero, inf or NaN (or ``approx`` is NaN) ``approx`` is returned
+    unchanged: IEEE gives those quotients exactly.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from qjax.exact import round_quotient
+      >>> num, den = jnp.float32(1e-17), jnp.float32(127.5)  # the scale of amax 1e-17
+      >>> one_ulp_off = jnp.nextafter(num / den, jnp.float32(1))
+      >>> bool(round_quotient(num, den, one_ulp_off) == num / den)
+      True
     """
-    den_hi, den_lo = _split(den)
+    num_bits, den_bits, approx_bits = (
+        jax.lax.bitcast_convert_type(v, jnp.int32) for v in (num, den, approx)
+    )
+    num_fraction, num_exponent = _unpack(num_bits & _MAGNITUDE)
+    den_fraction, den_exponent = _unpack(den_bits & _MAGNITUDE)
+    n, d = _pack(num_fraction, 0), _pack(den_fraction, 0)
+    d_hi, d_lo = _split(d)
 
     def residual(candidate: jax.Array) -> jax.Array:
-        product = unfused(candidate * den)
-        c_hi, c_lo = _split(candidate)
-        error = ((c_hi * den_hi - product) + c_hi * den_lo + c_lo * den_hi) + c_lo * den_lo
-        return jnp.abs((num - product) - error)
+        """``|n - c * d|`` for the candidate's magnitude bits, scaled by ``2**(b - a)``."""
+        fraction, exponent = _unpack(candidate)
+        scaled_exponent = jnp.clip(
+            exponent + den_exponent - num_exponent, -_EXPONENT_LIMIT, _EXPONENT_LIMIT
+        )
+        c = jnp.where(candidate == 0, jnp.float32(0), _pack(fraction, scaled_exponent))
+        product = unfused(c * d)
+        c_hi, c_lo = _split(c)
+        error = ((c_hi * d_hi - product) + c_hi * d_lo + c_lo * d_hi) + c_lo * d_lo
+        return jnp.abs((n - product) - error)
 
-    bits = jax.lax.bitcast_convert_type(approx, jnp.int32)
-    best, best_residual = approx, residual(approx)
+    magnitude = approx_bits & _MAGNITUDE
+    best, best_residual = magnitude, residual(magnitude)
     for step in (-2, -1, 1, 2):
-        candidate = jax.lax.bitcast_convert_type(bits + step, jnp.float32)
+        candidate = magnitude + step
         r = residual(candidate)
-        even = (jax.lax.bitcast_convert_type(candidate, jnp.int32) & 1) == 0
-        better = (r < best_residual) | ((r == best_residual) & even)
+        even = (candidate & 1) == 0
+        valid = (candidate >= 0) & (candidate <= _INF_BITS)
+        better = valid & ((r < best_residual) | ((r == best_residual) & even))
         best = jnp.where(better, candidate, best)
         best_residual = jnp.where(better, r, best_residual)
-    safe = _in_safe_range(num) & _in_safe_range(den) & _in_safe_range(approx)
-    return jnp.where(safe, best, approx)
+    # The quotient's exponent, exact: n / d lies in [1, 2) when n >= d, else in (1/2, 1).
+    exponent = num_exponent - den_exponent - (n < d).astype(jnp.int32)
+    best = jnp.where(exponent >= 128, _INF_BITS, best)  # at least 2**128: overflow
+    best = jnp.where(exponent < -150, 0, best)  # below 2**-150: rounds to zero
+    sign = (num_bits ^ den_bits) & _SIGN
+    rounded = jax.lax.bitcast_convert_type(best | sign, jnp.float32)
+    special = (
+        _zero_or_non_finite(num_bits)
+        | _zero_or_non_finite(den_bits)
+        | (magnitude > _INF_BITS)  # approx is NaN
+    )
+    return jnp.where(special, approx, rounded)
+
+
+def _unpack(magnitude: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Fraction bits and exponent of a float32 from its magnitude bits (sign cleared).
+
+    The value is ``(1 + fraction * 2**-23) * 2**exponent``: a subnormal is normalized with
+    a count of leading zeros, integer ops only. Infinity reads as ``2**128``; zero gives an
+    exponent below -149 and must be handled by the caller.
+    """
+    field = magnitude >> 23
+    fraction = magnitude & 0x7FFFFF
+    shift = jnp.where(field == 0, jax.lax.clz(fraction) - 8, 0)
+    exponent = jnp.where(field == 0, -126 - shift, field - 127)
+    return (fraction << shift) & 0x7FFFFF, exponent
+
+
+def _pack(fraction: jax.Array, exponent: jax.Array | int) -> jax.Array:
+    """``(1 + fraction * 2**-23) * 2**exponent`` for exponents of normal floats, from bits."""
+    return jax.lax.bitcast_convert_type(((exponent + 127) << 23) | fraction, jnp.float32)
+
+
+def _zero_or_non_finite(bits: jax.Array) -> jax.Array:
+    magnitude = bits & _MAGNITUDE
+    return (magnitude == 0) | (magnitude >= _INF_BITS)
 
 
 def _split(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -148,11 +236,6 @@ def _split(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     scaled = unfused(jnp.float32(_SPLITTER) * x)
     hi = scaled - (scaled - x)
     return hi, x - hi
-
-
-def _in_safe_range(x: jax.Array) -> jax.Array:
-    magnitude = jnp.abs(x)
-    return (magnitude >= _SAFE_MIN) & (magnitude <= _SAFE_MAX)
 
 
 def _hardware_divide(num: jax.Array, den: jax.Array) -> jax.Array:

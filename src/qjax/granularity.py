@@ -19,10 +19,12 @@ Flax puts the output channel last, so a Dense or Conv kernel ``[..., in, out]`` 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Sequence
 from typing import Literal, NamedTuple, Union
 
 import jax
+import numpy as np
 
 __all__ = [
     "BlockLayout",
@@ -65,16 +67,35 @@ class Granularity:
     explicit: tuple[int, ...] | None = None
 
     def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown granularity kind {self.kind!r}; choose one of {KINDS}")
+        if self.kind in ("per_channel", "per_block"):
+            object.__setattr__(self, "axis", _int(f"{self.kind} axis", self.axis))
         if self.kind == "per_block":
-            if not isinstance(self.block_size, int) or self.block_size <= 0:
-                raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
+            size = _int("per_block block_size", self.block_size, "a positive integer")
+            if size <= 0:
+                raise ValueError(f"per_block block_size must be a positive integer, got {size}")
+            object.__setattr__(self, "block_size", size)
+            channel = self.channel_axis
+            if not (isinstance(channel, str) and channel in ("auto", "all")):
+                what = "'auto', 'all' or an int"
+                if isinstance(channel, str):
+                    raise ValueError(f"per_block channel_axis must be {what}, got {channel!r}")
+                channel = _int("per_block channel_axis", channel, what)
+                object.__setattr__(self, "channel_axis", channel)
         if self.kind == "explicit":
-            for size in self.explicit:
-                if not isinstance(size, int) or (size <= 0 and size != -1):
+            if isinstance(self.explicit, (str, bytes)) or not isinstance(self.explicit, Sequence):
+                raise TypeError(
+                    f"an explicit block shape must be a tuple of ints, got {self.explicit!r}"
+                )
+            sizes = tuple(self.explicit)
+            for size in sizes:
+                if not _is_int(size) or (size <= 0 and size != -1):
                     raise ValueError(
-                        f"block shape {self.explicit} has entry {size!r}; each entry must "
+                        f"block shape {sizes} has entry {size!r}; each entry must "
                         "be a positive integer or -1 (the whole dimension)"
                     )
+            object.__setattr__(self, "explicit", tuple(int(size) for size in sizes))
 
     def __str__(self) -> str:
         if self.kind in ("per_tensor", "per_token"):
@@ -90,6 +111,8 @@ class Granularity:
         """The block shape for an array of ``shape``; see :func:`block_shape`."""
         return block_shape(shape, self)
 
+
+KINDS = ("per_tensor", "per_channel", "per_block", "per_token", "explicit")
 
 GranularityLike = Union[Granularity, Sequence[int]]
 
@@ -127,7 +150,6 @@ def per_channel(axis: int) -> Granularity:
       >>> qjax.per_channel(-1).block_shape((4, 6))  # Flax Dense kernel: out is last
       (4, 1)
     """
-    _check_int("axis", axis)
     return Granularity("per_channel", axis=axis)
 
 
@@ -150,9 +172,6 @@ def per_block(axis: int, block_size: int, channel_axis: ChannelAxis = "auto") ->
       >>> qjax.per_block(-1, 32, channel_axis="all").block_shape((2, 3, 64))
       (1, 1, 32)
     """
-    _check_int("axis", axis)
-    if channel_axis not in ("auto", "all"):
-        _check_int("channel_axis", channel_axis)
     return Granularity("per_block", axis=axis, block_size=block_size, channel_axis=channel_axis)
 
 
@@ -295,6 +314,8 @@ def _default_channel_axis(axis: int, ndim: int) -> int | None:
 
 
 def _normalize_axis(axis: int, ndim: int, what: str) -> int:
+    if not ndim:
+        raise ValueError(f"{what} {axis} cannot apply to a 0-d array; use per_tensor()")
     if not -ndim <= axis < ndim:
         raise ValueError(
             f"{what} {axis} is out of range for an array with {ndim} dimensions; "
@@ -303,6 +324,12 @@ def _normalize_axis(axis: int, ndim: int, what: str) -> int:
     return axis % ndim
 
 
-def _check_int(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {value!r}")
+def _is_int(value: object) -> bool:
+    """True for Python and NumPy integers; bools are refused."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _int(name: str, value: object, what: str = "an int") -> int:
+    if not _is_int(value):
+        raise TypeError(f"{name} must be {what}, got {value!r} ({type(value).__name__})")
+    return int(value)

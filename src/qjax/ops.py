@@ -7,21 +7,23 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
 
 from qjax import granularity as gran
 from qjax import packing
 from qjax.affine import dequantize_stored, quantize_blocks, round_to_float_grid
 from qjax.exact import round_to_scale_dtype
 from qjax.qarray import QArray
-from qjax.qparams import QParams, blockwise_qparams, check_float_input
-from qjax.spec import QuantSpec
+from qjax.qparams import QParams, blockwise_qparams, check_float_input, check_scale_holds
+from qjax.spec import QuantSpec, SpecLike, as_spec
 
 __all__ = ["dequantize", "fake_quant", "quantize", "straight_through"]
 
 
 def quantize(
     x: jax.typing.ArrayLike,
-    spec: QuantSpec,
+    spec: SpecLike,
     *,
     qparams: QParams | None = None,
     packed: bool | None = None,
@@ -34,9 +36,17 @@ def quantize(
 
     Args:
       x: floating-point array. bf16 / f16 are upcast to float32 for the maths.
-      spec: the :class:`~qjax.QuantSpec`.
+      spec: the :class:`~qjax.QuantSpec`, or its shorthand text (:func:`~qjax.parse_spec`),
+        e.g. ``"int8"`` or ``"int4:per_block:32"``. Under ``jax.jit``, close over the spec
+        or mark it static (``static_argnames="spec"``): it is not an array.
       qparams: precomputed params (e.g. calibrated ranges), shape ``x.shape // block``;
-        by default computed from ``x`` with :func:`~qjax.compute_qparams`.
+        by default computed from ``x`` with :func:`~qjax.compute_qparams`. Only the
+        fields the formulation uses are read (``scale``; ``zero_point`` or ``minval``).
+        Their shapes and dtypes are always checked; their values where they are concrete
+        (under ``jit`` they are traced): scales finite and at least the smallest normal
+        float32, also in the spec's ``scale_dtype``; zero points whole numbers in
+        ``[qmin, qmax]``; minvals finite; and every value the params can dequantize to
+        finite in float32.
       packed: store sub-byte targets (4- and 2-bit) packed into bytes. Default: True
         for sub-byte targets of arrays with at least one dimension.
 
@@ -45,9 +55,10 @@ def quantize(
       An empty array gives empty values; each empty block gets the eps scale.
 
     Raises:
-      TypeError: for non-floating input.
+      TypeError: for non-floating input, a spec that is neither a QuantSpec nor text,
+        or arguments of the wrong type.
       ValueError: when the granularity does not fit ``x.shape``, or ``qparams`` do not
-        have the block shape.
+        have the block shape or hold values that cannot be used (named in the message).
 
     Examples:
       >>> import jax, jax.numpy as jnp, qjax
@@ -59,22 +70,32 @@ def quantize(
       Array([-298.82355  ,    0.       ,    0.       ,    2.3529413,
                98.82353  ], dtype=float32)
 
+      Shorthand text works wherever a spec is taken:
+
+      >>> qjax.quantize(x, "int8").values
+      Array([-127,    0,    0,    1,   42], dtype=int8)
+
       It composes with ``jit`` and ``vmap`` (one QArray per row, stacked):
 
       >>> qs = jax.vmap(lambda r: qjax.quantize(r, qjax.QuantSpec("int4")))(jnp.ones((3, 4)))
       >>> qs.scale.shape, qs.shape
       ((3, 1), (3, 4))
     """
-    x = check_float_input(x, "quantize")
+    spec = as_spec(spec)
+    x = _float_array(x, "quantize")
+    if qparams is None:
+        check_scale_holds(x, spec, "quantize")
     target = spec.target
     if packed is None:
         packed = target.bits < 8 and x.ndim > 0
+    elif not isinstance(packed, (bool, np.bool_)):
+        raise TypeError(f"packed must be True, False or None (the default), got {packed!r}")
     if packed and (target.bits >= 8 or x.ndim == 0):
         raise ValueError(
             f"packed=True needs a sub-byte target and an array with at least one "
             f"dimension; got {target.name} and shape {x.shape}"
         )
-    return _quantize(x, qparams, spec, bool(packed))
+    return _quantize(x, _user_qparams(qparams, x.shape, spec), spec, bool(packed))
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "packed"))
@@ -124,8 +145,6 @@ def _quantize_values(
     xb = layout.blockify(x.astype(jnp.float32))
     if qparams is None:
         qparams = blockwise_qparams(xb, layout, spec)
-    else:
-        qparams = _check_qparams(qparams, layout.params, spec)
     q, in_range = quantize_blocks(xb, jax.tree.map(layout.expand, qparams), spec)
     return q, in_range, qparams, layout
 
@@ -177,14 +196,15 @@ def _dequantize(qarray: QArray) -> jax.Array:
 
 
 def fake_quant(
-    x: jax.typing.ArrayLike, spec: QuantSpec, *, qparams: QParams | None = None
+    x: jax.typing.ArrayLike, spec: SpecLike, *, qparams: QParams | None = None
 ) -> jax.Array:
     """``dequantize(quantize(x))`` in one pass, with straight-through gradients.
 
     The value equals ``dequantize(quantize(x, spec))`` bit for bit, in ``x``'s dtype.
     The derivative (forward and reverse mode) is 1 where ``x`` lands inside
     ``[qmin, qmax]`` after scaling and rounding, and 0 where it was clamped; the params
-    are treated as constants.
+    are treated as constants. ``spec`` and ``qparams`` are taken (and checked) as by
+    :func:`quantize`.
 
     Examples:
       >>> import jax, jax.numpy as jnp, qjax
@@ -193,17 +213,22 @@ def fake_quant(
       >>> jax.grad(lambda x: qjax.fake_quant(x, spec, qparams=qp).sum())(
       ...     jnp.array([0.5, 1.0, 2.0]))
       Array([1., 1., 0.], dtype=float32)
+      >>> qjax.fake_quant(jnp.array([0.25, -1.0]), "int4:symmetric_with_clipping")  # 1/7 steps
+      Array([ 0.2857143, -1.       ], dtype=float32)
     """
-    x = check_float_input(x, "fake_quant")
-    return _fake_quant(x, qparams, spec)
+    spec = as_spec(spec)
+    x = _float_array(x, "fake_quant")
+    if qparams is None:
+        check_scale_holds(x, spec, "fake_quant")
+    return _fake_quant(x, _user_qparams(qparams, x.shape, spec), spec)
 
 
 @functools.partial(jax.jit, static_argnames="spec")
 def _fake_quant(x: jax.Array, qparams: QParams | None, spec: QuantSpec) -> jax.Array:
     q, in_range, qp, layout = _quantize_values(jax.lax.stop_gradient(x), qparams, spec)
     qp = jax.lax.stop_gradient(qp)
-    y = dequantize_stored(q, jax.tree.map(layout.expand, qp), spec).reshape(x.shape)
-    return straight_through(x, y.astype(x.dtype), in_range.reshape(x.shape))
+    y = dequantize_stored(q, jax.tree.map(layout.expand, qp), spec, x.dtype).reshape(x.shape)
+    return straight_through(x, y, in_range.reshape(x.shape))
 
 
 @jax.custom_jvp
@@ -224,21 +249,177 @@ def _straight_through_jvp(primals, tangents):
     return y, tx * mask.astype(tx.dtype)
 
 
-def _check_qparams(qparams: QParams, shape: tuple[int, ...], spec: QuantSpec) -> QParams:
-    """Validates user-given params: reshaped to ``shape`` (a scalar fits (1, 1)), the
-    scale cast to the spec's scale dtype."""
+def _float_array(x: jax.typing.ArrayLike, what: str) -> jax.Array:
+    """``x`` as a floating-point jax array; TypeError naming ``x`` for anything else."""
+    if isinstance(x, QArray):
+        raise TypeError(f"{what}: x is already a QArray; dequantize it first")
+    array = _as_array(x)
+    if array is None:
+        raise TypeError(
+            f"{what}: x must be a floating-point array (a JAX or NumPy array, or a nested "
+            f"list of floats), got {type(x).__name__}"
+        )
+    return check_float_input(array, what)
+
+
+def _as_array(value: object) -> jax.Array | None:
+    """``jnp.asarray(value)``, or None where it is no array of numbers. Text is refused
+    first: JAX would read some strings as dtype names."""
+    leaves = jax.tree.leaves(value) if isinstance(value, (list, tuple)) else [value]
+    if any(
+        isinstance(v, (str, bytes)) or (isinstance(v, np.ndarray) and v.dtype.kind in "USO")
+        for v in leaves
+    ):
+        return None
+    try:
+        return jnp.asarray(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _user_qparams(
+    qparams: QParams | None, shape: tuple[int, ...], spec: QuantSpec
+) -> QParams | None:
+    """Checks user-given params and returns them as the jitted code takes them.
+
+    Only the fields the formulation uses are kept, each reshaped to the block shape (a
+    scalar fits (1, 1)): the scale rounded to the spec's scale dtype, zero points as int32,
+    minvals as float32. Shapes and dtypes are always checked, values where concrete.
+    """
+    if qparams is None:
+        return None
     if not isinstance(qparams, QParams):
-        raise TypeError(f"qparams must be a QParams, got {type(qparams).__name__}")
+        raise TypeError(
+            f"qparams must be a qjax.QParams (e.g. from qjax.compute_qparams), got "
+            f"{type(qparams).__name__}"
+        )
+    params = gran.param_shape(shape, gran.block_shape(shape, spec.granularity))
     needed = ["scale"] + ([spec.formulation] if spec.formulation != "scale" else [])
-    fixed = {}
-    for name in needed:
-        value = getattr(qparams, name)
-        if value is None or jnp.size(value) != math.prod(shape):
-            raise ValueError(
-                f"qparams.{name} must have shape {shape} (x.shape // block shape for "
-                f"{spec.granularity}), got "
-                + ("None" if value is None else str(tuple(jnp.shape(value))))
-            )
-        fixed[name] = jnp.reshape(value, shape)
-    fixed["scale"] = round_to_scale_dtype(fixed["scale"], spec.scale_dtype)
-    return qparams._replace(**fixed)
+    used = {name: _param_array(getattr(qparams, name), name, params, spec) for name in needed}
+    used["scale"] = round_to_scale_dtype(used["scale"], spec.scale_dtype)
+    if "zero_point" in used:
+        zero_point = used["zero_point"]
+        if jnp.issubdtype(zero_point.dtype, jnp.floating):
+            zero_point = jnp.round(zero_point)  # whole numbers, checked below where concrete
+        used["zero_point"] = zero_point.astype(jnp.int32)
+    if "minval" in used:
+        used["minval"] = used["minval"].astype(jnp.float32)
+    if not any(isinstance(getattr(qparams, name), jax.core.Tracer) for name in needed):
+        given = {name: np.reshape(np.asarray(getattr(qparams, name)), params) for name in needed}
+        _check_param_values(given, {k: np.asarray(v) for k, v in used.items()}, spec)
+    return QParams(used["scale"], used.get("zero_point"), used.get("minval"))
+
+
+def _param_array(value: object, name: str, shape: tuple[int, ...], spec: QuantSpec) -> jax.Array:
+    """One qparams field as a real-valued array of ``shape``, or a clear error."""
+    what = f"qparams.{name} (needed by formulation {spec.formulation!r})"
+    if value is None:
+        raise ValueError(
+            f"qparams.{name} must have shape {shape} (needed by formulation "
+            f"{spec.formulation!r}), got None"
+        )
+    with np.errstate(over="ignore"):  # a float64 beyond float32 becomes inf: refused below
+        array = _as_array(value)
+    if array is None or not (
+        jnp.issubdtype(array.dtype, jnp.floating) or jnp.issubdtype(array.dtype, jnp.integer)
+    ):
+        kind = type(value).__name__ if array is None else f"dtype {array.dtype}"
+        raise TypeError(f"{what} must be an array of real numbers, got {kind}")
+    if array.size != math.prod(shape):
+        raise ValueError(
+            f"qparams.{name} must have shape {shape} (x.shape // block shape for "
+            f"{spec.granularity}), got {tuple(array.shape)}"
+        )
+    return array.reshape(shape)
+
+
+def _check_param_values(
+    given: dict[str, np.ndarray], used: dict[str, np.ndarray], spec: QuantSpec
+) -> None:
+    """Concrete user params, as given and as used: usable scales, zero points and minvals,
+    and a finite range of dequantized values."""
+    scale, rounded = given["scale"].astype(np.float64), used["scale"].astype(np.float64)
+    _refuse(
+        ~(np.isfinite(scale) & (scale > 0)),
+        given["scale"],
+        "qparams.scale must be finite and > 0 (the step between quantized values)",
+    )
+    low, high = _scale_limits(spec.scale_dtype)
+    overflows = ~np.isfinite(_in_scale_dtype(given["scale"], spec.scale_dtype))
+    _refuse(
+        overflows | ~(np.isfinite(rounded) & (rounded >= low) & (rounded <= high)),
+        given["scale"],
+        f"qparams.scale must be representable in the spec's scale_dtype {spec.scale_dtype}: "
+        f"between {low:.8g} and {high:.8g}",
+    )
+    if "minval" in given:
+        finite = np.isfinite(used["minval"])
+        _refuse(~finite, given["minval"], "qparams.minval must be finite in float32")
+        span = spec.qmax - spec.qmin
+        top = _float32(_float32(rounded * span) + used["minval"])
+        _refuse(
+            ~np.isfinite(top),
+            given["minval"],
+            f"qparams.minval + scale * {span} (the top of the range) must be finite in float32 "
+            f"(at most {np.finfo(np.float32).max:.8g})",
+        )
+        return
+    zero_point = 0.0
+    if "zero_point" in given:
+        zero_point = given["zero_point"].astype(np.float64)
+        _refuse(
+            ~(np.isfinite(zero_point) & (zero_point == np.round(zero_point))),
+            given["zero_point"],
+            "qparams.zero_point must hold whole numbers (the quantized value of 0.0)",
+        )
+        _refuse(
+            (zero_point < spec.qmin) | (zero_point > spec.qmax),
+            given["zero_point"],
+            f"qparams.zero_point must lie in [qmin, qmax] = [{spec.qmin}, {spec.qmax}] of {spec}",
+        )
+    reach = np.maximum(np.abs(spec.qmin - zero_point), np.abs(spec.qmax - zero_point))
+    _refuse(
+        ~np.isfinite(_float32(rounded * reach)),
+        given["scale"],
+        f"qparams.scale is too large: scale * {float(np.max(reach)):g} (the farthest quantized "
+        f"value from the zero point) must be finite in float32 (at most "
+        f"{np.finfo(np.float32).max:.8g})",
+    )
+
+
+def _scale_limits(scale_dtype: str) -> tuple[float, float]:
+    """The smallest and largest scale a scale dtype holds that float32 maths can use: on
+    CPUs and GPUs float32 subnormals are flushed to zero (e8m0 scales are applied through
+    their bits, so all of theirs are usable)."""
+    info = ml_dtypes.finfo(jnp.dtype(scale_dtype))
+    if scale_dtype == "float8_e8m0fnu":
+        return float(info.smallest_subnormal or info.tiny), float(info.max)
+    return max(float(info.smallest_subnormal), float(np.finfo(np.float32).tiny)), float(info.max)
+
+
+def _in_scale_dtype(scale: np.ndarray, scale_dtype: str) -> np.ndarray:
+    """``scale`` cast to ``scale_dtype`` as IEEE does, inf past its max: the jitted path
+    saturates instead (:func:`qjax.exact.round_to_scale_dtype`), which must not hide a
+    user's scale that the dtype cannot hold."""
+    if scale_dtype == "float8_e8m0fnu":
+        return np.asarray(scale, np.float64)
+    with np.errstate(over="ignore"):
+        narrow = _float32(scale).astype(np.float32).astype(jnp.dtype(scale_dtype))
+    return narrow.astype(np.float64)
+
+
+def _float32(v: np.ndarray) -> np.ndarray:
+    """``v`` rounded to float32 and back to float64, inf where it overflows (no warning)."""
+    with np.errstate(over="ignore"):
+        return np.asarray(v, np.float64).astype(np.float32).astype(np.float64)
+
+
+def _refuse(bad: np.ndarray, values: np.ndarray, message: str) -> None:
+    """Raises ValueError with ``message``, the first bad value and how many blocks are bad."""
+    bad = np.broadcast_to(bad, np.shape(values))
+    if bad.any():
+        index = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"{message}; got {np.asarray(values)[index]!s} at block {index} "
+            f"({int(bad.sum())} of {bad.size} blocks)"
+        )

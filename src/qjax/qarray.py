@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qjax import granularity as gran
 from qjax import packing
@@ -37,6 +40,16 @@ class QArray:
       packed: True when ``data`` holds packed sub-byte values.
       pad: packing padding at the end of the last axis.
 
+    Building a QArray (directly or with ``dataclasses.replace``) checks its parts against
+    each other and the spec and raises ``ValueError`` naming the field: ``float_dtype``,
+    ``packed`` and ``pad`` always; the dtypes of ``data``, ``scale`` and ``offset``, the
+    presence of ``offset`` and that ``scale`` has one entry per block whenever ``data`` and
+    ``scale`` are arrays or abstract values. Where they are concrete arrays, ``scale`` must
+    also have the shape the spec's granularity gives, possibly stacked along leading axes
+    (as ``vmap`` and ``scan`` stack QArrays). Inside transformations JAX rebuilds QArrays
+    from tracers, per-example slices or placeholders (``None``, sentinels); only what holds
+    for those is checked there. :meth:`validate` checks everything, strictly.
+
     Examples:
       >>> import jax.numpy as jnp, qjax
       >>> qa = qjax.quantize(jnp.linspace(-1, 1, 8).reshape(2, 4),
@@ -55,6 +68,34 @@ class QArray:
     float_dtype: str = dataclasses.field(default="float32", metadata={"static": True})
     packed: bool = dataclasses.field(default=False, metadata={"static": True})
     pad: int = dataclasses.field(default=0, metadata={"static": True})
+
+    def __post_init__(self):
+        _check_static(self)
+        _check_leaves(self, strict=False)
+
+    def validate(self) -> QArray:
+        """Checks every part strictly and returns the QArray; for files and other trust borders.
+
+        On top of the checks made when a QArray is built: ``data``, ``scale`` and ``offset``
+        must be arrays (or abstract values) with exactly the dtypes the spec stores
+        (``scale_dtype``; int32 zero points, float32 minvals), and ``scale`` must have the
+        shape the spec's granularity gives, possibly stacked along leading axes.
+
+        Raises:
+          ValueError: naming the field that does not fit, and what it must be.
+
+        Examples:
+          >>> import dataclasses, jax.numpy as jnp, qjax
+          >>> qa = qjax.quantize(jnp.ones((4, 8)), "int8:per_channel")
+          >>> qa.validate() is qa
+          True
+          >>> dataclasses.replace(qa, scale=qa.scale.astype(jnp.bfloat16)).validate()
+          Traceback (most recent call last):
+            ...
+          ValueError: QArray scale must be float32 (the spec's scale_dtype), got bfloat16
+        """
+        _check_leaves(self, strict=True)
+        return self
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -126,8 +167,7 @@ class QArray:
         else:
             codes = layout.blockify(self.codes())
         qp = jax.tree.map(layout.expand, self.qparams)
-        q = dequantize_blocks(codes, qp, self.spec)
-        return q.reshape(shape).astype(self.float_dtype)
+        return dequantize_blocks(codes, qp, self.spec, self.float_dtype).reshape(shape)
 
     def __repr__(self) -> str:
         return (
@@ -137,3 +177,166 @@ class QArray:
 
 
 jax.tree_util.register_dataclass(QArray)
+
+
+def _check_static(qa: QArray) -> None:
+    """Checks (and canonicalises) the static fields: they are never placeholders."""
+    if not isinstance(qa.spec, QuantSpec):
+        raise TypeError(f"QArray spec must be a QuantSpec, got {type(qa.spec).__name__}")
+    try:
+        float_dtype = None if qa.float_dtype is None else jnp.dtype(qa.float_dtype)
+    except TypeError:
+        float_dtype = None
+    if float_dtype is None or not jnp.issubdtype(float_dtype, jnp.floating):
+        raise ValueError(
+            "QArray float_dtype must name a floating-point dtype (the dtype dequantize "
+            f"returns), e.g. 'float32' or 'bfloat16'; got {qa.float_dtype!r}"
+        )
+    object.__setattr__(qa, "float_dtype", float_dtype.name)
+    if not isinstance(qa.packed, (bool, np.bool_)):
+        raise ValueError(f"QArray packed must be True or False, got {qa.packed!r}")
+    object.__setattr__(qa, "packed", bool(qa.packed))
+    target = qa.spec.target
+    if qa.packed and target.bits >= 8:
+        raise ValueError(
+            f"QArray packed=True needs a sub-byte target (4- or 2-bit), but the spec's "
+            f"target is {target.name}"
+        )
+    pads = target.packs if qa.packed else 1
+    if not isinstance(qa.pad, numbers.Integral) or isinstance(qa.pad, (bool, np.bool_)):
+        raise ValueError(f"QArray pad must be an int, got {qa.pad!r}")
+    if not 0 <= qa.pad < pads:
+        raise ValueError(
+            f"QArray pad must be in [0, {pads - 1}] "
+            + (f"({pads} {target.name} values per byte)" if qa.packed else "(packed=False)")
+            + f", got {qa.pad}"
+        )
+    object.__setattr__(qa, "pad", int(qa.pad))
+
+
+def _check_leaves(qa: QArray, *, strict: bool) -> None:
+    """Checks data, scale and offset against each other and the spec.
+
+    Not strict, a part that is no array or abstract value (a placeholder JAX or the user
+    put in the tree) skips the checks that need it, float0 (integer tangents) skips the
+    dtype checks, and the granularity is checked only on concrete arrays.
+    """
+    spec, target = qa.spec, qa.spec.target
+    data, scale = _aval(qa.data, "data", strict), _aval(qa.scale, "scale", strict)
+    if data is None or scale is None:
+        return
+    stored = jnp.dtype(jnp.uint8) if qa.packed else target.storage
+    _check_dtype("data", data[1], stored, exact=True, why=_storage(qa))
+    if qa.packed and (not data[0] or (data[0][-1] == 0 and qa.pad)):
+        raise ValueError(
+            f"QArray data of shape {data[0]} cannot hold packed values with pad {qa.pad}; "
+            "packed data needs at least one axis, and a byte for the padding"
+        )
+    scale_dtype = jnp.dtype(spec.scale_dtype)
+    exact = strict or spec.power_of_two_scale  # e8m0 scales are read through their bits
+    _check_dtype("scale", scale[1], scale_dtype, exact=exact, why="the spec's scale_dtype")
+    shape = qa.shape
+    where = f"{shape} (data {data[0]}, pad {qa.pad})" if qa.packed else str(shape)
+    if len(scale[0]) != len(shape) or not all(
+        (n == 0 and d == 0) or (n > 0 and d % n == 0) for n, d in zip(scale[0], shape)
+    ):
+        raise ValueError(
+            f"QArray scale has shape {scale[0]}, which does not fit an array of shape {where}: "
+            f"it needs one entry per block, shape // block shape, "
+            f"{_expected_scale(shape, spec)} for {spec.granularity}"
+        )
+    if (strict or _concrete(qa.data, qa.scale)) and not _fits_granularity(
+        shape, scale[0], spec.granularity
+    ):
+        raise ValueError(
+            f"QArray scale has shape {scale[0]}, but {spec.granularity} on an array of shape "
+            f"{where} gives {_expected_scale(shape, spec)} (or that shape stacked along "
+            "leading axes)"
+        )
+    _check_offset(qa, scale[0], strict)
+
+
+def _check_offset(qa: QArray, scale_shape: tuple[int, ...], strict: bool) -> None:
+    formulation = qa.spec.formulation
+    if formulation == "scale":
+        if qa.offset is not None:
+            raise ValueError(
+                f"QArray offset must be None: formulation 'scale' ({qa.spec}) has no zero "
+                "point or minval"
+            )
+        return
+    what = "int32 zero points" if formulation == "zero_point" else "float32 minvals"
+    if qa.offset is None:
+        raise ValueError(
+            f"QArray offset is missing: formulation {formulation!r} ({qa.spec}) needs {what}, "
+            f"shaped like scale {scale_shape}"
+        )
+    offset = _aval(qa.offset, "offset", strict)
+    if offset is None:
+        return
+    if offset[0] != scale_shape:
+        raise ValueError(
+            f"QArray offset must have the scale's shape {scale_shape} ({what}), got {offset[0]}"
+        )
+    expected = jnp.dtype(jnp.int32 if formulation == "zero_point" else jnp.float32)
+    _check_dtype("offset", offset[1], expected, exact=strict, why=what)
+
+
+def _aval(leaf: Any, field: str, strict: bool) -> tuple[tuple[int, ...], np.dtype] | None:
+    """``(shape, dtype)`` of an array, tracer or abstract value; None for anything else."""
+    shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
+    if isinstance(shape, tuple) and isinstance(dtype, np.dtype):
+        return tuple(int(d) for d in shape), dtype
+    if strict:
+        raise ValueError(f"QArray {field} must be an array, got {type(leaf).__name__}")
+    return None
+
+
+def _check_dtype(field: str, dtype: np.dtype, expected: np.dtype, exact: bool, why: str) -> None:
+    """``expected`` exactly, or (not ``exact``) a dtype of its kind; float0 (the tangent
+    type of integers) passes."""
+    if dtype == jax.dtypes.float0:
+        return
+    kind = jnp.integer if jnp.issubdtype(expected, jnp.integer) else jnp.floating
+    if dtype != expected if exact else not jnp.issubdtype(dtype, kind):
+        must = expected.name if exact else f"{kind.__name__} (e.g. {expected.name})"
+        raise ValueError(f"QArray {field} must be {must} ({why}), got {dtype.name}")
+
+
+def _storage(qa: QArray) -> str:
+    t = qa.spec.target
+    return f"packed {t.name} bytes" if qa.packed else f"the spec's {t.name} values"
+
+
+def _concrete(*leaves: Any) -> bool:
+    """True for NumPy and JAX arrays; False for tracers and abstract values."""
+    return all(
+        isinstance(a, np.ndarray)
+        or (isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer))
+        for a in leaves
+    )
+
+
+def _param_shape(shape: tuple[int, ...], granularity: gran.Granularity) -> tuple[int, ...] | None:
+    try:
+        return gran.param_shape(shape, gran.block_shape(shape, granularity))
+    except ValueError:
+        return None
+
+
+def _fits_granularity(
+    shape: tuple[int, ...], scale_shape: tuple[int, ...], granularity: gran.Granularity
+) -> bool:
+    """True where ``scale_shape`` is the granularity's param shape for ``shape``, or for
+    ``shape[k:]`` with one scale per index along the ``k`` leading (stacked) axes."""
+    for k in range(len(shape) + 1):
+        if scale_shape[:k] != shape[:k]:
+            return False
+        if _param_shape(shape[k:], granularity) == scale_shape[k:]:
+            return True
+    return False
+
+
+def _expected_scale(shape: tuple[int, ...], spec: QuantSpec) -> str:
+    expected = _param_shape(shape, spec.granularity)
+    return "no shape (it does not fit)" if expected is None else str(expected)

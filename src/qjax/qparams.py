@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -11,12 +12,13 @@ import numpy as np
 
 from qjax import granularity as gran
 from qjax.exact import exact_divide, round_to_scale_dtype
-from qjax.spec import QuantSpec
+from qjax.spec import QuantSpec, SpecLike, as_spec
 
 __all__ = [
     "QParams",
     "block_range",
     "check_float_input",
+    "check_scale_holds",
     "compute_qparams",
     "qparams_from_minmax",
 ]
@@ -58,6 +60,54 @@ def check_float_input(x: jax.typing.ArrayLike, what: str = "quantize") -> jax.Ar
             "cast it first, e.g. x.astype(jnp.float32)"
         )
     return x
+
+
+FLOAT16_SCALE_OVERFLOW = 65520.0
+"""The smallest float32 scale that rounds to inf in float16 (float16's max is 65504)."""
+
+
+def check_scale_holds(x: jax.Array, spec: QuantSpec, what: str = "quantize") -> None:
+    """Refuses a concrete ``x`` whose range a float16 scale (``scale_dtype="float16"``)
+    cannot hold, naming the largest range it can.
+
+    Only eager calls are checked: under ``jit`` the values are traced, and a scale past
+    float16's max is saturated to 65504 (see :func:`qjax.exact.round_to_scale_dtype`), so
+    values past the range clamp. Other scale dtypes hold every float32 range.
+
+    Raises:
+      ValueError: when some block's scale would be 65520 or more (inf in float16).
+
+    Examples:
+      >>> import jax.numpy as jnp, qjax
+      >>> from qjax.qparams import check_scale_holds
+      >>> check_scale_holds(jnp.array([1e7]), qjax.QuantSpec("int8", scale_dtype="float16"))
+      Traceback (most recent call last):
+        ...
+      ValueError: quantize: x needs a scale of 78431.4, past float16's max 65504 ...
+    """
+    if spec.scale_dtype != "float16" or isinstance(x, jax.core.Tracer):
+        return
+    wide = dataclasses.replace(spec, scale_dtype="float32")
+    refuse_float16_overflow(_compute_qparams(x, wide).scale, spec, what)
+
+
+def refuse_float16_overflow(scale: jax.Array, spec: QuantSpec, what: str) -> None:
+    """Raises ValueError if a concrete float32 ``scale`` is too large for a float16 scale."""
+    scale = np.asarray(scale, np.float32)
+    largest = float(np.nanmax(scale, initial=0.0))
+    if largest < FLOAT16_SCALE_OVERFLOW:
+        return
+    if spec.scheme == "asymmetric":
+        levels, held = spec.qmax - spec.qmin, "a block's range max(x, 0) - min(x, 0)"
+    else:
+        levels, held = (spec.qmax - spec.qmin) / 2, "|x|"
+    limit = float(np.finfo(np.float16).max) * levels
+    raise ValueError(
+        f"{what}: x needs a scale of {largest:.6g}, past float16's max 65504 (it would be "
+        f"inf); with {spec.dtype} {spec.scheme}, scale_dtype='float16' holds {held} up to "
+        f"{limit:.8g} (65504 * {levels:g}); use scale_dtype='float32' or 'bfloat16', or "
+        "scale x down"
+    )
 
 
 def block_minmax(xb: jax.Array, layout: gran.BlockLayout) -> tuple[jax.Array, jax.Array]:
@@ -110,7 +160,7 @@ def _fused_minmax_is_fast(layout: gran.BlockLayout) -> bool:
     return last or layout.blocked[axis] <= FUSED_MINMAX_MAX_MIDDLE_BLOCK
 
 
-def qparams_from_minmax(min_val: jax.Array, max_val: jax.Array, spec: QuantSpec) -> QParams:
+def qparams_from_minmax(min_val: jax.Array, max_val: jax.Array, spec: SpecLike) -> QParams:
     """Quant params from each block's observed range (design notes section 1).
 
     This is the one place the scheme formulae live; :func:`compute_qparams`, calibration
@@ -131,11 +181,16 @@ def qparams_from_minmax(min_val: jax.Array, max_val: jax.Array, spec: QuantSpec)
       >>> float(qp.scale), int(qp.zero_point)
       (0.01568627543747425, 64)
     """
+    spec = as_spec(spec)
     min_neg = jnp.minimum(jnp.asarray(min_val, jnp.float32), 0.0)
     max_pos = jnp.maximum(jnp.asarray(max_val, jnp.float32), 0.0)
     qmin, qmax = spec.qmin, spec.qmax
     if spec.scheme == "asymmetric":
-        scale = jnp.maximum(exact_divide(max_pos - min_neg, jnp.float32(qmax - qmin)), EPS)
+        # Half the range over half the levels: the same quotient (halving a float32 is exact
+        # but for subnormals, whose quotients fall below EPS), and finite for ranges wider
+        # than float32's, where max_pos - min_neg would overflow.
+        half_range = max_pos * 0.5 - min_neg * 0.5
+        scale = jnp.maximum(exact_divide(half_range, jnp.float32((qmax - qmin) / 2)), EPS)
         zero_point = qmin - jnp.round(exact_divide(min_neg, scale))
         zero_point = jnp.clip(zero_point, qmin, qmax).astype(jnp.int32)
         minval = min_neg
@@ -171,7 +226,7 @@ def _power_of_two_scale(amax: jax.Array, emax: int) -> jax.Array:
     return jax.lax.bitcast_convert_type(biased, jnp.float8_e8m0fnu)
 
 
-def compute_qparams(x: jax.typing.ArrayLike, spec: QuantSpec) -> QParams:
+def compute_qparams(x: jax.typing.ArrayLike, spec: SpecLike) -> QParams:
     """Computes the scale and offsets of every block of ``x``.
 
     Args:
@@ -181,6 +236,10 @@ def compute_qparams(x: jax.typing.ArrayLike, spec: QuantSpec) -> QParams:
     Returns:
       :class:`QParams`, each field with shape ``x.shape // block_shape``.
 
+    Raises:
+      ValueError: with ``scale_dtype="float16"``, when a block's range needs a scale past
+        float16's max (see :func:`check_scale_holds`; under ``jit`` it saturates instead).
+
     Examples:
       >>> import jax.numpy as jnp, qjax
       >>> w = jnp.array([[1.0, -2.0], [0.5, 4.0]])
@@ -188,7 +247,10 @@ def compute_qparams(x: jax.typing.ArrayLike, spec: QuantSpec) -> QParams:
       >>> qp.scale.shape, qp.scale * 127.5  # one scale per output channel
       ((1, 2), Array([[1., 4.]], dtype=float32))
     """
-    return _compute_qparams(check_float_input(x, "compute_qparams"), spec)
+    spec = as_spec(spec)
+    x = check_float_input(x, "compute_qparams")
+    check_scale_holds(x, spec, "compute_qparams")
+    return _compute_qparams(x, spec)
 
 
 @functools.partial(jax.jit, static_argnames="spec")
@@ -197,12 +259,13 @@ def _compute_qparams(x: jax.Array, spec: QuantSpec) -> QParams:
     return blockwise_qparams(layout.blockify(x.astype(jnp.float32)), layout, spec)
 
 
-def block_range(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
+def block_range(x: jax.Array, spec: SpecLike) -> tuple[jax.Array, jax.Array]:
     """Per-block (min, max) of ``x`` as float32, each of shape ``x.shape // block_shape``.
 
     The observation that range calibration (static activations, moving averages) feeds
     into :func:`qparams_from_minmax`.
     """
+    spec = as_spec(spec)
     x = check_float_input(x, "block_range")
     layout = gran.BlockLayout.of(x.shape, gran.block_shape(x.shape, spec.granularity))
     lo, hi = block_minmax(layout.blockify(x.astype(jnp.float32)), layout)

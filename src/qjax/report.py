@@ -334,11 +334,14 @@ def _dequantize(q: QArray) -> jax.Array:
 
 
 def _sqnr_db(signal: float, noise: float) -> float:
+    """``10 * log10(signal / noise)``, with the ratio taken apart into mantissas and a power
+    of two, so that it cannot overflow or underflow (a huge signal over a tiny noise)."""
     if noise == 0:
         return math.inf
     if signal == 0:
         return -math.inf
-    return 10 * math.log10(signal / noise)
+    (s, s_exp), (n, n_exp) = math.frexp(signal), math.frexp(noise)
+    return 10 * (math.log10(s / n) + (s_exp - n_exp) * math.log10(2))
 
 
 def _ratio(before: int, after: int) -> float:

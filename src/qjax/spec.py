@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Literal, Union
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qjax.dtypes import TargetDType, target_dtype
 from qjax.granularity import GranularityLike, as_granularity, per_block
 
-__all__ = ["FORMULATIONS", "MX_PRESETS", "SCALE_DTYPES", "SCHEMES", "QuantSpec"]
+__all__ = [
+    "FORMULATIONS",
+    "MX_PRESETS",
+    "SCALE_DTYPES",
+    "SCHEMES",
+    "QuantSpec",
+    "SpecLike",
+    "as_spec",
+]
 
 Scheme = Literal["symmetric", "symmetric_with_clipping", "asymmetric"]
 Formulation = Literal["scale", "zero_point", "minval"]
@@ -29,8 +39,10 @@ class QuantSpec:
     """How to quantize an array: target dtype, scheme, formulation, granularity, scale dtype.
 
     A QuantSpec is frozen and hashable, so it can be a static argument of ``jax.jit``.
-    Invalid combinations raise ``ValueError`` when the spec is built; an axis or block
-    size that does not fit an array raises when the spec is first used on it.
+    Fields of the wrong type raise ``TypeError`` and invalid combinations ``ValueError``
+    when the spec is built, naming the field; an axis or block size that does not fit an
+    array raises when the spec is first used on it. Functions that take a spec also
+    accept its shorthand text (see :func:`as_spec` and :func:`qjax.parse_spec`).
 
     Args:
       dtype: the target: ``"int8"``, ``"uint8"``, ``"int4"``, ``"uint4"``, ``"int2"``,
@@ -72,15 +84,14 @@ class QuantSpec:
     scale_dtype: str | None = None
 
     def __post_init__(self):
-        name = self.dtype if isinstance(self.dtype, str) else _dtype_name(self.dtype)
+        name = _dtype_name(self.dtype, "dtype", "int8")
         mx = name in MX_PRESETS
         if mx:
             name = MX_PRESETS[name]
         target = target_dtype(name)
         object.__setattr__(self, "dtype", target.name)
 
-        if self.scheme not in SCHEMES:
-            raise ValueError(f"unknown scheme {self.scheme!r}; choose one of {SCHEMES}")
+        _check_choice("scheme", self.scheme, SCHEMES)
         if target.is_float and self.scheme != "symmetric":
             raise ValueError(
                 f"scheme {self.scheme!r} is for integer targets; float target {target.name} "
@@ -95,8 +106,7 @@ class QuantSpec:
         formulation = self.formulation
         if formulation is None:
             formulation = "scale" if self.symmetric_zero_point == 0 else "zero_point"
-        if formulation not in FORMULATIONS:
-            raise ValueError(f"unknown formulation {formulation!r}; choose one of {FORMULATIONS}")
+        _check_choice("formulation", formulation, FORMULATIONS)
         if target.is_float and formulation != "scale":
             raise ValueError(
                 f"formulation {formulation!r} is for integer targets; float target "
@@ -124,7 +134,7 @@ class QuantSpec:
         scale_dtype = self.scale_dtype
         if scale_dtype is None:
             scale_dtype = "float8_e8m0fnu" if mx else "float32"
-        scale_dtype = scale_dtype if isinstance(scale_dtype, str) else _dtype_name(scale_dtype)
+        scale_dtype = _dtype_name(scale_dtype, "scale_dtype", "float32")
         if scale_dtype not in SCALE_DTYPES:
             raise ValueError(
                 f"unsupported scale_dtype {scale_dtype!r}; choose one of {SCALE_DTYPES}"
@@ -178,8 +188,87 @@ class QuantSpec:
         return ":".join(parts)
 
 
-def _dtype_name(dtype: object) -> str:
-    try:
-        return jnp.dtype(dtype).name
-    except TypeError as e:
-        raise ValueError(f"{dtype!r} is not a dtype or dtype name") from e
+SpecLike = Union[QuantSpec, str]
+"""A :class:`QuantSpec` or its shorthand text (see :func:`qjax.parse_spec`), e.g. ``"int8"``."""
+
+
+def as_spec(spec: SpecLike, argname: str = "spec") -> QuantSpec:
+    """The :class:`QuantSpec` that ``spec`` stands for: a QuantSpec as it is, or shorthand text.
+
+    Every function that takes a spec accepts both, through this one function. Text is read
+    by :func:`qjax.parse_spec`; ``"keep"`` (no quantization) is refused, as a spec is needed.
+
+    Args:
+      spec: a QuantSpec, or text such as ``"int8"`` or ``"int4:per_block:32"``.
+      argname: the argument's name, for error messages.
+
+    Raises:
+      TypeError: for anything else, e.g. a traced value (a spec passed to ``jax.jit`` as an
+        ordinary argument: close over it or mark it static).
+      ValueError: for text that does not parse, or that says ``"keep"``.
+
+    Examples:
+      >>> import qjax
+      >>> from qjax.spec import as_spec
+      >>> as_spec("int4:per_channel") == qjax.QuantSpec("int4", granularity=qjax.per_channel(-1))
+      True
+      >>> as_spec(3)
+      Traceback (most recent call last):
+        ...
+      TypeError: spec must be a QuantSpec or shorthand text such as 'int8' ... got int
+    """
+    if isinstance(spec, QuantSpec):
+        return spec
+    if isinstance(spec, str):
+        from qjax.rules import parse_spec  # rules builds on this module
+
+        try:
+            parsed = parse_spec(spec)
+        except ValueError as e:
+            raise ValueError(f"{argname}: {e}") from None
+        if parsed is None:
+            raise ValueError(
+                f"{argname}={spec!r} means 'stay float', but a quantization is needed here; "
+                "give a dtype, e.g. 'int8' or 'int4:per_block:32'"
+            )
+        return parsed
+    if isinstance(spec, jax.core.Tracer):
+        raise TypeError(
+            f"{argname} is a traced value: a QuantSpec passed to jax.jit (or another "
+            "transformation) as an ordinary argument is traced like an array. Close over it, "
+            "e.g. jax.jit(lambda x: qjax.quantize(x, spec)), or mark it static, e.g. "
+            f"jax.jit(qjax.quantize, static_argnames={argname!r})"
+        )
+    raise TypeError(
+        f"{argname} must be a QuantSpec or shorthand text such as 'int8' or "
+        f"'int4:per_block:32', got {type(spec).__name__}"
+    )
+
+
+def _check_choice(field: str, value: object, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str):
+        raise TypeError(
+            f"QuantSpec {field} must be one of {choices} (a str), got {value!r} "
+            f"({type(value).__name__})"
+        )
+    if value not in choices:
+        raise ValueError(f"unknown {field} {value!r}; choose one of {choices}")
+
+
+def _dtype_name(value: object, field: str, example: str) -> str:
+    """The name of a dtype given as text, a ``np.dtype`` or a scalar type (``jnp.int8``)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, np.dtype):
+        return value.name
+    # Scalar types (np.float32, ml_dtypes.int4) and jnp's scalar types (jnp.int8); not
+    # arrays, which also have a dtype, nor Python values, which jnp.dtype reads as a type.
+    if isinstance(value, type) or (hasattr(value, "dtype") and not hasattr(value, "shape")):
+        try:
+            return jnp.dtype(value).name
+        except TypeError:
+            pass
+    raise TypeError(
+        f"QuantSpec {field} must be a dtype name such as {example!r} or a dtype such as "
+        f"jnp.{example}, got {value!r} ({type(value).__name__})"
+    )
