@@ -88,9 +88,12 @@ for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
 # ## 1. Rules by regex
 #
 # Rules are ordered: the first regex that `re.fullmatch`-es a leaf's path decides its
-# spec, and `None` (or `"keep"`) keeps a leaf float. Leaves under `min_size` elements
-# (default 1024: the biases here) stay float whatever the rules say. `qjax.leaf_specs`
-# shows the decisions without quantizing anything.
+# spec, and `None` (or `"keep"`) keeps a leaf float. A catch-all rule such as `.*`
+# leaves float the leaves under `min_size` elements (default 1024) and the 1-D ones (the
+# biases here); a rule that names a leaf quantizes it whatever its size. A shorthand spec
+# without `axis=` follows the leaf's layout (a Flax kernel `[in, out]`: channels on the
+# last axis, blocks along the inputs). `qjax.plan` shows the decisions, and why a leaf
+# stays float, without quantizing anything.
 #
 # These rules keep the small head float, quantize the embedding to int8 per output
 # channel and the stacked blocks to int4 with blocks of 32 inputs. The catch-all `.*`
@@ -103,11 +106,7 @@ rules = {
     r"params/blocks/.*kernel": "int4:per_block:32",
     r".*": None,
 }
-for pattern, spec in qjax.parse_rules(rules):
-    print(f"{pattern:24} -> {spec}")
-print()
-for path, spec in qjax.leaf_specs(params, rules).items():
-    print(f"{path:28} {spec}")
+print(qjax.plan(params, rules))
 
 # %% [markdown]
 # One caveat shows up in the block shape. A per-block granularity covers the whole of
@@ -165,7 +164,7 @@ for i in range(DEPTH):
 # something `model.apply` takes.
 
 # %%
-outer_rules = {r"params/blocks/.*": "keep", **rules}
+outer_rules = {r"params/blocks/.*": "keep", **{p: s for p, s in rules.items() if "blocks" not in p}}
 qtree = qjax.quantize_tree(params, outer_rules)
 qtree["params"]["blocks"] = vmapped
 q_acc = float(accuracy(qjax.dequantize_tree(qtree), x_test, y_test))

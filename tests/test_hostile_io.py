@@ -248,19 +248,27 @@ def _spec_of(header, *keys):
 @pytest.mark.parametrize(
     ("edit", "tensors", "message"),
     [
-        (lambda h: _node(h, "blocks", "w").update(pad=1), None, r"scale shape \(4, 2\)"),
-        (lambda h: _node(h, "blocks", "w").update(pad=2.0), None, "not a bool / an int"),
-        (lambda h: _node(h, "blocks", "w").update(pad=-1), None, "pad -1 out of range"),
-        (lambda h: _node(h, "blocks", "w").update(packed=1), None, "not a bool"),
+        (lambda h: _node(h, "blocks", "w").update(pad=1), None, r"scale has shape \(4, 2\)"),
+        (lambda h: _node(h, "blocks", "w").update(pad=2.0), None, "pad must be an int, got 2.0"),
+        (
+            lambda h: _node(h, "blocks", "w").update(pad=-1),
+            None,
+            r"pad must be in \[0, 1\].*got -1",
+        ),
+        (
+            lambda h: _node(h, "blocks", "w").update(packed=1),
+            None,
+            "packed must be True or False, got 1",
+        ),
         (
             lambda h: _spec_of(h, "blocks", "w")["granularity"].update(block_size=16),
             None,
-            r"scale shape \(4, 2\) does not fit shape \(4, 64\)",
+            r"scale has shape \(4, 2\), but per_block.* \(4, 64\)",
         ),
         (
             lambda h: _spec_of(h, "blocks", "w")["granularity"].update(kind="per_channel"),
             None,
-            r"scale shape \(4, 2\) does not fit shape \(4, 64\) under per_channel",
+            r"scale has shape \(4, 2\), but per_channel\(axis=-1\) .* \(4, 64\)",
         ),
         (lambda h: _node(h, "blocks", "w").update(float_dtype="int32"), None, "float_dtype"),
         (lambda h: _node(h, "offsets", 0).update(offset="implied"), None, "does not fix its zero"),
@@ -268,7 +276,7 @@ def _spec_of(header, *keys):
         (
             lambda h: _node(h, "offsets", 1).update(offset_dtype="float32"),
             None,
-            "zero_point offset has dtype float32",
+            "offset must be integer .* got float32",
         ),
         (
             lambda h: _node(h, "offsets", 2).update(offset_dtype="int32"),
@@ -280,7 +288,7 @@ def _spec_of(header, *keys):
                 shape=[1, 5], crc32=zlib.crc32(np.zeros(5, np.uint8))
             ),
             lambda t: t.update({"offsets/0:offset": np.zeros((1, 5), np.uint8)}),
-            r"offset shape \(1, 5\) != scale shape \(1, 10\)",
+            r"offset must have the scale's shape \(1, 10\).*got \(1, 5\)",
         ),
         (
             lambda h: _node(h, "blocks", "b").update(name=7),

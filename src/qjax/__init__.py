@@ -40,6 +40,7 @@ from qjax.spec import QuantSpec as QuantSpec
 from qjax.tree import DEFAULT_MIN_SIZE as DEFAULT_MIN_SIZE
 from qjax.tree import count_nonfinite as count_nonfinite
 from qjax.tree import dequantize_tree as dequantize_tree
+from qjax.tree import dequantizing as dequantizing
 from qjax.tree import leaf_specs as leaf_specs
 from qjax.tree import plan as plan
 from qjax.tree import quantize_tree as quantize_tree
@@ -69,6 +70,7 @@ __all__ = [
     "default_rules",
     "dequantize",
     "dequantize_tree",
+    "dequantizing",
     "fake_quant",
     "leaf_specs",
     "load",

@@ -57,8 +57,6 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from qjax import io as qio
-from qjax.calibration import calibrate
-from qjax.ops import quantize
 from qjax.qarray import QArray
 from qjax.report import leaf_row, stored_row
 from qjax.rules import (
@@ -70,6 +68,7 @@ from qjax.rules import (
     RulesLike,
     report_unmatched,
 )
+from qjax.tree import nonfinite_in_float32, quantize_leaf
 
 __all__ = [
     "FLOAT_SUFFIXES",
@@ -736,35 +735,16 @@ def inspect_checkpoint(path: PathLike) -> list[dict[str, Any]]:
 
 
 def _quantize_tensor(t: TensorInfo, x: np.ndarray, row: PlanRow) -> Any:
-    """One tensor by its plan row: finite check, calibration, quantize (as quantize_tree)."""
-    bad = _nonfinite_in_float32(x)
+    """One tensor by its plan row, as quantize_tree quantizes a leaf; errors name it."""
+    bad = nonfinite_in_float32(x)
     if bad:
         raise ValueError(
             f"tensor {t.name!r} (shape {t.shape}) has {bad} NaN or inf value(s) in float32, "
             f"the precision quantization computes in; fix the checkpoint or keep it float "
             f"with --keep '{re.escape(t.name)}'"
         )
-    try:
-        qparams = None
-        if row.calibration is not None:
-            c = row.calibration
-            qparams = calibrate(x, row.spec, c.method, percentile=c.percentile)
-        return quantize(x, row.spec, qparams=qparams)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"tensor {t.name!r}: {e}") from None
-
-
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
-def _nonfinite_in_float32(x: np.ndarray) -> int:
-    """Values of ``x`` that are NaN or inf once cast to float32 (as qjax.count_nonfinite
-    counts them), in NumPy with one boolean temporary: the streaming CLI's peak memory
-    stays near one tensor (a JAX copy of each tensor cost 64 MiB more on the benchmark)."""
-    if x.dtype.itemsize > 4:
-        with np.errstate(invalid="ignore"):
-            return int(np.count_nonzero(~(np.abs(x) <= _FLOAT32_MAX)))
-    return int(x.size - np.count_nonzero(np.isfinite(x)))
+    resolution = Resolution(row.spec, row.pattern, row.layout, row.note, row.calibration)
+    return quantize_leaf(t.name, x, resolution, check_finite=False, what="tensor")
 
 
 def _float_dtype(leaf: Any, npz: bool) -> np.dtype:

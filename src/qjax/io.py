@@ -61,7 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from qjax.granularity import Granularity, block_shape, param_shape
+from qjax.granularity import Granularity
 from qjax.qarray import QArray
 from qjax.spec import QuantSpec
 
@@ -315,6 +315,10 @@ class _Encoder:
         return encoded
 
     def qarray(self, qa: QArray, path: Path) -> dict[str, Any]:
+        try:
+            qa.validate()
+        except ValueError as e:
+            raise ValueError(f"cannot save the QArray at {_show(path)}: {e}") from None
         encoded: dict[str, Any] = {
             "spec": self.spec_id(qa.spec),
             "float_dtype": jnp.dtype(qa.float_dtype).name,
@@ -454,8 +458,7 @@ class _Decoder:
                 float_dtype=body["float_dtype"],
                 packed=body["packed"],
                 pad=body["pad"],
-            )
-            validate_qarray(qa)
+            ).validate()
         except (TypeError, ValueError) as e:
             raise _Invalid(f"QArray at {_show(path)} does not fit its spec: {e}") from None
         return qa
@@ -571,86 +574,6 @@ def _decode_spec(fields: dict[str, Any]) -> QuantSpec:
             granularity["explicit"] = tuple(granularity["explicit"])
         fields["granularity"] = Granularity(**granularity)
     return QuantSpec(**fields)
-
-
-def validate_qarray(qa: QArray) -> None:
-    """Checks that a QArray's parts fit its spec, as :meth:`~qjax.QArray.dequantize` assumes.
-
-    The one place :func:`load` checks a decoded QArray: the statics' types, the data dtype
-    (uint8 when packed, else the target's storage type), packing and padding, the scale
-    dtype and shape (``shape // block_shape`` of the spec's granularity, also on each
-    layer of a vmap-stacked QArray), and the offset the formulation needs.
-
-    Raises:
-      ValueError: naming every field that does not fit.
-
-    Examples:
-      >>> import dataclasses, jax.numpy as jnp, qjax
-      >>> from qjax.io import validate_qarray
-      >>> spec = qjax.QuantSpec("int4", granularity=qjax.per_channel(-1))
-      >>> qa = qjax.quantize(jnp.ones((16, 16)), spec)
-      >>> validate_qarray(qa)
-      >>> validate_qarray(dataclasses.replace(qa, pad=1))  # a (16, 15) array: 16 scales?
-      Traceback (most recent call last):
-        ...
-      ValueError: scale shape (1, 16) does not fit shape (16, 15) under per_channel(axis=-1)
-    """
-    problems = []
-    target = qa.spec.target
-    if type(qa.packed) is not bool or type(qa.pad) is not int:
-        raise ValueError(f"packed {qa.packed!r} / pad {qa.pad!r} are not a bool / an int")
-    if not isinstance(qa.float_dtype, str) or not jnp.issubdtype(qa.float_dtype, jnp.floating):
-        problems.append(f"float_dtype {qa.float_dtype!r} is not a float dtype name")
-    if qa.packed and (target.bits >= 8 or qa.data.ndim == 0):
-        problems.append(f"packed storage of {target.name} values of shape {qa.data.shape}")
-    elif not 0 <= qa.pad < (target.packs if qa.packed else 1):
-        problems.append(f"pad {qa.pad} out of range for {'packed' if qa.packed else 'unpacked'}")
-    elif qa.packed and qa.data.shape[-1] * target.packs < qa.pad:
-        problems.append(f"pad {qa.pad} exceeds the packed last axis {qa.data.shape[-1]}")
-    expected_data = jnp.dtype(jnp.uint8) if qa.packed else target.storage
-    if qa.data.dtype != expected_data:
-        problems.append(f"data is {qa.data.dtype.name}, expected {expected_data.name}")
-    if qa.scale.dtype != jnp.dtype(qa.spec.scale_dtype):
-        problems.append(f"scale is {qa.scale.dtype.name}, expected {qa.spec.scale_dtype}")
-    if problems:
-        raise ValueError("; ".join(problems))
-    shape = qa.shape
-    if not _fits_granularity(tuple(qa.scale.shape), shape, qa.spec):
-        problems.append(
-            f"scale shape {tuple(qa.scale.shape)} does not fit shape {shape} under "
-            f"{qa.spec.granularity}"
-        )
-    formulation = qa.spec.formulation
-    if (qa.offset is None) != (formulation == "scale"):
-        problems.append(f"offset is {'missing' if qa.offset is None else 'unexpected'}")
-    elif qa.offset is not None:
-        if tuple(qa.offset.shape) != tuple(qa.scale.shape):
-            problems.append(f"offset shape {qa.offset.shape} != scale shape {qa.scale.shape}")
-        kind = jnp.integer if formulation == "zero_point" else jnp.floating
-        if not jnp.issubdtype(qa.offset.dtype, kind):
-            problems.append(f"{formulation} offset has dtype {qa.offset.dtype.name}")
-    if problems:
-        raise ValueError("; ".join(problems))
-
-
-def _fits_granularity(
-    scale_shape: tuple[int, ...], shape: tuple[int, ...], spec: QuantSpec
-) -> bool:
-    """Whether ``scale_shape`` is ``shape // block`` for the spec's blocks on the trailing
-    axes, after zero or more leading axes of one scale per index (vmap-stacked QArrays)."""
-    if len(scale_shape) != len(shape):
-        return False
-    for k in range(len(shape) + 1):
-        if scale_shape[:k] != shape[:k]:
-            return False
-        inner = shape[k:]
-        try:
-            expected = param_shape(inner, block_shape(inner, spec.granularity)) if inner else ()
-        except ValueError:
-            continue
-        if scale_shape[k:] == expected:
-            return True
-    return False
 
 
 # Shared helpers.

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -10,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax.calibration import calibrate
+from qjax.exact import unfused
 from qjax.ops import quantize
 from qjax.qarray import QArray
 from qjax.rules import DEFAULT_MIN_SIZE, Plan, PlanRow, Resolution, RulePlan, RulesLike
@@ -20,6 +23,7 @@ __all__ = [
     "FLOAT32_OVERFLOW",
     "count_nonfinite",
     "dequantize_tree",
+    "dequantizing",
     "leaf_specs",
     "nonfinite_in_float32",
     "path_str",
@@ -194,7 +198,12 @@ def quantize_tree(
 
 
 def quantize_leaf(
-    name: str, leaf: Any, resolution: Resolution, *, check_finite: bool = True
+    name: str,
+    leaf: Any,
+    resolution: Resolution,
+    *,
+    check_finite: bool = True,
+    what: str = "parameter",
 ) -> Any:
     """Quantizes one tensor as its :class:`~qjax.Resolution` says (PTQ of one leaf).
 
@@ -207,6 +216,7 @@ def quantize_leaf(
       leaf: the array.
       resolution: from :meth:`~qjax.RulePlan.resolve`.
       check_finite: refuse (unless traced) values that are NaN or inf in float32.
+      what: how errors call the leaf (``"parameter"``; the command line says ``"tensor"``).
 
     Examples:
       >>> import jax.numpy as jnp, qjax
@@ -230,7 +240,7 @@ def quantize_leaf(
             )
         return quantize(leaf, resolution.spec, qparams=qparams)
     except (ValueError, TypeError) as e:
-        raise type(e)(f"parameter {name!r}: {e}") from None
+        raise type(e)(f"{what} {name!r}: {e}") from None
 
 
 def dequantize_tree(tree: Any) -> Any:
@@ -242,11 +252,47 @@ def dequantize_tree(tree: Any) -> Any:
       >>> qjax.dequantize_tree(q)["kernel"].dtype
       dtype('float32')
     """
-    return jax.tree.map(
-        lambda leaf: leaf.dequantize() if isinstance(leaf, QArray) else leaf,
-        tree,
-        is_leaf=_is_qarray,
-    )
+    return jax.tree.map(_dequantized, tree, is_leaf=_is_qarray)
+
+
+def _dequantized(leaf: Any) -> Any:
+    """A QArray's values, rounded apart from the ops that consume them, else ``leaf``.
+
+    Dequantized values are ``scale * q`` products; under ``jit`` XLA:CPU may contract one
+    into a following add (one rounding instead of two) in one graph and not in another.
+    :func:`qjax.exact.unfused` keeps them the values that :meth:`QArray.dequantize` and
+    the QAT model's ``fake_quant`` give, bit for bit, whatever consumes them.
+    """
+    return unfused(leaf.dequantize()) if isinstance(leaf, QArray) else leaf
+
+
+def dequantizing(fn: Callable) -> Callable:
+    """``fn`` with every :class:`~qjax.QArray` in its arguments dequantized first.
+
+    For code that wants float parameters and knows nothing of QArrays: third-party model
+    wrappers (transformers' ``FlaxBertModel.__call__(..., params=...)``), ``model.apply``,
+    evaluation loops. Jit the wrapper: the QArrays then enter the compiled function packed
+    and are dequantized inside it, so only the packed weights stay resident between calls.
+    Leaves that are not QArrays pass through unchanged; the floats are those of
+    :func:`dequantize_tree` (the QAT model's fake-quantized weights, bit for bit).
+
+    Examples:
+      >>> import flax.linen as nn, jax, jax.numpy as jnp, numpy as np, qjax
+      >>> model, x = nn.Dense(64), jnp.ones((2, 128))
+      >>> variables = model.init(jax.random.key(0), x)
+      >>> packed = qjax.quantize_tree(variables, {".*kernel": "int4:per_block:32"})
+      >>> run = jax.jit(qjax.dequantizing(model.apply))
+      >>> want = model.apply(qjax.dequantize_tree(packed), x)
+      >>> bool(np.array_equal(run(packed, x), want))
+      True
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        args, kwargs = dequantize_tree((args, kwargs))
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def count_nonfinite(params: Any) -> Any:

@@ -180,7 +180,7 @@ FORMATS: tuple[Format, ...] = (
     ),
     Format(
         "mxfp4",
-        {"conv1|head": None, ".*": "mxfp4"},
+        {"conv1|head": None, ".*": "mxfp4:axis=-1"},
         "OCP MX fp4 (e2m1 values, e8m0 scale per 32 values along the last axis) for conv2 "
         "and fc1; conv1 (16 outputs) and head (10 outputs) have no last axis divisible "
         "by 32 and stay float32 (0.6% of the weights)",

@@ -68,7 +68,7 @@ from qjax.ops import quantize
 from qjax.qarray import QArray
 from qjax.qparams import QParams
 from qjax.spec import QuantSpec
-from qjax.tree import path_str
+from qjax.tree import dequantizing, path_str
 
 __all__ = ["IntegerDots", "convert", "dequantizing", "served", "serving"]
 
@@ -236,39 +236,6 @@ def served(
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         with serving(rules, integer_dots=integer_dots, strict=strict):
             return fn(*args, **kwargs)
-
-    return wrapper
-
-
-def dequantizing(fn: Callable) -> Callable:
-    """``fn`` with every :class:`~qjax.QArray` in its arguments dequantized first.
-
-    For code that wants float parameters and knows nothing of QArrays: third-party model
-    wrappers (transformers' ``FlaxBertModel.__call__(..., params=...)``), ``model.apply``
-    without :func:`serving`, optax-free evaluation loops. Jit the wrapper: the QArrays
-    then enter the compiled function packed and are dequantized inside it, so only the
-    packed weights stay resident between calls, and XLA fuses the dequantization into
-    the consumers where it can. Leaves that are not QArrays pass through unchanged; the
-    floats are those of :meth:`qjax.QArray.dequantize` (the QAT model's fake-quantized
-    weights, bit for bit).
-
-    Examples:
-      >>> import flax.linen as nn, jax, jax.numpy as jnp, numpy as np, qjax
-      >>> from qjax.flax import serve
-      >>> model, x = nn.Dense(64), jnp.ones((2, 128))
-      >>> variables = model.init(jax.random.key(0), x)
-      >>> packed = qjax.quantize_tree(variables, {".*kernel": "int4:per_block:32"})
-      >>> run = jax.jit(serve.dequantizing(model.apply))
-      >>> float_kernel = packed["params"]["kernel"].dequantize()
-      >>> want = model.apply({"params": {**variables["params"], "kernel": float_kernel}}, x)
-      >>> bool(np.array_equal(run(packed, x), want))
-      True
-    """
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        args, kwargs = jax.tree.map(_dequantized, (args, kwargs), is_leaf=_is_qarray)
-        return fn(*args, **kwargs)
 
     return wrapper
 
