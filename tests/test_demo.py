@@ -8,6 +8,10 @@ import csv
 import io
 import json
 import os
+import pathlib
+import re
+import sys
+import tomllib
 
 import numpy as np
 import pytest
@@ -212,3 +216,78 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys, args, message):
     lines = captured.err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("qjax: error: "), captured.err
     assert message in lines[0]
+
+
+def test_stage_lines_where_stderr_is_no_terminal(quick_run: dict):
+    """In a log, each long step prints where it is: a line when it starts and at each
+    quarter, with the seconds since the start, so a CI log is never minutes of silence."""
+    lines = quick_run["stderr"].splitlines()
+    stage = re.compile(r"\[ *(\d+) s\] (.+): (\d+)/(\d+)(, done)?")
+    matches = [stage.fullmatch(line) for line in lines]
+    assert all(matches), lines
+    steps = sweep.QUICK.steps
+    stages = {m[2]: [] for m in matches}
+    for m in matches:
+        stages[m[2]].append((int(m[3]), int(m[4]), bool(m[5])))
+    qat = [name for name in stages if name.startswith("QAT ")]
+    assert list(stages) == ["train float CNN", "PTQ sweep", *qat]
+    assert len(qat) == sweep.QUICK.qat_top
+    assert stages["train float CNN"] == [(k * steps // 4, steps, k == 4) for k in range(5)]
+    n = quick_run["meta"]["ptq_configs"]
+    assert stages["PTQ sweep"][0] == (0, n, False) and stages["PTQ sweep"][-1] == (n, n, True)
+    seconds = [int(m[1]) for m in matches]
+    assert seconds == sorted(seconds)
+
+
+def test_stage_lines_print_each_quarter_once():
+    out = io.StringIO()
+    ticks = iter(range(100))
+    lines = sweep.StageLines(out, clock=lambda: float(next(ticks)))
+    task = lines.add_task("QAT int2", total=6)
+    for done in (1, 2, 2, 3, 5, 6, 6):
+        lines.update(task, completed=done)
+    assert out.getvalue().splitlines() == [
+        "[   1 s] QAT int2: 0/6",
+        "[   2 s] QAT int2: 2/6",  # 2/6: first quarter (1/6 is not)
+        "[   3 s] QAT int2: 3/6",  # half
+        "[   4 s] QAT int2: 5/6",  # three quarters
+        "[   5 s] QAT int2: 6/6, done",
+    ]
+
+
+PYPROJECT = tomllib.loads((pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text())
+
+
+def _names(requirements: list[str]) -> set[str]:
+    return {re.match(r"[A-Za-z0-9._-]+", r)[0].lower().replace("_", "-") for r in requirements}
+
+
+def test_demo_packages_are_an_extra_not_library_dependencies():
+    """`pip install qjax` brings what the library imports; the demo's packages are the
+    `demo` extra, and qjax.demo names exactly those when they are missing."""
+    project = PYPROJECT["project"]
+    demo = _names(project["optional-dependencies"]["demo"])
+    assert demo == {"optax", "scikit-learn", "matplotlib"}
+    assert not demo & _names(project["dependencies"])
+    from qjax import demo as demo_package
+
+    assert {dist for _, dist in demo_package.EXTRA} == demo
+
+
+@pytest.mark.parametrize(
+    "module, dist", [("sklearn", "scikit-learn"), ("matplotlib", "matplotlib"), ("optax", "optax")]
+)
+def test_demo_without_the_extra_is_one_line(monkeypatch, capsys, tmp_path, module, dist):
+    """Without the extra, `qjax demo` says what to install, in one line, before any work."""
+    for name in [m for m in sys.modules if m == "qjax.demo" or m.startswith("qjax.demo.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed
+    out = tmp_path / "out"
+    assert main(["demo", "--quick", "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == [
+        f"qjax: error: qjax demo needs {dist} (the demo extra, which the library does not "
+        'need): pip install "qjax[demo]"'
+    ]
+    assert not out.exists()

@@ -6,7 +6,8 @@ lands in the repository and no ``.ipynb`` is ever written. The kernel is the int
 running the tests: a kernelspec for ``sys.executable`` is written to a temporary
 directory placed first on ``JUPYTER_PATH``, so a ``python3`` kernelspec installed
 elsewhere (a user's, another environment's) cannot shadow it, and a fresh machine needs
-nothing beyond the ``test`` extra (ipykernel, jupytext, nbclient).
+nothing beyond the ``demo`` extra (what the notebooks import) and the ``test`` extra
+(ipykernel, jupytext, nbclient).
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -59,6 +60,7 @@ __all__ = [
     "Result",
     "Row",
     "Settings",
+    "StageLines",
     "kernel_shapes",
     "make_settings",
     "measure",
@@ -526,9 +528,62 @@ class Result:
     meta: dict[str, Any]
 
 
+class StageLines:
+    """Progress as plain lines on a stream, for logs (CI) where a progress bar cannot draw.
+
+    It takes the calls :func:`run` makes on a rich ``Progress`` (``add_task``, ``update``,
+    ``advance``) and prints one line when a stage starts and one at each quarter of it,
+    with the seconds since the run started, so a long run is never minutes of silence.
+
+    Examples:
+      >>> import sys
+      >>> from qjax.demo.sweep import StageLines
+      >>> lines = StageLines(sys.stdout, clock=iter(range(0, 100, 5)).__next__)
+      >>> task = lines.add_task("PTQ sweep", total=8)
+      [   5 s] PTQ sweep: 0/8
+      >>> for _ in range(8):
+      ...     lines.advance(task)
+      [  10 s] PTQ sweep: 2/8
+      [  15 s] PTQ sweep: 4/8
+      [  20 s] PTQ sweep: 6/8
+      [  25 s] PTQ sweep: 8/8, done
+    """
+
+    def __init__(self, stream: Any, clock: Callable[[], float] = time.perf_counter) -> None:
+        self._stream = stream
+        self._clock = clock
+        self._start = clock()
+        self._tasks: list[list[Any]] = []  # [description, total, completed, quarters printed]
+
+    def add_task(self, description: str, total: int) -> int:
+        """Starts a stage of ``total`` steps; returns its id."""
+        self._tasks.append([description, total, 0, 0])
+        self._print(f"{description}: 0/{total}")
+        return len(self._tasks) - 1
+
+    def update(self, task: int, completed: int) -> None:
+        """Sets the steps done; prints when a new quarter of the stage is reached."""
+        state = self._tasks[task]
+        description, total, _, printed = state
+        state[2] = completed
+        quarter = 4 * completed // total if total else 4
+        if quarter > printed:
+            state[3] = quarter
+            done = ", done" if completed >= total else ""
+            self._print(f"{description}: {completed}/{total}{done}")
+
+    def advance(self, task: int) -> None:
+        """One more step done."""
+        self.update(task, self._tasks[task][2] + 1)
+
+    def _print(self, text: str) -> None:
+        print(f"[{self._clock() - self._start:4.0f} s] {text}", file=self._stream, flush=True)
+
+
 @contextlib.contextmanager
 def _progress(enabled: bool) -> Iterator[Any]:
-    """A rich progress bar on stderr, or None where disabled or stderr is not a terminal."""
+    """A rich progress bar on stderr where it is a terminal, else :class:`StageLines` on
+    stderr; None where disabled."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -540,8 +595,11 @@ def _progress(enabled: bool) -> Iterator[Any]:
     )
 
     console = Console(stderr=True)
-    if not enabled or not console.is_terminal:
+    if not enabled:
         yield None
+        return
+    if not console.is_terminal:
+        yield StageLines(sys.stderr)
         return
     columns = (
         TextColumn("{task.description}", style="cyan"),
@@ -575,7 +633,8 @@ def run(settings: Settings, *, seed: int = 0, progress: bool = True) -> Result:
       settings: what to sweep and how long to train (:data:`FULL`, :data:`QUICK` or
         :func:`make_settings`).
       seed: seeds the data split, the initialization and the batches.
-      progress: show a progress bar on stderr (only where stderr is a terminal).
+      progress: show progress on stderr: a bar where stderr is a terminal, else a line
+        per stage and per quarter of it (:class:`StageLines`).
 
     Returns:
       A :class:`Result`: the float row, one PTQ row per configuration, one QAT row per
