@@ -240,6 +240,37 @@ def test_interrupts_and_internal_errors_are_one_line(
     assert no_temporaries(tmp_path)
 
 
+def test_ctrl_c_while_qjax_imports_is_one_line_and_130(monkeypatch, capsys):
+    """The qjax command starts in qjax_launcher, which imports nothing heavy: a Ctrl-C
+    while qjax and JAX import (seconds) ends it like one in qjax.cli.main does."""
+    import builtins
+    import sys
+
+    import qjax_launcher
+
+    real_import = builtins.__import__
+
+    def interrupted_import(name, *args, **kwargs):
+        if name == "qjax.cli":
+            raise KeyboardInterrupt
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "qjax.cli")
+    monkeypatch.setattr(builtins, "__import__", interrupted_import)
+    with pytest.raises(SystemExit) as exited:
+        qjax_launcher.main()
+    assert exited.value.code == 130
+    assert capsys.readouterr().err == "qjax: interrupted\n"
+
+
+def test_the_qjax_command_starts_in_the_launcher():
+    import tomllib
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml"), "rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    assert scripts == {"qjax": "qjax_launcher:main"}
+
+
 def test_ctrl_c_while_writing_leaves_the_old_output(tmp_path, capsys, good_npz, monkeypatch):
     out = tmp_path / "o.safetensors"
     run(capsys, "quantize", good_npz, out, "-q")

@@ -374,7 +374,10 @@ def _add_demo_parser(commands: Any) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     """``qjax demo``: trains the digits CNN, sweeps PTQ and QAT, prints and writes results."""
-    from qjax.demo import sweep  # Flax, Optax, scikit-learn and matplotlib load only here
+    try:
+        from qjax.demo import sweep  # Flax, Optax, scikit-learn and matplotlib load only here
+    except ImportError as e:  # the demo extra is missing: the message says what to install
+        raise CLIError(str(e)) from None
 
     settings = sweep.make_settings(
         quick=args.quick,
