@@ -13,7 +13,7 @@ from flax import nnx
 import qjax
 from qjax.flax import linen as qlinen
 from qjax.flax import nnx as qnnx
-from qjax.rules import QjaxRuleWarning
+from qjax.resolve import QjaxRuleWarning
 from reference import reference
 
 INT8 = qjax.QuantSpec("int8", granularity=qjax.per_channel(-1))

@@ -17,7 +17,7 @@ import qjax
 from qjax.flax import linen as qlinen
 from qjax.flax import nnx as qnnx
 from qjax.flax import serve
-from qjax.rules import QjaxRuleWarning
+from qjax.resolve import QjaxRuleWarning
 from reference import reference
 
 INT8 = qjax.QuantSpec("int8", granularity=qjax.per_channel(-1))

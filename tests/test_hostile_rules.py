@@ -18,7 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qjax
-from qjax.rules import Calibration, LeafRule, RulePlan, parse_leaf_rule, parse_rules, parse_spec
+from qjax.resolve import RulePlan
+from qjax.rules import Calibration, LeafRule, parse_leaf_rule, parse_rules, parse_spec
 
 KERNEL = {"Dense_0": {"kernel": jnp.ones((64, 64))}}
 

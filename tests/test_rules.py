@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import qjax
-from qjax.rules import RulePlan, report_unmatched
+from qjax.resolve import RulePlan, report_unmatched
 
 RNG = np.random.default_rng(0)
 

@@ -27,12 +27,12 @@ from qjax.qparams import compute_qparams as compute_qparams
 from qjax.qparams import qparams_from_minmax as qparams_from_minmax
 from qjax.report import Report as Report
 from qjax.report import report as report
+from qjax.resolve import Plan as Plan
+from qjax.resolve import QjaxRuleWarning as QjaxRuleWarning
+from qjax.resolve import Resolution as Resolution
+from qjax.resolve import RulePlan as RulePlan
 from qjax.rules import Calibration as Calibration
 from qjax.rules import LeafRule as LeafRule
-from qjax.rules import Plan as Plan
-from qjax.rules import QjaxRuleWarning as QjaxRuleWarning
-from qjax.rules import Resolution as Resolution
-from qjax.rules import RulePlan as RulePlan
 from qjax.rules import default_rules as default_rules
 from qjax.rules import parse_rules as parse_rules
 from qjax.rules import parse_spec as parse_spec

@@ -42,7 +42,8 @@ import qjax
 from qjax import files
 from qjax.files import write_safetensors as write_safetensors  # benchmarks import it from here
 from qjax.report import Report, format_bytes
-from qjax.rules import LAYOUTS, parse_leaf_rule
+from qjax.resolve import LAYOUTS
+from qjax.rules import parse_leaf_rule
 from qjax.spec import FORMULATIONS, MX_PRESETS, SCHEMES
 
 __all__ = ["EXIT_ERROR", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "main"]

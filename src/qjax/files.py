@@ -59,15 +59,8 @@ from safetensors import SafetensorError, safe_open
 from qjax import io as qio
 from qjax.qarray import QArray
 from qjax.report import leaf_row, stored_row
-from qjax.rules import (
-    DEFAULT_MIN_SIZE,
-    Plan,
-    PlanRow,
-    Resolution,
-    RulePlan,
-    RulesLike,
-    report_unmatched,
-)
+from qjax.resolve import Plan, PlanRow, Resolution, RulePlan, report_unmatched
+from qjax.rules import DEFAULT_MIN_SIZE, RulesLike
 from qjax.tree import nonfinite_in_float32, quantize_leaf
 
 __all__ = [
@@ -525,7 +518,7 @@ class CheckpointPlan:
     Attributes:
       path: the checkpoint file.
       tensors: every tensor, in file order.
-      rows: one :class:`~qjax.rules.PlanRow` per tensor (``row.path`` is the original
+      rows: one :class:`~qjax.resolve.PlanRow` per tensor (``row.path`` is the original
         tensor name), printed as a table by ``str(plan.table)``.
       dropped: the names left out of the output (``drop``).
     """

@@ -15,7 +15,8 @@ from qjax.calibration import calibrate
 from qjax.exact import unfused
 from qjax.ops import quantize
 from qjax.qarray import QArray
-from qjax.rules import DEFAULT_MIN_SIZE, Plan, PlanRow, Resolution, RulePlan, RulesLike
+from qjax.resolve import Plan, PlanRow, Resolution, RulePlan
+from qjax.rules import DEFAULT_MIN_SIZE, RulesLike
 from qjax.spec import QuantSpec
 
 __all__ = [

@@ -16,10 +16,10 @@ names wins:
 So ``{".*kernel": "int8"}``, written for a parameter tree, quantizes the same layers in
 PTQ, QAT and serving. Shorthand without ``axis=`` (``"int8:per_channel"``,
 ``"int4:per_block:32"``, ``"mxfp4"``) takes its axes from the weight's layout, as
-:class:`qjax.rules.RulePlan` reads Flax tensors: a kernel ``[..., in, out]`` is scaled per
+:class:`qjax.resolve.RulePlan` reads Flax tensors: a kernel ``[..., in, out]`` is scaled per
 output channel and blocked along its inputs, an Embed table ``[vocab, features]`` per row
 and blocked along its features. A rule that wins no layer is reported by
-:func:`qjax.rules.report_unmatched`: a :class:`~qjax.rules.QjaxRuleWarning` by default, a
+:func:`qjax.resolve.report_unmatched`: a :class:`~qjax.resolve.QjaxRuleWarning` by default, a
 ``ValueError`` with ``strict=True``. ``qjax.flax.linen.plan`` and ``qjax.flax.nnx.plan``
 list what each rule does to each parameter.
 """

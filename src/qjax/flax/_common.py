@@ -19,14 +19,8 @@ from qjax.calibration import ema
 from qjax.exact import unfused
 from qjax.ops import fake_quant
 from qjax.qparams import QParams, block_range, compute_qparams, qparams_from_minmax
-from qjax.rules import (  # the layout readings of qjax.rules.RulePlan
-    LeafRule,
-    _read,
-    _template,
-    parse_leaf_rule,
-    parse_spec,
-    report_unmatched,
-)
+from qjax.resolve import layout_reading, report_unmatched, with_layout_axes
+from qjax.rules import LeafRule, parse_leaf_rule, parse_spec
 from qjax.spec import QuantSpec
 
 __all__ = [
@@ -137,7 +131,7 @@ class Rule:
 
     ``template``: for shorthand without ``axis=`` (``"int8:per_channel"``,
     ``"int4:per_block:32"``, ``"mxfp4"``), the parsed text, whose axes follow each
-    weight's layout as in :class:`qjax.rules.RulePlan`: a kernel ``[..., in, out]`` is
+    weight's layout as in :class:`qjax.resolve.RulePlan`: a kernel ``[..., in, out]`` is
     scaled per output channel (-1) and blocked along its inputs (-2), an Embed table
     ``[vocab, features]`` per row and along its features.
     """
@@ -152,7 +146,8 @@ class Rule:
         if self.quant is None or self.quant.weight is None or self.template is None:
             return None if self.quant is None else self.quant.weight
         ndim = len(shape)
-        return _template(self.template.spec, _read(param_path.split("/"), ndim, "flax"), ndim)
+        reading = layout_reading(param_path.split("/"), ndim, "flax")
+        return with_layout_axes(self.template.spec, reading, ndim)
 
 
 class Rules:

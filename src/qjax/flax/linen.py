@@ -322,7 +322,7 @@ def intercept(rules: Mapping[str, RuleValue], *, strict: bool = False) -> Iterat
       strict: what happens to a rule that quantized no layer while the context was
         active, checked when the context exits without an error (inside ``jax.jit``: when
         the function is traced, not at each cached call): a
-        :class:`~qjax.rules.QjaxRuleWarning` naming it, or with ``strict=True`` a
+        :class:`~qjax.resolve.QjaxRuleWarning` naming it, or with ``strict=True`` a
         ``ValueError``.
 
     Raises:

@@ -236,7 +236,7 @@ def quantize(model: M, rules: Mapping[str, RuleValue], *, strict: bool = False) 
         weight's path (``"blocks/0/linear/kernel"``, as in ``nnx.state(model)``): the rule
         language of :mod:`qjax.flax`. A QuantSpec or shorthand quantizes weights only; a
         :class:`LayerQuant` may add an :class:`ActQuant`.
-      strict: a rule that matches no layer is a :class:`~qjax.rules.QjaxRuleWarning`
+      strict: a rule that matches no layer is a :class:`~qjax.resolve.QjaxRuleWarning`
         naming it, or with ``strict=True`` a ``ValueError`` (the model is then left as it
         was).
 

@@ -97,7 +97,7 @@ def convert(
         None}`` (the rule language of :mod:`qjax.flax`). The weight of each matched
         layer, ``params/<module path>/kernel`` (or ``/embedding``), is quantized with its
         rule's weight spec.
-      strict: a rule that matches no weight is a :class:`~qjax.rules.QjaxRuleWarning`,
+      strict: a rule that matches no weight is a :class:`~qjax.resolve.QjaxRuleWarning`,
         or with ``strict=True`` a ``ValueError``.
 
     Returns:
@@ -168,7 +168,7 @@ def serving(
         why; ``"never"``: dequantize every weight.
       strict: a rule that quantized no layer while the context was active (checked on
         exit, as :func:`~qjax.flax.linen.intercept` does) is a
-        :class:`~qjax.rules.QjaxRuleWarning`, or with ``strict=True`` a ``ValueError``.
+        :class:`~qjax.resolve.QjaxRuleWarning`, or with ``strict=True`` a ``ValueError``.
 
     An integer dot needs: a Dense, DenseGeneral (no ``batch_dims``) or Conv (no
     ``mask``); weight and activation specs with signed integer targets of at most 8 bits

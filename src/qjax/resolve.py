@@ -1,0 +1,419 @@
+"""How rules resolve, tensor by tensor: layouts, defaults, fallbacks and plans.
+
+:class:`RulePlan` is the one place that turns rules (:mod:`qjax.rules`) into what each
+tensor gets, for :func:`~qjax.quantize_tree`, :func:`~qjax.plan`, the ``qjax`` command line
+and the Flax adapters alike: it reads the tensor's layout from its name (Flax
+``[..., in, out]`` kernels, PyTorch ``[out, in, ...]`` weights, embedding tables), gives a
+shorthand spec without ``axis=`` the axes of that layout, applies ``min_size`` and the
+per-channel fallback, and records which rules matched nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import re
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import jax.numpy as jnp
+
+from qjax.granularity import Granularity, block_shape, per_block, per_channel, per_tensor
+from qjax.rules import (
+    DEFAULT_MIN_SIZE,
+    Calibration,
+    Rule,
+    RulesLike,
+    default_rules,
+    parse_rules,
+)
+from qjax.spec import QuantSpec
+
+__all__ = [
+    "LAYOUTS",
+    "LayoutReading",
+    "Plan",
+    "PlanRow",
+    "QjaxRuleWarning",
+    "Resolution",
+    "RulePlan",
+    "layout_reading",
+    "report_unmatched",
+    "with_layout_axes",
+]
+
+LAYOUTS = ("auto", "flax", "torch")
+"""How tensors are read: from each name (``auto``), all Flax, or all PyTorch."""
+
+_EMBEDDING = re.compile(
+    r"(.*_)?embeddings?|embed(_tokens|_positions)?|wte|wpe|lm_head|shared|tok_embeddings"
+)
+"""Names of embedding tables (a Flax ``embedding`` leaf or a PyTorch module holding ``weight``)."""
+_GPT2_CONV1D = ("c_attn", "c_proj", "c_fc", "q_attn")
+"""Hugging Face GPT-2 ``Conv1D`` modules: their ``weight`` is ``[in, out]``, not ``[out, in]``."""
+
+
+class QjaxRuleWarning(UserWarning):
+    """A rule that matched nothing (an error instead with ``strict=True``)."""
+
+
+# Layouts.
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutReading:
+    """How one tensor is read: its layout, output-channel (row) axis and contraction axis."""
+
+    layout: str
+    channel: int
+    contraction: int
+    what: str
+
+
+def layout_reading(parts: Sequence[str], ndim: int, layout: str) -> LayoutReading:
+    """The reading of a tensor named ``parts`` with ``ndim`` dimensions in ``layout``."""
+    leaf, parent = parts[-1], (parts[-2] if len(parts) > 1 else "")
+    if layout == "auto":
+        layout = {"kernel": "flax", "embedding": "flax", "weight": "torch"}.get(leaf, "other")
+    if ndim < 2:
+        return LayoutReading(layout, -1, -1, f"{ndim}-D")
+    embedding = _EMBEDDING.fullmatch(parent if leaf == "weight" else leaf) is not None
+    if layout == "torch" and parent in _GPT2_CONV1D:
+        return LayoutReading(layout, -1, -2, "GPT-2 Conv1D [in, out]")
+    if layout == "torch":
+        what = "embedding [rows, features]" if embedding else "[out, in, ...]"
+        return LayoutReading(layout, 0, 1, what)
+    if embedding:
+        return LayoutReading(layout, ndim - 2, ndim - 1, "embedding [rows, features]")
+    return LayoutReading(layout, -1, -2, "[..., in, out]")
+
+
+def with_layout_axes(spec: QuantSpec, reading: LayoutReading, ndim: int) -> QuantSpec:
+    """A template spec with the axes of ``reading``."""
+    g = spec.granularity
+    if g.kind == "per_channel":
+        new = per_channel(reading.channel)
+    else:
+        channel: Any = "all" if g.channel_axis == "all" else reading.channel
+        auto = _auto_channel(reading.contraction, ndim)
+        if channel != "all" and (auto is None or auto == channel % ndim):
+            channel = "auto"
+        new = per_block(reading.contraction, g.block_size, channel_axis=channel)
+    return dataclasses.replace(spec, granularity=new)
+
+
+def _auto_channel(axis: int, ndim: int) -> int | None:
+    """per_block's ``channel_axis="auto"``: the last axis, or the one before when blocked."""
+    if ndim < 2:
+        return None
+    return ndim - 2 if axis % ndim == ndim - 1 else ndim - 1
+
+
+def _is_catch_all(pattern: str) -> bool:
+    """True for a pattern that matches any path (``.*``, ``.+``, ...): it names no tensor."""
+    probe = "\x00catch-all probe/\x01.0"
+    return re.fullmatch(pattern, probe) is not None
+
+
+# Resolution.
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolution:
+    """What the rules give one tensor.
+
+    Attributes:
+      spec: the spec it gets, with its axes resolved for its layout; None: it stays float.
+      pattern: the rule pattern that matched, or None (no rule, or the built-in defaults).
+      layout: ``"flax"``, ``"torch"`` or ``"other"``: how the tensor was read.
+      note: why it stays float or what was changed, e.g. ``"1-D"``,
+        ``"below min_size 1024"``, ``"fallback per_channel(axis=0): block 32 does not
+        divide axis 1 (size 16)"``.
+      calibration: how PTQ computes its params (None: min-max, as :func:`~qjax.quantize`).
+    """
+
+    spec: QuantSpec | None
+    pattern: str | None
+    layout: str
+    note: str = ""
+    calibration: Calibration | None = None
+
+
+class RulePlan:
+    """Rules compiled once, resolved tensor by tensor: the one place of layouts and defaults.
+
+    Args:
+      rules: ordered rules, first ``re.fullmatch`` wins (see :func:`parse_rules`), matched
+        against the tensor's path as given (``"params/Dense_0/kernel"`` or a PyTorch name
+        ``"encoder.layer.0.attention.self.query.weight"``) and with every ``.`` turned to
+        ``/``. None: :func:`default_rules`.
+      layout: ``"auto"`` (default) reads each tensor from its name: Flax ``kernel``
+        ``[..., in, out]`` and ``embedding`` ``[vocab, features]``; PyTorch ``weight``
+        ``[out, in, ...]`` (Linear, Conv, embeddings, tied ``lm_head``; Hugging Face GPT-2
+        ``Conv1D`` weights are ``[in, out]``); other names as Flax kernels, reported as
+        ``"other"``. ``"flax"`` or ``"torch"`` reads every tensor in that layout.
+        Shorthand without ``axis=`` is a template: per_channel takes the output channel
+        (row) axis, per_block and the MX presets block along the contraction (input or
+        feature) axis. Explicit ``axis=`` and QuantSpec objects are used as given.
+      min_size: catch-all rules (a pattern that matches any path, such as ``.*``) and the
+        default rules leave float the tensors with fewer elements (default 1024) and those
+        with fewer than two dimensions (biases, norm scales). A rule that names a tensor
+        (any other pattern) quantizes it whatever its size and rank.
+      fallback: ``"per_channel"`` (default): a tensor whose blocked axis the block size
+        does not divide is quantized per channel instead, with a note saying so.
+        None: that is a ``ValueError`` naming the tensor (and an axis that would fit).
+
+    Examples:
+      >>> from qjax.resolve import RulePlan
+      >>> plan = RulePlan({".*": "int4:per_block:32"})
+      >>> print(plan.resolve("params/Dense_0/kernel", (64, 128), "float32").spec)
+      int4:symmetric:scale:per_block(axis=-2, block_size=32)
+      >>> r = plan.resolve("bert.encoder.layer.0.output.dense.weight", (384, 1536), "float32")
+      >>> print(r.layout, r.spec)
+      torch int4:symmetric:scale:per_block(axis=1, block_size=32)
+      >>> print(plan.resolve("conv1.weight", (64, 3, 7, 7), "float32").note)
+      fallback per_channel(axis=0): block 32 does not divide axis 1 (size 3)
+      >>> plan.resolve("dense.bias", (384,), "float32").note
+      '1-D'
+    """
+
+    def __init__(
+        self,
+        rules: RulesLike | None = None,
+        *,
+        layout: str = "auto",
+        min_size: int = DEFAULT_MIN_SIZE,
+        fallback: str | None = "per_channel",
+    ):
+        if not isinstance(layout, str) or layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if isinstance(min_size, bool) or not isinstance(min_size, numbers.Integral):
+            raise TypeError(
+                f"min_size must be a non-negative int (elements), got "
+                f"{type(min_size).__name__} {min_size!r}"
+            )
+        if min_size < 0:
+            raise ValueError(f"min_size must be a non-negative int (elements), got {min_size}")
+        if fallback not in ("per_channel", None):
+            raise ValueError(f"fallback must be 'per_channel' or None, got {fallback!r}")
+        self.layout = layout
+        self.min_size = int(min_size)
+        self.fallback = fallback
+        self.user_rules = rules is not None
+        """False when the rules are the built-in :func:`default_rules`."""
+        parsed = default_rules() if rules is None else parse_rules(rules)
+        self.rules: tuple[Rule, ...] = tuple(parsed)
+        self._match = [re.compile(pattern).fullmatch for pattern, _ in self.rules]
+        self._general = [r.general or _is_catch_all(p) for p, r in self.rules]
+        self._used = [False] * len(self.rules)
+
+    def resolve(self, path: str, shape: Sequence[int], dtype: Any) -> Resolution:
+        """The :class:`Resolution` of one tensor; records which rule it used.
+
+        Raises:
+          ValueError: when the spec cannot fit the tensor (a block that does not divide
+            its axis with ``fallback=None``, an axis out of range), naming the tensor.
+        """
+        if not isinstance(path, str):
+            raise TypeError(f"path must be a str, got {type(path).__name__} {path!r}")
+        shape = tuple(int(d) for d in shape)
+        ndim = len(shape)
+        slashed = path.replace(".", "/")
+        reading = layout_reading(re.split(r"[./]", path), ndim, self.layout)
+        index = next(
+            (i for i, m in enumerate(self._match) if m(path) or m(slashed)),
+            None,
+        )
+        if index is None:
+            return Resolution(None, None, reading.layout, "no rule matches")
+        self._used[index] = True
+        pattern, rule = self.rules[index]
+        shown = pattern if self.user_rules else None
+
+        def stays(note: str) -> Resolution:
+            return Resolution(None, shown, reading.layout, note)
+
+        kind = jnp.dtype(dtype)
+        if not jnp.issubdtype(kind, jnp.floating):
+            return stays(f"{kind.name} is not floating point")
+        if rule.spec is None:
+            return stays("kept float by the rule")
+        if self._general[index] and ndim < 2:
+            return stays(f"{ndim}-D")
+        if self._general[index] and math.prod(shape) < self.min_size:
+            return stays(f"below min_size {self.min_size}")
+        spec = with_layout_axes(rule.spec, reading, ndim) if rule.template else rule.spec
+        spec, note = self._fit(path, shape, spec, reading)
+        return Resolution(spec, shown, reading.layout, note, rule.calibration)
+
+    def _fit(
+        self, path: str, shape: tuple[int, ...], spec: QuantSpec, reading: LayoutReading
+    ) -> tuple[QuantSpec, str]:
+        """The spec (or its fallback) once checked against the shape, and a note."""
+        g = spec.granularity
+        try:
+            block_shape(shape, g)
+            return spec, ""
+        except ValueError as e:
+            if not _misfit_block(shape, g):
+                raise ValueError(f"{path!r} (shape {shape}): {e}") from None
+        axis = g.axis % len(shape)
+        reason = f"block {g.block_size} does not divide axis {axis} (size {shape[axis]})"
+        if self.fallback is None:
+            fits = [i for i, d in enumerate(shape) if i != axis and d % g.block_size == 0]
+            hint = (
+                f"; it divides axis {fits[0]} (size {shape[fits[0]]}): if that is the input "
+                f"axis, give axis={fits[0]} or the right layout"
+                if fits
+                else ""
+            )
+            raise ValueError(
+                f"{path!r} (shape {shape}, read as {reading.layout} {reading.what}): {reason}"
+                f"{hint}; or choose a block size that divides {shape[axis]}, quantize it "
+                "per_channel with a rule, or pass fallback='per_channel'"
+            )
+        channel = g.channel_axis
+        if channel in ("all", "auto"):  # the layout's channel axis, written as it writes it
+            auto = _auto_channel(axis, len(shape))
+            same = channel == "all" or auto == reading.channel % len(shape)
+            channel = reading.channel if same else auto
+        fallback: Granularity = per_tensor() if channel is None else per_channel(channel)
+        return dataclasses.replace(spec, granularity=fallback), f"fallback {fallback}: {reason}"
+
+    def unmatched(self) -> list[str]:
+        """The patterns of the given rules that no resolved tensor used so far.
+
+        A tensor uses the first rule that matches its path, whatever the rule then gives
+        it. Catch-all patterns (``.*``: "everything else") and the default rules are not
+        listed: they name no tensor.
+        """
+        return [
+            p
+            for (p, _), used, general in zip(self.rules, self._used, self._general)
+            if not used and not general
+        ]
+
+    def check_unmatched(self, *, strict: bool, where: str, stacklevel: int = 2) -> None:
+        """Warns (:class:`QjaxRuleWarning`), or raises with ``strict``, for unmatched rules.
+
+        ``stacklevel`` as for :func:`report_unmatched`, counted from this method's caller.
+        """
+        report_unmatched(self.unmatched(), strict=strict, where=where, stacklevel=stacklevel + 1)
+
+
+def _misfit_block(shape: tuple[int, ...], g: Granularity) -> bool:
+    """True when ``g`` is per_block with an axis in range that its block does not divide."""
+    if g.kind != "per_block" or not -len(shape) <= g.axis < len(shape):
+        return False
+    return shape[g.axis] % g.block_size != 0
+
+
+def report_unmatched(
+    patterns: Sequence[str], *, strict: bool, where: str, stacklevel: int = 2
+) -> None:
+    """The one place of the "rule matched nothing" message: a warning, or an error.
+
+    Args:
+      patterns: the rule patterns that matched nothing (nothing happens when empty).
+      strict: raise ``ValueError`` instead of warning with :class:`QjaxRuleWarning`.
+      where: what took the rules, e.g. ``"quantize_tree"``, ``"intercept"``, ``"--rule"``.
+      stacklevel: the frame the warning points at, as for ``warnings.warn`` called by
+        the caller of this function: 2 (default) is the caller's caller.
+
+    Examples:
+      >>> from qjax.resolve import report_unmatched
+      >>> report_unmatched([".*kernal"], strict=True, where="quantize_tree")
+      Traceback (most recent call last):
+        ...
+      ValueError: quantize_tree: rule '.*kernal' matched nothing (no path, or only paths ...
+    """
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict must be True or False, got {strict!r}")
+    if not patterns:
+        return
+    listed = ", ".join(repr(p) for p in patterns)
+    message = (
+        f"{where}: rule{'s' if len(patterns) > 1 else ''} {listed} matched nothing (no "
+        "path, or only paths an earlier rule took); rules are regexes matched with "
+        "re.fullmatch on paths like 'params/Dense_0/kernel' or "
+        "'encoder.layer.0.attention.self.query.weight': list the paths with qjax.plan"
+    )
+    if strict:
+        raise ValueError(message)
+    warnings.warn(message, QjaxRuleWarning, stacklevel=stacklevel + 1)
+
+
+# Plans.
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanRow:
+    """One tensor of a :class:`Plan`: its path, shape and dtype, and its :class:`Resolution`."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    spec: QuantSpec | None
+    pattern: str | None
+    layout: str
+    note: str = ""
+    calibration: Calibration | None = None
+
+    @classmethod
+    def of(cls, path: str, shape: Sequence[int], dtype: Any, resolution: Resolution) -> PlanRow:
+        """The row of a tensor from its resolution (``dtype``: a dtype or its name)."""
+        return cls(
+            path,
+            tuple(int(d) for d in shape),
+            dtype if isinstance(dtype, str) else jnp.dtype(dtype).name,
+            resolution.spec,
+            resolution.pattern,
+            resolution.layout,
+            resolution.note,
+            resolution.calibration,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What rules will do to each tensor: a sequence of :class:`PlanRow`, printed as a table."""
+
+    rows: tuple[PlanRow, ...]
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> PlanRow:
+        return self.rows[index]
+
+    def __str__(self) -> str:
+        header = ("path", "shape", "dtype", "layout", "spec", "rule", "note")
+        table = [header] + [
+            (
+                r.path,
+                "x".join(map(str, r.shape)) or "()",
+                r.dtype,
+                r.layout,
+                "float" if r.spec is None else _spec_text(r.spec, r.calibration),
+                r.pattern or ("-" if r.spec is None else "default"),
+                r.note,
+            )
+            for r in self.rows
+        ]
+        widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+        return "\n".join(
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table
+        )
+
+
+def _spec_text(spec: QuantSpec, calibration: Calibration | None) -> str:
+    """The spec as :func:`parse_spec` shorthand without defaults, and its calibration."""
+    from qjax.report import short_spec  # qjax.report imports the tree layer, which imports this
+
+    text = short_spec(str(spec))
+    return text if calibration is None else f"{text}:{calibration}"
