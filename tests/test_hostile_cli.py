@@ -25,7 +25,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import qjax
-from qjax import cli, files
+from qjax import checkpoints, cli, files
 from qjax.cli import main
 
 RNG = np.random.default_rng(9)
@@ -232,7 +232,7 @@ def _raise(error):
 def test_interrupts_and_internal_errors_are_one_line(
     tmp_path, capsys, good_npz, monkeypatch, error, code, fragment
 ):
-    monkeypatch.setattr(files, "quantize_checkpoint", _raise(error))
+    monkeypatch.setattr(checkpoints, "quantize_checkpoint", _raise(error))
     monkeypatch.setattr(os, "dup2", lambda *a: None)  # BrokenPipe: keep pytest's stdout
     got, out, err = run(capsys, "quantize", good_npz, tmp_path / "o.safetensors")
     assert got == code and out == "" and "Traceback" not in err

@@ -39,7 +39,7 @@ from rich.progress import (
 from safetensors import SafetensorError
 
 import qjax
-from qjax import files
+from qjax import checkpoints, files
 from qjax.files import write_safetensors as write_safetensors  # benchmarks import it from here
 from qjax.report import Report, format_bytes
 from qjax.resolve import LAYOUTS
@@ -413,7 +413,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     total = sum(t.nbytes for t in plan.tensors if t.name not in plan.dropped)
     start = time.perf_counter()
     with _progress(args.quiet, "quantize", total) as advance:
-        rows = files.quantize_checkpoint(plan, args.output, progress=advance)
+        rows = checkpoints.quantize_checkpoint(plan, args.output, progress=advance)
     elapsed = time.perf_counter() - start
     rep = Report.from_rows(rows)
     title = (
@@ -476,7 +476,7 @@ def catch_all_rule(args: argparse.Namespace) -> str | None:
     return text
 
 
-def _plan(args: argparse.Namespace) -> files.CheckpointPlan:
+def _plan(args: argparse.Namespace) -> checkpoints.CheckpointPlan:
     rules: list[Any] = list(args.rule)
     catch_all = catch_all_rule(args)
     try:
@@ -486,7 +486,7 @@ def _plan(args: argparse.Namespace) -> files.CheckpointPlan:
     if catch_all is not None:
         parsed.append((".*", catch_all))
     fallback = None if args.strict or args.fallback == "none" else "per_channel"
-    return files.plan_checkpoint(
+    return checkpoints.plan_checkpoint(
         args.input,
         parsed,
         layout=args.layout,
@@ -502,7 +502,7 @@ def _plan(args: argparse.Namespace) -> files.CheckpointPlan:
 
 def run_inspect(args: argparse.Namespace) -> int:
     """``qjax inspect FILE``: the table of a qjax file (sizes as float and as stored)."""
-    rep = Report.from_rows(files.inspect_checkpoint(args.file))
+    rep = Report.from_rows(checkpoints.inspect_checkpoint(args.file))
     title = f"{args.file}: {format_bytes(os.path.getsize(args.file))} on disk"
     _emit(rep, title, args)
     kept = [r["path"] for r in rep.rows if not r["quantized"]]
@@ -514,7 +514,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 def run_dequantize(args: argparse.Namespace) -> int:
     """``qjax dequantize IN OUT``: float tensors under their original names."""
     with _progress(args.quiet, "dequantize", 0) as advance:
-        files.dequantize_checkpoint(args.input, args.output, progress=advance)
+        checkpoints.dequantize_checkpoint(args.input, args.output, progress=advance)
     return 0
 
 
