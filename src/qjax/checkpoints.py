@@ -101,7 +101,7 @@ def plan_checkpoint(
 
     Examples:
       >>> import os, tempfile, numpy as np
-      >>> from qjax.files import plan_checkpoint
+      >>> from qjax.checkpoints import plan_checkpoint
       >>> path = os.path.join(tempfile.mkdtemp(), "m.npz")
       >>> np.savez(path, **{"fc.weight": np.ones((64, 48), np.float32),
       ...                   "fc.bias": np.ones(64, np.float32), "ids": np.arange(8)})
@@ -165,7 +165,7 @@ def quantize_checkpoint(
 
     Examples:
       >>> import os, tempfile, numpy as np, qjax
-      >>> from qjax.files import plan_checkpoint, quantize_checkpoint
+      >>> from qjax.checkpoints import plan_checkpoint, quantize_checkpoint
       >>> tmp = tempfile.mkdtemp()
       >>> np.savez(os.path.join(tmp, "m.npz"), **{"fc.weight": np.ones((64, 48), np.float32)})
       >>> plan = plan_checkpoint(os.path.join(tmp, "m.npz"), {".*": "int8:per_channel"})
@@ -217,7 +217,7 @@ def dequantize_checkpoint(
 
     Examples:
       >>> import os, tempfile, numpy as np, qjax
-      >>> from qjax.files import plan_checkpoint, quantize_checkpoint, dequantize_checkpoint
+      >>> from qjax.checkpoints import plan_checkpoint, quantize_checkpoint, dequantize_checkpoint
       >>> tmp = tempfile.mkdtemp()
       >>> np.savez(os.path.join(tmp, "m.npz"), **{"fc.weight": np.ones((64, 48), np.float32)})
       >>> plan = plan_checkpoint(os.path.join(tmp, "m.npz"))
