@@ -271,12 +271,6 @@ def flax_params(tensors: Mapping[str, Any]) -> dict[str, Any]:
     return params
 
 
-def by_name(tree: Any) -> dict[str, Any]:
-    """The leaves of a loaded file keyed by tensor name, however ``qjax.load`` nests them."""
-    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, qjax.QArray))
-    return {".".join(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in flat[0]}
-
-
 # The model and its inputs -------------------------------------------------------------------
 
 
@@ -347,7 +341,7 @@ def ptq(setup: Setup, ids, mask, ref: jax.Array, workdir: Path, configs) -> list
     """``qjax quantize`` each config, load the file, run FlaxBertModel on the packed weights."""
 
     def embed(tensors, ids, mask):
-        hidden = setup.model(ids, mask, params=flax_params(by_name(tensors))).last_hidden_state
+        hidden = setup.model(ids, mask, params=flax_params(tensors)).last_hidden_state
         return mean_pool(hidden, mask)
 
     run = jax.jit(serve.dequantizing(embed))  # dequantized inside: packed weights stay resident
@@ -361,7 +355,7 @@ def ptq(setup: Setup, ids, mask, ref: jax.Array, workdir: Path, configs) -> list
         seconds = time.perf_counter() - start
         if rc != 0:
             raise SystemExit(f"`qjax {' '.join(argv)}` failed with exit status {rc}")
-        tensors = by_name(qjax.load(out))
+        tensors = qjax.load_tensors(out)  # by original name
         check_round_trip(tensors, original, out)
         c = cosines(run(tensors, ids, mask), ref)
         shown = " ".join(f"'{f}'" if "*" in f else f for f in flags)

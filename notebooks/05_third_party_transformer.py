@@ -120,19 +120,13 @@ size, float_size = os.path.getsize(quantized), os.path.getsize(checkpoint)
 print(f"{float_size:,} -> {size:,} bytes on disk ({float_size / size:.1f}x smaller)")
 
 # %% [markdown]
-# `qjax.load` gives every tensor back: names split on `.` into nested dicts, the int64
-# position ids as a NumPy array (JAX would truncate them to int32 without x64). Flattening
-# with `.` gives back the checkpoint's own names. The query weight `[64, 64]` has one scale
-# per row and block of 32 inputs: `(64, 2)`.
+# `qjax.load_tensors` gives every tensor back under the checkpoint's own name (`qjax.load`
+# gives the same leaves nested by the name's parts), the int64 position ids as a NumPy
+# array (JAX would truncate them to int32 without x64). The query weight `[64, 64]` has one
+# scale per row and block of 32 inputs: `(64, 2)`.
 
 # %%
-def by_name(tree):
-    """The leaves of a loaded file keyed by their tensor names (``a.b.c``)."""
-    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, qjax.QArray))
-    return {".".join(str(k.key) for k in path): leaf for path, leaf in flat[0]}
-
-
-loaded = by_name(qjax.load(quantized))
+loaded = qjax.load_tensors(quantized)
 assert set(loaded) == set(tensors)
 query = loaded["encoder.layer.0.attention.self.query.weight"]
 positions = loaded["embeddings.position_ids"]

@@ -117,37 +117,24 @@ def int4_file(checkpoint) -> pathlib.Path:
     return out
 
 
+def _load_example():
+    """benchmarks/bert_example.py as a module: the tests run its code, not a copy of it."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bert_example.py"
+    spec = importlib.util.spec_from_file_location("bert_example", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bert_example"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+EXAMPLE = _load_example()
+
+
 @pytest.fixture(scope="module")
 def ids() -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
     mask = (np.arange(12)[None] < np.array([[12], [7], [9]])).astype(np.int32)
     return rng.integers(1, CONFIG.vocab_size, (3, 12)).astype(np.int32) * mask, mask
-
-
-def by_name(tree) -> dict:
-    """The leaves of a loaded qjax file keyed by their tensor names (``a.b.c``)."""
-    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, qjax.QArray))
-    return {".".join(str(getattr(k, "key", k)) for k in p): leaf for p, leaf in flat[0]}
-
-
-def flax_params(tensors) -> dict:
-    """PyTorch BertModel tensors as FlaxBertModel parameters (traceable)."""
-    params: dict = {}
-    for name, x in tensors.items():
-        *modules, leaf = name.split(".")
-        if leaf == "position_ids":
-            continue
-        if modules[-1].endswith("embeddings"):
-            leaf = "embedding"
-        elif modules[-1] == "LayerNorm":
-            leaf = "scale" if leaf == "weight" else leaf
-        elif leaf == "weight":
-            leaf, x = "kernel", jnp.swapaxes(x, 0, 1)
-        node = params
-        for m in modules:
-            node = node.setdefault(m, {})
-        node[leaf] = x
-    return params
 
 
 def check_int4_rows(q: dict, tensors: dict) -> None:
@@ -165,7 +152,7 @@ def check_int4_rows(q: dict, tensors: dict) -> None:
 
 class TestQuantizeCheckpoint:
     def test_cli_reads_torch_layout_without_flags(self, int4_file, tensors):
-        check_int4_rows(by_name(qjax.load(int4_file)), tensors)
+        check_int4_rows(qjax.load_tensors(int4_file), tensors)
 
     def test_api_reads_torch_layout_without_flags(self, tensors):
         q = qjax.quantize_tree(tensors, {".*": "int4:per_block:32"})
@@ -176,7 +163,7 @@ class TestQuantizeCheckpoint:
     def test_cli_int8_per_channel_scales_output_rows(self, checkpoint, tensors):
         out = checkpoint.with_name("int8.safetensors")
         assert main(["quantize", str(checkpoint), str(out), "-q"]) == 0
-        q = by_name(qjax.load(out))
+        q = qjax.load_tensors(out)
         for name in LINEARS + EMBEDDINGS:
             w = tensors[name]
             ref = reference(w, "int8", "symmetric", "scale", (1, w.shape[1]))
@@ -184,7 +171,7 @@ class TestQuantizeCheckpoint:
             np.testing.assert_array_equal(np.asarray(q[name].scale), ref["scale"], err_msg=name)
 
     def test_load_gives_every_tensor_back_under_its_name(self, int4_file, tensors):
-        q = by_name(qjax.load(int4_file))  # x64 is off: int64 comes back as NumPy
+        q = qjax.load_tensors(int4_file)  # x64 is off: int64 comes back as NumPy
         assert set(q) == set(tensors)
         positions = q["embeddings.position_ids"]
         assert np.asarray(positions).dtype == np.int64
@@ -208,10 +195,10 @@ class TestQuantizeCheckpoint:
 
 class TestRunThirdPartyModel:
     def test_flax_bert_runs_on_packed_weights(self, model, int4_file, tensors, ids):
-        loaded = by_name(qjax.load(int4_file))
+        loaded = qjax.load_tensors(int4_file)
 
         def hidden(tree, ids, mask):
-            return model(ids, mask, params=flax_params(tree)).last_hidden_state
+            return model(ids, mask, params=EXAMPLE.flax_params(tree)).last_hidden_state
 
         run = jax.jit(serve.dequantizing(hidden))
         # The jitted function receives the packed int4 codes, not float weights.
@@ -259,15 +246,10 @@ class TestRunThirdPartyModel:
         np.testing.assert_array_equal(out, qat)
 
 
-def test_example_script_runs_tiny(tmp_path, monkeypatch):
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bert_example.py"
-    spec = importlib.util.spec_from_file_location("bert_example", path)
-    example = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bert_example", example)  # dataclasses look it up
-    spec.loader.exec_module(example)
+def test_example_script_runs_tiny(tmp_path):
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        assert example.main(["--tiny", "--qat-steps", "1", "--cache", str(tmp_path)]) == 0
+        assert EXAMPLE.main(["--tiny", "--qat-steps", "1", "--cache", str(tmp_path)]) == 0
     text = stdout.getvalue()
     assert "int4 block 32, MSE clipping |" in text
     assert "max |diff| of the hidden states: 0 (expected 0)" in text

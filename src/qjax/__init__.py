@@ -16,6 +16,7 @@ from qjax.granularity import per_channel as per_channel
 from qjax.granularity import per_tensor as per_tensor
 from qjax.granularity import per_token as per_token
 from qjax.io import load as load
+from qjax.io import load_tensors as load_tensors
 from qjax.io import save as save
 from qjax.ops import dequantize as dequantize
 from qjax.ops import fake_quant as fake_quant
@@ -74,6 +75,7 @@ __all__ = [
     "fake_quant",
     "leaf_specs",
     "load",
+    "load_tensors",
     "moving_average_init",
     "moving_average_qparams",
     "moving_average_update",
