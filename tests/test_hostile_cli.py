@@ -296,6 +296,7 @@ def test_help_documents_the_exit_codes(capsys):
     ("flags", "fragment"),
     [
         (["--rule", "nothing.*=int4"], "--rule: rule 'nothing.*' matched nothing"),
+        (["--rule", "nothing.*=int4"], "list the paths with qjax plan FILE"),
         (["--keep", "absent"], "--keep: rule 'absent' matched nothing"),
         (["--drop", "gone", "--drop", "layer.*"], "--drop: rule 'gone' matched nothing"),
         (["--keep", "("], "--keep '(': invalid regex"),

@@ -44,6 +44,9 @@ __all__ = [
     "quantize_checkpoint",
 ]
 
+CLI_LISTING = "qjax plan FILE"
+"""How the command line lists a checkpoint's tensor names, for messages about rules."""
+
 Progress = Callable[[str, int], None]
 """``progress(name, nbytes)``: called with 0 bytes when a tensor (or the final write, named
 ``"writing <path>"``) starts, and with the tensor's bytes when it is done."""
@@ -139,8 +142,8 @@ def plan_checkpoint(
         rows.append(PlanRow.of(t.name, t.shape, t.dtype, resolution))
     for flag, matchers in (("drop", drop_match), ("keep", keep_match)):
         unused = [p for p, _ in matchers if (flag, p) not in used]
-        report_unmatched(unused, strict=True, where=f"--{flag}")
-    rule_plan.check_unmatched(strict=True, where="--rule")
+        report_unmatched(unused, strict=True, where=f"--{flag}", listing=CLI_LISTING)
+    rule_plan.check_unmatched(strict=True, where="--rule", listing=CLI_LISTING)
     return CheckpointPlan(path, tuple(tensors), tuple(rows), frozenset(dropped))
 
 

@@ -295,12 +295,21 @@ class RulePlan:
             if not used and not general
         ]
 
-    def check_unmatched(self, *, strict: bool, where: str, stacklevel: int = 2) -> None:
+    def check_unmatched(
+        self, *, strict: bool, where: str, listing: str = "qjax.plan", stacklevel: int = 2
+    ) -> None:
         """Warns (:class:`QjaxRuleWarning`), or raises with ``strict``, for unmatched rules.
 
-        ``stacklevel`` as for :func:`report_unmatched`, counted from this method's caller.
+        ``listing`` and ``stacklevel`` as for :func:`report_unmatched`, the latter counted
+        from this method's caller.
         """
-        report_unmatched(self.unmatched(), strict=strict, where=where, stacklevel=stacklevel + 1)
+        report_unmatched(
+            self.unmatched(),
+            strict=strict,
+            where=where,
+            listing=listing,
+            stacklevel=stacklevel + 1,
+        )
 
 
 def _misfit_block(shape: tuple[int, ...], g: Granularity) -> bool:
@@ -311,7 +320,12 @@ def _misfit_block(shape: tuple[int, ...], g: Granularity) -> bool:
 
 
 def report_unmatched(
-    patterns: Sequence[str], *, strict: bool, where: str, stacklevel: int = 2
+    patterns: Sequence[str],
+    *,
+    strict: bool,
+    where: str,
+    listing: str = "qjax.plan",
+    stacklevel: int = 2,
 ) -> None:
     """The one place of the "rule matched nothing" message: a warning, or an error.
 
@@ -319,6 +333,9 @@ def report_unmatched(
       patterns: the rule patterns that matched nothing (nothing happens when empty).
       strict: raise ``ValueError`` instead of warning with :class:`QjaxRuleWarning`.
       where: what took the rules, e.g. ``"quantize_tree"``, ``"intercept"``, ``"--rule"``.
+      listing: what lists the paths the rules can match, named in the message:
+        ``"qjax.plan"`` (trees), ``"qjax plan FILE"`` (the command line) or the Flax
+        model plans.
       stacklevel: the frame the warning points at, as for ``warnings.warn`` called by
         the caller of this function: 2 (default) is the caller's caller.
 
@@ -338,7 +355,7 @@ def report_unmatched(
         f"{where}: rule{'s' if len(patterns) > 1 else ''} {listed} matched nothing (no "
         "path, or only paths an earlier rule took); rules are regexes matched with "
         "re.fullmatch on paths like 'params/Dense_0/kernel' or "
-        "'encoder.layer.0.attention.self.query.weight': list the paths with qjax.plan"
+        f"'encoder.layer.0.attention.self.query.weight': list the paths with {listing}"
     )
     if strict:
         raise ValueError(message)

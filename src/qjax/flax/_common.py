@@ -208,7 +208,13 @@ class Rules:
 
         ``stacklevel`` as for ``warnings.warn`` called where ``check`` is called.
         """
-        report_unmatched(self.unmatched(), strict=strict, where=where, stacklevel=stacklevel + 1)
+        report_unmatched(
+            self.unmatched(),
+            strict=strict,
+            where=where,
+            listing="qjax.flax.linen.plan or qjax.flax.nnx.plan",
+            stacklevel=stacklevel + 1,
+        )
 
 
 def weight_spec_problem(shape: tuple[int, ...], dtype: Any, spec: QuantSpec) -> str | None:
