@@ -79,6 +79,19 @@ def standard_promotion():
         yield
 
 
+def _load_example():
+    """benchmarks/bert_example.py as a module: the tests run its code, not a copy of it."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bert_example.py"
+    spec = importlib.util.spec_from_file_location("bert_example", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bert_example"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+EXAMPLE = _load_example()
+
+
 @pytest.fixture(scope="module")
 def model() -> FlaxBertModel:
     with jax.numpy_dtype_promotion("standard"):
@@ -88,15 +101,7 @@ def model() -> FlaxBertModel:
 @pytest.fixture(scope="module")
 def tensors(model) -> dict[str, np.ndarray]:
     """The model's parameters as Hugging Face's PyTorch ``BertModel`` state dict."""
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(model.params)[0]:
-        *modules, name = [k.key for k in path]
-        x = np.asarray(leaf)
-        if name == "kernel":
-            name, x = "weight", x.T
-        elif name in ("embedding", "scale"):
-            name = "weight"
-        out[".".join([*modules, name])] = np.ascontiguousarray(x)
+    out = EXAMPLE.torch_state_dict(model.params)
     # A buffer, not a parameter: int64 values JAX would truncate without x64.
     out["embeddings.position_ids"] = np.arange(2**40, 2**40 + 64, dtype=np.int64)[None]
     return out
@@ -115,19 +120,6 @@ def int4_file(checkpoint) -> pathlib.Path:
     argv = ["quantize", str(checkpoint), str(out), "--dtype", "int4", "--block-size", "32", "-q"]
     assert main(argv) == 0
     return out
-
-
-def _load_example():
-    """benchmarks/bert_example.py as a module: the tests run its code, not a copy of it."""
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bert_example.py"
-    spec = importlib.util.spec_from_file_location("bert_example", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bert_example"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-EXAMPLE = _load_example()
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,13 @@ from qjax import packing
 from qjax.affine import dequantize_stored, quantize_blocks, round_to_float_grid
 from qjax.exact import round_to_scale_dtype
 from qjax.qarray import QArray
-from qjax.qparams import QParams, blockwise_qparams, check_float_input, check_scale_holds
+from qjax.qparams import (
+    QParams,
+    blockwise_qparams,
+    check_float_input,
+    check_scale_holds,
+    overflows_scale_dtype,
+)
 from qjax.spec import QuantSpec, SpecLike, as_spec
 
 __all__ = ["dequantize", "fake_quant", "quantize", "straight_through"]
@@ -345,7 +351,8 @@ def _check_param_values(
         "qparams.scale must be finite and > 0 (the step between quantized values)",
     )
     low, high = _scale_limits(spec.scale_dtype)
-    overflows = ~np.isfinite(_in_scale_dtype(given["scale"], spec.scale_dtype))
+    # Cast the given scale the IEEE way: the jitted path would saturate it to the dtype's max.
+    overflows = overflows_scale_dtype(_float32(given["scale"]), spec.scale_dtype)
     _refuse(
         overflows | ~(np.isfinite(rounded) & (rounded >= low) & (rounded <= high)),
         given["scale"],
@@ -395,17 +402,6 @@ def _scale_limits(scale_dtype: str) -> tuple[float, float]:
     if scale_dtype == "float8_e8m0fnu":
         return float(info.smallest_subnormal or info.tiny), float(info.max)
     return max(float(info.smallest_subnormal), float(np.finfo(np.float32).tiny)), float(info.max)
-
-
-def _in_scale_dtype(scale: np.ndarray, scale_dtype: str) -> np.ndarray:
-    """``scale`` cast to ``scale_dtype`` as IEEE does, inf past its max: the jitted path
-    saturates instead (:func:`qjax.exact.round_to_scale_dtype`), which must not hide a
-    user's scale that the dtype cannot hold."""
-    if scale_dtype == "float8_e8m0fnu":
-        return np.asarray(scale, np.float64)
-    with np.errstate(over="ignore"):
-        narrow = _float32(scale).astype(np.float32).astype(jnp.dtype(scale_dtype))
-    return narrow.astype(np.float64)
 
 
 def _float32(v: np.ndarray) -> np.ndarray:

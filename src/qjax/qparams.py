@@ -20,6 +20,7 @@ __all__ = [
     "check_float_input",
     "check_scale_holds",
     "compute_qparams",
+    "overflows_scale_dtype",
     "qparams_from_minmax",
 ]
 
@@ -62,8 +63,24 @@ def check_float_input(x: jax.typing.ArrayLike, what: str = "quantize") -> jax.Ar
     return x
 
 
-FLOAT16_SCALE_OVERFLOW = 65520.0
-"""The smallest float32 scale that rounds to inf in float16 (float16's max is 65504)."""
+def overflows_scale_dtype(scale: jax.typing.ArrayLike, scale_dtype: str) -> np.ndarray:
+    """Where a concrete float32 ``scale`` rounds to inf (or NaN) when stored as ``scale_dtype``.
+
+    The one test, in NumPy, of whether a scale dtype can hold a scale: a float16 scale
+    overflows from 65520 on (float16's max is 65504). The jitted path saturates such scales
+    (:func:`qjax.exact.round_to_scale_dtype`), so eager callers check with this first.
+    e8m0 scales are powers of two chosen within their range and never overflow here.
+
+    Examples:
+      >>> from qjax.qparams import overflows_scale_dtype
+      >>> overflows_scale_dtype([65519.0, 65520.0], "float16").tolist()
+      [False, True]
+    """
+    scale = np.asarray(scale, np.float32)
+    if scale_dtype == "float8_e8m0fnu":
+        return ~np.isfinite(scale)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return ~np.isfinite(scale.astype(jnp.dtype(scale_dtype)).astype(np.float32))
 
 
 def check_scale_holds(x: jax.Array, spec: QuantSpec, what: str = "quantize") -> None:
@@ -95,7 +112,7 @@ def refuse_float16_overflow(scale: jax.Array, spec: QuantSpec, what: str) -> Non
     """Raises ValueError if a concrete float32 ``scale`` is too large for a float16 scale."""
     scale = np.asarray(scale, np.float32)
     largest = float(np.nanmax(scale, initial=0.0))
-    if largest < FLOAT16_SCALE_OVERFLOW:
+    if not overflows_scale_dtype(largest, "float16"):
         return
     if spec.scheme == "asymmetric":
         levels, held = spec.qmax - spec.qmin, "a block's range max(x, 0) - min(x, 0)"
