@@ -204,7 +204,7 @@ def test_tensor_names_are_the_tree_paths(tmp_path):
         assert f.get_slice("dense/0/kernel:data").get_dtype() == "U8"
         # uint4 zero points lie in [0, 15]: stored as uint8, loaded as the int32 they were
         assert f.get_slice("dense/0/kernel:offset").get_dtype() == "U8"
-    assert header["format"] == "qjax" and header["version"] == qio.FORMAT_VERSION
+    assert header["format"] == "qjax" and header["version"] == 2  # no channel scales
     assert header["specs"][0]["dtype"] == "uint4"
 
 
@@ -384,7 +384,8 @@ B = ["tree", "dict", "b", "array"]
             "scale must be bfloat16 .* got float32",
         ),
         (lambda h: _set(h, ["specs", 0, "formulation"], "minval"), None, "offset is missing"),
-        (lambda h: _set(h, ["version"], 3), None, "unsupported qjax format version 3"),
+        (lambda h: _set(h, ["version"], 4), None, "unsupported qjax format version 4"),
+        (lambda h: _set(h, ["version"], "2"), None, "unsupported qjax format version .2."),
         (lambda h: _set(h, ["format"], "other"), None, "no 'format': 'qjax'"),
         (lambda h: _set(h, ["tree", "dict", "c"], {"array": {}}), None, "'c' is in the qjax"),
         (lambda h: h["tree"]["dict"].pop("b"), None, "1 tensor.* does not describe, e.g. .'b'"),

@@ -3,9 +3,10 @@
 A tree of nested ``dict`` / ``list`` / ``tuple`` / ``None`` whose leaves are
 :class:`~qjax.QArray` s or plain arrays (jax or NumPy) is written as one safetensors file:
 
-* every array is one tensor. A QArray gives one to three: ``<path>:data`` (packed
-  sub-byte values stay packed, one uint8 per 2 or 4 values), ``<path>:scale`` and, where
-  the formulation has one that the spec does not fix, ``<path>:offset``. ``<path>`` joins
+* every array is one tensor. A QArray gives one to four: ``<path>:data`` (packed
+  sub-byte values stay packed, one uint8 per 2 or 4 values), ``<path>:scale``, where
+  the formulation has one that the spec does not fix, ``<path>:offset``, and where it has
+  channel scales (AWQ, SmoothQuant), ``<path>:channel_scale``. ``<path>`` joins
   dict keys and list indices with ``/``; ``%``, ``/`` and ``:`` inside keys are
   percent-encoded (``%25``, ``%2F``, ``%3A``), so any string key round-trips;
 * offsets are stored as small as the maths allows: a symmetric ``zero_point`` spec fixes
@@ -31,9 +32,11 @@ A tree of nested ``dict`` / ``list`` / ``tuple`` / ``None`` whose leaves are
 
   where each ``T`` is ``{"dtype": <real dtype>, "shape": [...], "crc32": <checksum of the
   stored bytes>}``; an offset is ``null``, ``"implied"`` or a ``T``, with
-  ``"offset_dtype"`` its dtype in memory. ``"name"`` (optional) is the leaf's original
-  tensor name (``qjax quantize`` stores it; :func:`load_tensors` gives it back). Other
-  nodes are ``{"list": [...]}``, ``{"tuple": [...]}`` and ``null``.
+  ``"offset_dtype"`` its dtype in memory; ``"channel_scale": T`` is there only where the
+  QArray has channel scales, and only files with some are written as version 3 (older
+  qjax releases, which read version 2, would drop them). ``"name"`` (optional) is the
+  leaf's original tensor name (``qjax quantize`` stores it; :func:`load_tensors` gives it
+  back). Other nodes are ``{"list": [...]}``, ``{"tuple": [...]}`` and ``null``.
 
 :func:`load` checks everything it reads (the metadata checksum, format version, tensor
 names, dtypes, shapes, tensor checksums, every QArray against its spec, finite values)
@@ -67,9 +70,13 @@ from qjax.spec import QuantSpec
 
 __all__ = ["CHECKSUM_KEY", "FORMAT_VERSION", "METADATA_KEY", "load", "load_tensors", "save"]
 
-FORMAT_VERSION = 2
-"""Version of the metadata layout written by :func:`save`; :func:`load` reads only this.
-Version 2 added the metadata checksum, implied and narrowed offsets and tensor names."""
+FORMAT_VERSION = 3
+"""The newest metadata layout, written by :func:`save` for trees whose QArrays have channel
+scales; other trees are written as version 2, which older qjax releases read too.
+:func:`load` reads versions 2 and 3. Version 2 added the metadata checksum, implied and
+narrowed offsets and tensor names; version 3 added channel scales."""
+
+_READABLE_VERSIONS = (2, FORMAT_VERSION)
 
 METADATA_KEY = "qjax"
 """The safetensors metadata key that holds the qjax JSON."""
@@ -156,10 +163,11 @@ def save(path: PathLike, tree: Any, *, names: Mapping[str, str] | None = None) -
       True
     """
     encoder = _Encoder(names)
+    encoded_tree = encoder.node(tree, ())
     header = {
         "format": "qjax",
-        "version": FORMAT_VERSION,
-        "tree": encoder.node(tree, ()),
+        "version": FORMAT_VERSION if encoder.channel_scales else 2,
+        "tree": encoded_tree,
         "specs": encoder.specs,
     }
     unused = sorted(set(encoder.names) - encoder.named)
@@ -279,6 +287,7 @@ class _Encoder:
         self._spec_ids: dict[QuantSpec, int] = {}
         self.names = dict(names or {})
         self.named: set[str] = set()
+        self.channel_scales = False  # any QArray with channel scales: version 3
 
     def node(self, node: Any, path: Path) -> Any:
         if isinstance(node, QArray):
@@ -332,6 +341,10 @@ class _Encoder:
             offset = np.asarray(qa.offset)
             encoded["offset_dtype"] = offset.dtype.name
             encoded["offset"] = self.offset(qa.spec, offset, _tensor_name(path, "offset"))
+        if qa.channel_scale is not None:
+            name = _tensor_name(path, "channel_scale")
+            encoded["channel_scale"] = self.tensor(name, qa.channel_scale)
+            self.channel_scales = True
         return encoded
 
     def offset(self, spec: QuantSpec, offset: np.ndarray, name: str) -> Any:
@@ -449,11 +462,15 @@ class _Decoder:
         data = self.tensor(_tensor_name(path, "data"), body["data"])
         scale = self.tensor(_tensor_name(path, "scale"), body["scale"])
         offset = self.offset(body, spec, scale.shape, path)
+        channel_scale = body.get("channel_scale")
+        if channel_scale is not None:
+            channel_scale = self.tensor(_tensor_name(path, "channel_scale"), channel_scale)
         try:
             qa = QArray(
                 data=data,
                 scale=scale,
                 offset=offset,
+                channel_scale=channel_scale,
                 spec=spec,
                 float_dtype=body["float_dtype"],
                 packed=body["packed"],
@@ -534,7 +551,7 @@ def _header(metadata: dict[str, str] | None) -> dict[str, Any]:
     if checksum is None and _version_of(text) == 1:
         raise _Invalid(
             "qjax format version 1 (written by qjax 0.1.0 without a metadata checksum) is no "
-            f"longer read; this qjax reads version {FORMAT_VERSION}: re-create the file with "
+            "longer read; this qjax reads versions 2 and 3: re-create the file with "
             "qjax.save or qjax quantize from the float weights"
         )
     if checksum != _text_crc32(text):
@@ -549,10 +566,11 @@ def _header(metadata: dict[str, str] | None) -> dict[str, Any]:
     if not isinstance(header, dict) or header.get("format") != "qjax":
         raise _Invalid("corrupted qjax metadata: no 'format': 'qjax' entry")
     version = header.get("version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version not in _READABLE_VERSIONS:
         raise _Invalid(
-            f"unsupported qjax format version {version!r}; this qjax reads version "
-            f"{FORMAT_VERSION}: load it with the qjax release that wrote it"
+            f"unsupported qjax format version {version!r}; this qjax reads versions "
+            f"{', '.join(map(str, _READABLE_VERSIONS))}: load it with the qjax release that "
+            "wrote it"
         )
     return header
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from qjax import granularity as gran
 from qjax import packing
-from qjax.affine import dequantize_blocks
+from qjax.affine import dequantize_blocks, saturate
 from qjax.qparams import QParams
 from qjax.spec import QuantSpec
 
@@ -35,6 +35,11 @@ class QArray:
       scale: one scale per block, shape ``shape // block_shape``.
       offset: int32 zero points (formulation ``"zero_point"``), float32 minvals
         (``"minval"``), or None (``"scale"``).
+      channel_scale: None, or a float32 multiplier applied after dequantization, one per
+        input channel: same rank as :attr:`shape`, each dimension 1 or the full one (e.g.
+        ``(in, 1)`` for a Flax Dense kernel ``[in, out]``). AWQ and SmoothQuant
+        (:mod:`qjax.algorithms`) quantize ``w * s`` along the input axis and store
+        ``1 / s`` here; serving multiplies the layer's input by it.
       spec: the :class:`~qjax.QuantSpec` used.
       float_dtype: the dtype :meth:`dequantize` returns (the input's dtype).
       packed: True when ``data`` holds packed sub-byte values.
@@ -65,6 +70,7 @@ class QArray:
     scale: jax.Array
     offset: jax.Array | None
     spec: QuantSpec = dataclasses.field(metadata={"static": True})
+    channel_scale: jax.Array | None = None
     float_dtype: str = dataclasses.field(default="float32", metadata={"static": True})
     packed: bool = dataclasses.field(default=False, metadata={"static": True})
     pad: int = dataclasses.field(default=0, metadata={"static": True})
@@ -120,8 +126,9 @@ class QArray:
 
     @property
     def nbytes(self) -> int:
-        """Bytes actually held: stored values (packed where packed), scales and offsets."""
-        parts = (self.data, self.scale, self.offset)
+        """Bytes actually held: stored values (packed where packed), scales, offsets and
+        channel scales."""
+        parts = (self.data, self.scale, self.offset, self.channel_scale)
         # From shape and itemsize, so it also works on abstract values (jax.eval_shape).
         return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in parts if a is not None)
 
@@ -167,7 +174,11 @@ class QArray:
         else:
             codes = layout.blockify(self.codes())
         qp = jax.tree.map(layout.expand, self.qparams)
-        return dequantize_blocks(codes, qp, self.spec, self.float_dtype).reshape(shape)
+        if self.channel_scale is None:
+            return dequantize_blocks(codes, qp, self.spec, self.float_dtype).reshape(shape)
+        values = dequantize_blocks(codes, qp, self.spec, jnp.float32).reshape(shape)
+        scaled = values * self.channel_scale.astype(jnp.float32)
+        return saturate(scaled, self.float_dtype).astype(self.float_dtype)
 
     def __repr__(self) -> str:
         return (
@@ -254,6 +265,24 @@ def _check_leaves(qa: QArray, *, strict: bool) -> None:
             "leading axes)"
         )
     _check_offset(qa, scale[0], strict)
+    _check_channel_scale(qa, shape, strict)
+
+
+def _check_channel_scale(qa: QArray, shape: tuple[int, ...], strict: bool) -> None:
+    """None, or float32 with the QArray's rank, each dimension 1 or the array's own."""
+    if qa.channel_scale is None:
+        return
+    found = _aval(qa.channel_scale, "channel_scale", strict)
+    if found is None:
+        return
+    cs_shape, dtype = found
+    if len(cs_shape) != len(shape) or not all(c in (1, d) for c, d in zip(cs_shape, shape)):
+        raise ValueError(
+            f"QArray channel_scale has shape {cs_shape}, which does not broadcast along the "
+            f"axes of an array of shape {shape}: it needs the same rank, each dimension 1 "
+            "or the array's own (e.g. (in, 1) for a Dense kernel [in, out])"
+        )
+    _check_dtype("channel_scale", dtype, jnp.dtype(jnp.float32), exact=strict, why="multipliers")
 
 
 def _check_offset(qa: QArray, scale_shape: tuple[int, ...], strict: bool) -> None:
