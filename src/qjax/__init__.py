@@ -1,5 +1,8 @@
 """qjax: quantization for JAX, numerically interchangeable with torchao and coreai-opt."""
 
+from qjax import algorithms as algorithms
+from qjax import capture as capture
+from qjax import methods as methods
 from qjax.calibration import MovingAverage as MovingAverage
 from qjax.calibration import calibrate as calibrate
 from qjax.calibration import moving_average_init as moving_average_init
@@ -18,6 +21,10 @@ from qjax.granularity import per_token as per_token
 from qjax.io import load as load
 from qjax.io import load_tensors as load_tensors
 from qjax.io import save as save
+from qjax.methods import AWQ as AWQ
+from qjax.methods import GPTQ as GPTQ
+from qjax.methods import SmoothQuant as SmoothQuant
+from qjax.methods import fold_channel_scales as fold_channel_scales
 from qjax.ops import dequantize as dequantize
 from qjax.ops import fake_quant as fake_quant
 from qjax.ops import quantize as quantize
@@ -49,7 +56,9 @@ from qjax.tree import quantize_tree as quantize_tree
 __version__ = "0.1.0"
 
 __all__ = [
+    "AWQ",
     "DEFAULT_MIN_SIZE",
+    "GPTQ",
     "TARGET_DTYPES",
     "Calibration",
     "Granularity",
@@ -63,9 +72,12 @@ __all__ = [
     "Report",
     "Resolution",
     "RulePlan",
+    "SmoothQuant",
     "TargetDType",
+    "algorithms",
     "block_shape",
     "calibrate",
+    "capture",
     "compute_qparams",
     "count_nonfinite",
     "default_rules",
@@ -73,9 +85,11 @@ __all__ = [
     "dequantize_tree",
     "dequantizing",
     "fake_quant",
+    "fold_channel_scales",
     "leaf_specs",
     "load",
     "load_tensors",
+    "methods",
     "moving_average_init",
     "moving_average_qparams",
     "moving_average_update",

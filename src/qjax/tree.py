@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -13,6 +13,7 @@ import numpy as np
 
 from qjax.calibration import calibrate
 from qjax.exact import unfused
+from qjax.methods import AWQ, Method, MethodLike, as_method, calibrated_leaf, shared_awq_scales
 from qjax.ops import quantize
 from qjax.qarray import QArray
 from qjax.resolve import Plan, PlanRow, Resolution, RulePlan
@@ -129,6 +130,8 @@ def quantize_tree(
     fallback: str | None = "per_channel",
     strict: bool = False,
     check_finite: bool = True,
+    method: MethodLike = "rtn",
+    statistics: Mapping[str, Any] | None = None,
 ) -> Any:
     """Quantizes the leaves of a parameter pytree that the rules select.
 
@@ -159,6 +162,15 @@ def quantize_tree(
         beyond float32's range included), with a ``ValueError`` naming the leaf and the
         count. Under ``jit`` the leaves are traced and cannot be checked here: call
         :func:`count_nonfinite` inside the jitted function and check its result outside.
+      method: ``"rtn"`` (default): round to nearest, from the weights alone. ``"gptq"``,
+        ``"awq"``, ``"smoothquant"`` or a :class:`~qjax.GPTQ` / :class:`~qjax.AWQ` /
+        :class:`~qjax.SmoothQuant` with options: calibrated PTQ (:mod:`qjax.methods`) of
+        every leaf the rules quantize, from ``statistics``.
+      statistics: for a calibrated ``method``: the statistics of each layer's inputs,
+        ``{path: InputStats}`` from :func:`qjax.capture.accumulate` run on calibration
+        batches. Every leaf the rules quantize needs an entry (a ``ValueError`` names
+        those without, e.g. embeddings, which no dot reads: give them their own rule).
+        Stacked (scan) leaves get one result per layer.
 
     Returns:
       A pytree of the same structure, with :class:`~qjax.QArray` leaves where quantized.
@@ -188,6 +200,11 @@ def quantize_tree(
     """
     _check_bool("check_finite", check_finite)
     rule_plan = RulePlan(rules, layout=layout, min_size=min_size, fallback=fallback)
+    calibrated = as_method(method)
+    if calibrated is not None or statistics is not None:
+        out = _quantize_calibrated(params, rule_plan, calibrated, statistics, check_finite)
+        rule_plan.check_unmatched(strict=strict, where="quantize_tree")
+        return out
 
     def quantize_one(path: tuple, leaf: Any) -> Any:
         name = path_str(path)
@@ -242,6 +259,65 @@ def quantize_leaf(
         return quantize(leaf, resolution.spec, qparams=qparams)
     except (ValueError, TypeError) as e:
         raise type(e)(f"{what} {name!r}: {e}") from None
+
+
+def _quantize_calibrated(
+    params: Any,
+    rule_plan: RulePlan,
+    method: Method | None,
+    statistics: Mapping[str, Any] | None,
+    check_finite: bool,
+) -> Any:
+    """quantize_tree with a calibrated method: resolve every leaf, then quantize the chosen."""
+    if method is None:
+        raise ValueError(
+            "statistics are read only by a calibrated method: pass method='gptq', 'awq' or "
+            "'smoothquant' (or drop statistics for round to nearest)"
+        )
+    if not isinstance(statistics, Mapping):
+        raise TypeError(
+            f"method {type(method).__name__} needs statistics={{path: InputStats}} from "
+            f"qjax.capture.accumulate on calibration batches, got {type(statistics).__name__}"
+        )
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_qarray)
+    chosen: dict[str, tuple[Any, QuantSpec, Any]] = {}
+    for path, leaf in flat:
+        name = path_str(path)
+        stats = statistics.get(name)
+        layer = leaf
+        if stats is not None and hasattr(leaf, "shape") and not isinstance(leaf, QArray):
+            layer = jax.ShapeDtypeStruct(tuple(leaf.shape)[stats.stacked :], leaf.dtype)
+        resolution = _resolve(rule_plan, name, layer)
+        if resolution.spec is None:
+            continue
+        if stats is None:
+            raise ValueError(
+                f"parameter {name!r} matches rule {resolution.pattern!r} "
+                f"({resolution.spec}), but no statistics were captured for it: the function "
+                "given to qjax.capture reads it with no dot (an embedding lookup, a norm), "
+                "or it was left out of `paths`. Keep it float with a rule of its own "
+                "(PATTERN: None) or quantize it separately with method='rtn'"
+            )
+        if resolution.calibration is not None:
+            raise ValueError(
+                f"parameter {name!r}: rule {resolution.pattern!r} asks for calibration "
+                f"{resolution.calibration.method!r}, which is round to nearest's; "
+                f"{type(method).__name__} chooses its own params: drop it from the rule"
+            )
+        if check_finite and not isinstance(leaf, jax.core.Tracer):
+            _check_finite(name, leaf)
+        chosen[name] = (leaf, resolution.spec, stats)
+    shared = {}
+    if isinstance(method, AWQ) and method.share_inputs:
+        shared = shared_awq_scales(chosen, method)
+    leaves = []
+    for path, leaf in flat:
+        name = path_str(path)
+        if name in chosen:
+            _, spec, stats = chosen[name]
+            leaf = calibrated_leaf(name, leaf, spec, stats, method, shared.get(name))
+        leaves.append(leaf)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def dequantize_tree(tree: Any) -> Any:

@@ -40,6 +40,7 @@ exact floats through the layer's dtype promotion; the integer dot casts them to 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import re
@@ -367,6 +368,12 @@ def _served_call(
     """Runs one quantized layer: integer dot where planned, else dequantize on the fly."""
     name = weight_name(module)
     act = quant.act
+    read_float = _dequantized
+    if isinstance(weight, QArray) and weight.channel_scale is not None:
+        # (x * m) @ core == x @ (m * core): the activation is quantized after the scaling
+        # (SmoothQuant), and the weight is read without it.
+        args = (_scaled_input(module, args, weight), *args[1:])
+        read_float = _dequantized_core
     required = integer_dots == "require" or (integer_dots == "as_trained" and quant.integer_dot)
     if act is not None and (required or integer_dots == "auto"):
         if isinstance(weight, QArray):
@@ -386,7 +393,7 @@ def _served_call(
                 "integer_dots='never' to dequantize its weight on the fly"
             )
     if isinstance(weight, QArray):
-        with _weight_read(module, name, _dequantized):
+        with _weight_read(module, name, read_float):
             return quantized_call(module, fun, args, kwargs, LayerQuant(act=act))
     return quantized_call(module, fun, args, kwargs, quant)
 
@@ -427,6 +434,38 @@ def _dequantized(leaf: Any) -> Any:
     """A QArray's values as the QAT model's fake-quantized weight (bit for bit), else
     ``leaf``."""
     return rounded(leaf.dequantize()) if isinstance(leaf, QArray) else leaf
+
+
+def _dequantized_core(leaf: QArray) -> jax.Array:
+    """The weight without its channel scale, which the layer's input then carries."""
+    return _dequantized(dataclasses.replace(leaf, channel_scale=None))
+
+
+def _scaled_input(module: nn.Module, args: tuple, weight: QArray) -> jax.Array:
+    """The layer's input times the weight's channel scale (one per input feature)."""
+    path = "/".join(module.path)
+    if not args or not hasattr(args[0], "shape"):
+        raise ValueError(f"layer {path!r}: its weight has channel scales but no input array")
+    x = args[0]
+    axes = 1
+    if isinstance(module, nn.DenseGeneral):
+        given = module.axis if isinstance(module.axis, tuple) else (module.axis,)
+        axes = len(given)
+        if sorted(a % x.ndim for a in given) != list(range(x.ndim - axes, x.ndim)):
+            axes = 0
+    elif not isinstance(module, nn.Dense | nn.Conv):
+        axes = 0
+    features = x.shape[x.ndim - axes :] if axes else None
+    if features is None or math.prod(features) != weight.channel_scale.size:
+        raise ValueError(
+            f"layer {path!r} ({type(module).__name__}): its weight has channel scales "
+            f"(shape {tuple(weight.channel_scale.shape)}), which serving applies to the "
+            "trailing input features of Dense, DenseGeneral and Conv layers only; fold them "
+            "into the op before with qjax.fold_channel_scales, or run the model through "
+            "qjax.dequantizing"
+        )
+    m = weight.channel_scale.astype(jnp.float32).reshape((1,) * (x.ndim - axes) + features)
+    return (x.astype(jnp.float32) * m).astype(x.dtype)
 
 
 def _codes_as_float(weight: QArray) -> jax.Array:
