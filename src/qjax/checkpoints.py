@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from qjax import capture
 from qjax import io as qio
 from qjax.files import (
     FLOAT_SUFFIXES,
@@ -28,6 +29,15 @@ from qjax.files import (
     tensor_path,
     write_npz,
     write_safetensors,
+)
+from qjax.methods import (
+    AWQ,
+    GPTQ,
+    Method,
+    MethodLike,
+    as_method,
+    calibrated_leaf,
+    shared_awq_scales,
 )
 from qjax.qarray import QArray
 from qjax.report import leaf_row, stored_row
@@ -148,11 +158,25 @@ def plan_checkpoint(
 
 
 def quantize_checkpoint(
-    plan: CheckpointPlan, output: PathLike, *, progress: Progress | None = None
+    plan: CheckpointPlan,
+    output: PathLike,
+    *,
+    progress: Progress | None = None,
+    method: MethodLike = "rtn",
+    model: Callable[..., Any] | None = None,
+    batches: Sequence[Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Quantizes a float checkpoint by its plan into a qjax file, one tensor at a time.
 
-    Only one float tensor is in memory at a time (plus the quantized output so far). The
+    With a calibrated ``method`` (``"gptq"``, ``"awq"``, ``"smoothquant"``, see
+    :func:`qjax.quantize_tree`), ``model(tensors, batch)`` runs the model on the
+    checkpoint's float tensors (a flat dict by tensor name) for each calibration batch of
+    ``batches``; the statistics of the inputs of every tensor the plan quantizes are
+    captured (:func:`qjax.capture.accumulate`) and the tensors quantized from them. All
+    float tensors are then in memory at once, as running the model needs.
+
+    With round to nearest only one float tensor is in memory at a time (plus the quantized
+    output so far). The
     output holds every tensor not dropped, nested by its path (``"Dense_0.kernel"`` ->
     ``{"Dense_0": {"kernel": ...}}``) with its original name stored, so :func:`qjax.load`
     gives the nested tree and :func:`dequantize_checkpoint` the original names. Non-float
@@ -179,6 +203,7 @@ def quantize_checkpoint(
     output = _check_output(output, (".safetensors",), plan.path)
     reader = open_checkpoint(plan.path)
     progress = progress or (lambda name, nbytes: None)
+    calibrated = _calibrated_tensors(plan, reader, as_method(method), model, batches, progress)
     tree: dict[str, Any] = {}
     names: dict[str, str] = {}
     rows = []
@@ -187,7 +212,10 @@ def quantize_checkpoint(
             continue
         progress(t.name, 0)
         x = reader.read(t.name)
-        q = x if row.spec is None else _quantize_tensor(t, x, row)
+        if t.name in calibrated:
+            q = calibrated.pop(t.name)
+        else:
+            q = x if row.spec is None else _quantize_tensor(t, x, row)
         rows.append(leaf_row(t.name, x, q))
         if isinstance(q, QArray) and q.float_dtype != x.dtype.name:
             q = dataclasses.replace(q, float_dtype=x.dtype.name)  # float64 without x64
@@ -268,8 +296,74 @@ def inspect_checkpoint(path: PathLike) -> list[dict[str, Any]]:
     return [stored_row(name, leaf) for name, leaf in qio.load_tensors(path).items()]
 
 
+def _calibrated_tensors(
+    plan: CheckpointPlan,
+    reader: Any,
+    method: Method | None,
+    model: Callable[..., Any] | None,
+    batches: Sequence[Any] | None,
+    progress: Progress,
+) -> dict[str, QArray]:
+    """The tensors a calibrated method quantizes, from the model run on the batches."""
+    if method is None:
+        if model is not None or batches is not None:
+            raise ValueError(
+                "a model and calibration batches are used only by a calibrated method: "
+                "pass method='gptq', 'awq' or 'smoothquant'"
+            )
+        return {}
+    if model is None or not callable(model) or batches is None:
+        raise ValueError(
+            f"method {type(method).__name__} runs the model on calibration batches: pass "
+            "model=(a function model(tensors, batch)) and batches"
+        )
+    chosen = [
+        (t, row)
+        for t, row in zip(plan.tensors, plan.rows)
+        if row.spec is not None and t.name not in plan.dropped
+    ]
+    tensors = {}
+    for t in plan.tensors:
+        if t.name not in plan.dropped:
+            tensors[t.name] = reader.read(t.name)
+    for t, row in chosen:
+        if row.calibration is not None:
+            raise ValueError(
+                f"tensor {t.name!r}: calibration {row.calibration.method!r} is round to "
+                f"nearest's; {type(method).__name__} chooses its own params: drop it"
+            )
+        _check_finite_tensor(t, tensors[t.name])
+    progress(f"calibrating on {len(batches)} batch(es)", 0)
+    names = [t.name for t, _ in chosen]
+    try:
+        stats = capture.accumulate(
+            model, tensors, batches, paths=names, hessian=isinstance(method, (GPTQ, AWQ))
+        )
+    except ValueError as e:
+        raise ValueError(f"{plan.path}: {e}") from None
+    except Exception as e:  # the user's model function failed: its error, in one line
+        raise ValueError(
+            f"{plan.path}: running the model on the calibration batches failed: "
+            f"{type(e).__name__}: {e}"
+        ) from None
+    leaves = {t.name: (tensors[t.name], row.spec, stats[t.name]) for t, row in chosen}
+    shared = {}
+    if isinstance(method, AWQ) and method.share_inputs:
+        shared = shared_awq_scales(leaves, method)
+    return {
+        name: calibrated_leaf(name, x, spec, st, method, shared.get(name))
+        for name, (x, spec, st) in leaves.items()
+    }
+
+
 def _quantize_tensor(t: TensorInfo, x: np.ndarray, row: PlanRow) -> Any:
     """One tensor by its plan row, as quantize_tree quantizes a leaf; errors name it."""
+    _check_finite_tensor(t, x)
+    resolution = Resolution(row.spec, row.pattern, row.layout, row.note, row.calibration)
+    return quantize_leaf(t.name, x, resolution, check_finite=False, what="tensor")
+
+
+def _check_finite_tensor(t: TensorInfo, x: np.ndarray) -> None:
     bad = nonfinite_in_float32(x)
     if bad:
         raise ValueError(
@@ -277,8 +371,6 @@ def _quantize_tensor(t: TensorInfo, x: np.ndarray, row: PlanRow) -> Any:
             f"the precision quantization computes in; fix the checkpoint or keep it float "
             f"with --keep '{re.escape(t.name)}'"
         )
-    resolution = Resolution(row.spec, row.pattern, row.layout, row.note, row.calibration)
-    return quantize_leaf(t.name, x, resolution, check_finite=False, what="tensor")
 
 
 def _float_dtype(leaf: Any, npz: bool) -> np.dtype:
@@ -344,5 +436,3 @@ def _insert(tree: dict[str, Any], path: Sequence[str], leaf: Any) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = leaf
-
-

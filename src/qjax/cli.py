@@ -90,6 +90,15 @@ _RULES_EPILOG = """which tensors get which spec (all go through qjax.RulePlan, a
      position_ids) are written as they are.
   A --rule, --keep or --drop that matches no tensor is an error naming it.
 
+calibrated methods (--method gptq, awq or smoothquant; default rtn, round to nearest):
+  they run the model to see each layer's inputs. --model FILE.py:FUNCTION (or
+  package.module:FUNCTION) names a Python function FUNCTION(tensors, batch) that runs
+  the model on the checkpoint's float tensors (a dict by tensor name) and one batch;
+  --calibration-data DATA is a .npy file whose first axis indexes the batches, or a
+  .npz file with one batch per array (in name order). Every tensor a rule quantizes
+  must be read by a matrix product in the model (keep embeddings with --keep). All
+  float tensors are then held in memory at once.
+
 axes: without --axis (or axis= in a rule), each tensor's layout decides them
   (--layout auto reads it from the name; flax or torch force one):
   Flax kernel [..., in, out]: per_channel scales the last axis, per_block blocks
@@ -108,6 +117,8 @@ examples:
   qjax quantize model.safetensors model-int4.safetensors --dtype int4 --block-size 32
   qjax quantize model.npz q.safetensors --rule '.*attention.*=int8' --keep '.*head.*'
   qjax plan model.safetensors --dtype int4 --block-size 32
+  qjax quantize model.safetensors q.safetensors --dtype int4 --block-size 128 \
+      --method gptq --model mymodel.py:forward --calibration-data batches.npy
 """
 
 
@@ -190,6 +201,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("input", metavar="IN", help="float checkpoint: .safetensors or .npz")
     q.add_argument("output", metavar="OUT", help="qjax file to write (.safetensors)")
+    q.add_argument(
+        "--method",
+        choices=("rtn", "gptq", "awq", "smoothquant"),
+        default="rtn",
+        help="rtn (default: round to nearest) or a calibrated method (see below)",
+    )
+    q.add_argument(
+        "--model",
+        metavar="FILE.py:FUNCTION",
+        help="for --method gptq/awq/smoothquant: FUNCTION(tensors, batch) runs the model",
+    )
+    q.add_argument(
+        "--calibration-data",
+        metavar="DATA",
+        help="for --method gptq/awq/smoothquant: .npy (first axis: batches) or .npz",
+    )
     _add_rule_flags(q)
     _add_output_flags(q, "no progress and no table on stdout")
     q.set_defaults(run=run_quantize)
@@ -412,8 +439,11 @@ def run_quantize(args: argparse.Namespace) -> int:
     plan = _plan(args)
     total = sum(t.nbytes for t in plan.tensors if t.name not in plan.dropped)
     start = time.perf_counter()
+    model, batches = _calibration(args)
     with _progress(args.quiet, "quantize", total) as advance:
-        rows = checkpoints.quantize_checkpoint(plan, args.output, progress=advance)
+        rows = checkpoints.quantize_checkpoint(
+            plan, args.output, progress=advance, method=args.method, model=model, batches=batches
+        )
     elapsed = time.perf_counter() - start
     rep = Report.from_rows(rows)
     title = (
@@ -427,6 +457,27 @@ def run_quantize(args: argparse.Namespace) -> int:
         if plan.dropped:
             print(f"dropped ({len(plan.dropped)}): {_names(sorted(plan.dropped))}")
     return 0
+
+
+def _calibration(args: argparse.Namespace) -> tuple[Callable | None, list | None]:
+    """The model function and calibration batches of a calibrated --method, checked."""
+    given = [
+        flag
+        for flag, v in (("--model", args.model), ("--calibration-data", args.calibration_data))
+        if v is not None
+    ]
+    if args.method == "rtn":
+        if given:
+            raise CLIError(
+                f"{' and '.join(given)} need a calibrated --method (gptq, awq, smoothquant)"
+            )
+        return None, None
+    missing = [f for f in ("--model", "--calibration-data") if f not in given]
+    if missing:
+        raise CLIError(f"--method {args.method} needs {' and '.join(missing)}")
+    return files.load_function(args.model, "--model"), files.read_batches(
+        args.calibration_data, "--calibration-data"
+    )
 
 
 def run_plan(args: argparse.Namespace) -> int:

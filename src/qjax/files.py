@@ -58,7 +58,9 @@ __all__ = [
     "TensorInfo",
     "check_target",
     "file_kind",
+    "load_function",
     "open_checkpoint",
+    "read_batches",
     "tensor_path",
     "write_atomically",
     "write_npz",
@@ -486,6 +488,77 @@ def open_checkpoint(path: PathLike) -> FloatCheckpoint:
         f"{path}: unknown suffix {suffix or '(none)'!r}; qjax reads float checkpoints as "
         ".safetensors or .npz"
     )
+
+
+def read_batches(path: PathLike, flag: str = "calibration data") -> list[np.ndarray]:
+    """Calibration batches from a file: a ``.npy`` array (its first axis indexes the
+    batches) or a ``.npz`` archive (one batch per array, in name order). No pickles.
+
+    Examples:
+      >>> import os, tempfile, numpy as np
+      >>> from qjax.files import read_batches
+      >>> path = os.path.join(tempfile.mkdtemp(), "batches.npy")
+      >>> np.save(path, np.zeros((3, 8, 16), np.float32))
+      >>> [b.shape for b in read_batches(path)]
+      [(8, 16), (8, 16), (8, 16)]
+    """
+    path = os.fspath(path)
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{flag} {path}: is a {file_kind(mode)}, not a .npy or .npz file")
+    suffix = os.path.splitext(path)[1].lower()
+    try:
+        if suffix == ".npy":
+            batches = list(np.load(path, allow_pickle=False))
+        elif suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                batches = [archive[name] for name in sorted(archive.files)]
+        else:
+            raise ValueError(
+                f"{flag} {path}: unknown suffix {suffix or '(none)'!r}; give a "
+                ".npy array (first axis: batches) or a .npz archive"
+            )
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{flag} {path}: cannot read it ({_one_line(str(e))})") from None
+    if not batches:
+        raise ValueError(f"{flag} {path}: holds no batches")
+    return batches
+
+
+def load_function(target: str, flag: str = "function") -> Callable[..., Any]:
+    """The function ``FILE.py:NAME`` or ``package.module:NAME`` names (user code, run as is).
+
+    Examples:
+      >>> from qjax.files import load_function
+      >>> load_function("os.path:join")("a", "b")
+      'a/b'
+    """
+    import importlib
+    import importlib.util
+
+    where, sep, name = target.rpartition(":")
+    if not sep or not where or not name.isidentifier():
+        raise ValueError(f"{flag} {target!r}: give FILE.py:FUNCTION or package.module:FUNCTION")
+    if where.endswith(".py"):
+        if not os.path.isfile(where):
+            raise ValueError(f"{flag} {target!r}: no such file {where!r}")
+        spec = importlib.util.spec_from_file_location(
+            f"_qjax_user_{os.path.splitext(os.path.basename(where))[0]}", where
+        )
+    try:
+        if where.endswith(".py"):
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except Exception as e:  # the user's code: its error, in one line
+        raise ValueError(
+            f"{flag} {target!r}: importing {where!r} failed: {type(e).__name__}: {e}"
+        ) from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise ValueError(f"{flag} {target!r}: {where!r} has no function {name!r}")
+    return function
 
 
 # --------------------------------------------------------------------------- names
