@@ -159,3 +159,14 @@ def test_mx_shorthand_can_block_along_the_flax_contraction_axis():
     assert spec.granularity.block_shape((64, 16)) == (32, 1)
     with pytest.raises(ValueError, match="sets its own blocks"):
         qjax.parse_spec("mxfp4:per_channel")
+
+
+def test_dequantize_tree_of_bfloat16_leaves_under_strict_promotion():
+    # unfused() once selected a float32 NaN into a bfloat16 product: a promotion error.
+    w = jnp.linspace(-1, 1, 64 * 32, dtype=jnp.bfloat16).reshape(64, 32)
+    tree = qjax.quantize_tree({"kernel": w}, {".*": "int4:asymmetric:minval:per_block:16"})
+    out = qjax.dequantize_tree(tree)["kernel"]
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(
+        np.asarray(out, np.float32), np.asarray(tree["kernel"].dequantize(), np.float32)
+    )

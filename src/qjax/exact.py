@@ -56,7 +56,7 @@ def unfused(product: jax.Array) -> jax.Array:
     through this select; an optimization barrier does not help (it is gone by the time
     LLVM contracts). It costs nothing measurable.
     """
-    return jnp.where(jnp.isnan(product), jnp.float32(jnp.nan), product)
+    return jnp.where(jnp.isnan(product), jnp.asarray(jnp.nan, product.dtype), product)
 
 
 def round_to_format(v: jax.Array, mantissa_bits: int, emin: int) -> jax.Array:

@@ -288,7 +288,9 @@ def _check_channel_scale(qa: QArray, shape: tuple[int, ...], strict: bool) -> No
 def _check_offset(qa: QArray, scale_shape: tuple[int, ...], strict: bool) -> None:
     formulation = qa.spec.formulation
     if formulation == "scale":
-        if qa.offset is not None:
+        # Not strict, a placeholder (e.g. Orbax's restore target) where no offset exists
+        # is what JAX and Orbax put in trees; an array there is a real mistake.
+        if qa.offset is not None and (strict or _aval(qa.offset, "offset", False) is not None):
             raise ValueError(
                 f"QArray offset must be None: formulation 'scale' ({qa.spec}) has no zero "
                 "point or minval"
