@@ -1,0 +1,648 @@
+"""Orbax checkpoints of QArray trees, abstract quantized trees, and the qjax file interop.
+
+A tree of :class:`~qjax.QArray` s is a pytree, so Orbax saves it as it saves any tree:
+each process writes only the shards it holds (packed sub-byte values stay packed, one
+uint8 per 2 or 4 values), and a restore reads each shard where the target's sharding puts
+it, on any mesh. What Orbax cannot know is a QArray's static part (spec, float dtype,
+packing): a restore needs a target that has it. :func:`abstract_quantized` builds one from
+the float model's abstract params (``jax.eval_shape`` output) without materialising any
+float weight, by running :func:`qjax.quantize_tree` under ``jax.eval_shape``; the data,
+scales and offsets it gives are sharded like the float leaf they come from.
+
+* :func:`save` / :func:`restore`: one ``ocp.StandardCheckpointer`` call each (its save is
+  asynchronous: the arrays are copied off the devices, then written in the background;
+  :func:`save` waits, :func:`save_async` returns the checkpointer to wait on). :func:`save`
+  also records the static parts in Orbax's custom metadata, so :func:`checkpoint_target`
+  and ``restore(path)`` rebuild the tree without a model.
+* With ``ocp.CheckpointManager``: save ``ocp.args.StandardSave(parts(tree))`` with
+  ``custom_metadata=metadata(tree)``, restore ``ocp.args.StandardRestore(parts(target))``
+  and rebuild with ``from_parts(restored, target)``. :func:`parts` turns each QArray into
+  the dict ``{"data", "scale", "offset", "channel_scale"}``, exactly what Orbax stores for a
+  QArray node, so the files are the same either way.
+* :func:`orbax_to_safetensors` / :func:`safetensors_to_orbax`: an Orbax checkpoint to one
+  qjax ``.safetensors`` file (:mod:`qjax.io`) and back, one tensor in memory at a time.
+
+Unpacked ``uint4`` / ``uint2`` data (``packed=False``) cannot be stored: tensorstore has
+no such dtypes (``int4``, ``int2``, the float8 / float4 types and packed data are fine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
+from safetensors import safe_open
+
+from qjax import io as qio
+from qjax.files import write_safetensors
+from qjax.qarray import QArray
+from qjax.rules import RulesLike
+from qjax.tree import path_str, quantize_tree
+
+__all__ = [
+    "METADATA_KEY",
+    "abstract_quantized",
+    "checkpoint_target",
+    "from_parts",
+    "metadata",
+    "orbax_to_safetensors",
+    "parts",
+    "restore",
+    "safetensors_to_orbax",
+    "save",
+    "save_async",
+]
+
+METADATA_KEY = "qjax"
+"""The key of Orbax's custom metadata under which :func:`save` records the QArrays' statics."""
+
+_FORMAT = "qjax-orbax"
+_PARTS = ("data", "scale", "offset", "channel_scale")
+_UNSTORABLE = ("uint4", "uint2")
+
+
+# --------------------------------------------------------------------------- abstract trees
+
+
+def abstract_quantized(abstract_params: Any, rules: RulesLike | None = None, **kwargs: Any) -> Any:
+    """The tree :func:`qjax.quantize_tree` would return, with ``ShapeDtypeStruct`` leaves.
+
+    No float weight is materialised: ``quantize_tree(params, rules, **kwargs)`` runs under
+    ``jax.eval_shape``, so the shapes, dtypes and specs are those a real run gives. Where a
+    float leaf has a sharding (``jax.eval_shape`` of a sharded init, or
+    ``ShapeDtypeStruct(..., sharding=...)``), the quantized parts get one derived from it:
+
+    * ``data`` the float leaf's ``PartitionSpec`` (packed data too: its last axis holds
+      bytes, so each shard must hold whole bytes);
+    * ``scale``, ``offset`` and ``channel_scale`` the same mesh axes along the dimensions
+      where they have more than one entry, replicated along the others (a per-tensor or
+      per-channel scale along an unsharded axis).
+
+    Leaves kept float keep their sharding. Fully replicated shardings of any kind (one
+    device) are given to every part as they are.
+
+    Args:
+      abstract_params: the float params as ``jax.ShapeDtypeStruct`` s (or arrays).
+      rules: as :func:`qjax.quantize_tree`.
+      **kwargs: the other keyword arguments of :func:`qjax.quantize_tree` (``layout``,
+        ``min_size``, ``fallback``, ``strict``).
+
+    Returns:
+      A tree like ``quantize_tree``'s, whose QArrays hold ``ShapeDtypeStruct`` s: a restore
+      target for :func:`restore` or Orbax, and something ``jax.jit(...).lower`` accepts.
+
+    Raises:
+      ValueError: naming the leaf, axis, shard count and sizes, where a sharding would split
+        a packed byte or a quantization block across shards; and as ``quantize_tree``.
+      TypeError: for a sharding that is neither a ``NamedSharding`` nor fully replicated.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, qjax.orbax
+      >>> params = {"kernel": jax.ShapeDtypeStruct((4096, 1024), jnp.bfloat16)}
+      >>> target = qjax.orbax.abstract_quantized(params, {".*": "int4:per_block:128"})
+      >>> target["kernel"].data, target["kernel"].scale.shape
+      (ShapeDtypeStruct(shape=(4096, 512), dtype=uint8), (32, 1024))
+    """
+    run = functools.partial(quantize_tree, rules=rules, **kwargs)
+    # Shapes never depend on shardings: trace unsharded, then derive the shardings here,
+    # where a sharding that splits a packed byte or a block is refused by the leaf's name.
+    quantized = jax.eval_shape(run, jax.tree.map(_unsharded, abstract_params))
+
+    def shard(path: tuple, leaf: Any, out: Any) -> Any:
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(leaf, QArray):
+            return jax.tree.map(lambda a: _sds(a, getattr(a, "sharding", None)), leaf)
+        if sharding is None:
+            return out
+        if not isinstance(out, QArray):
+            return jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=sharding)
+        return _shard_qarray(path_str(path), out, sharding)
+
+    return jax.tree_util.tree_map_with_path(
+        shard, abstract_params, quantized, is_leaf=lambda x: isinstance(x, QArray)
+    )
+
+
+def _shard_qarray(name: str, qa: QArray, sharding: jax.sharding.Sharding) -> QArray:
+    """``qa`` (abstract) with each part sharded as :func:`abstract_quantized` says."""
+    if not isinstance(sharding, NamedSharding):
+        if not sharding.is_fully_replicated:
+            raise TypeError(
+                f"parameter {name!r}: its sharding {sharding} is neither a NamedSharding nor "
+                "fully replicated; give the float params NamedShardings (jax.make_mesh, "
+                "jax.sharding.NamedSharding) to derive the quantized ones"
+            )
+        return _map_parts(qa, lambda part, a: _sds(a, sharding))
+    mesh = sharding.mesh
+    spec = tuple(sharding.spec) + (None,) * (len(qa.shape) - len(sharding.spec))
+
+    def shards(names: Any) -> int:
+        names = names if isinstance(names, tuple) else (names,)
+        return math.prod(mesh.shape[n] for n in names)
+
+    if qa.packed and spec[-1] is not None:
+        _check_whole_bytes(name, qa, spec[-1], shards(spec[-1]))
+    for axis, names in enumerate(spec):
+        count = qa.scale.shape[axis]
+        if names is not None and count > 1 and count % shards(names):
+            raise ValueError(
+                f"parameter {name!r}: axis {axis} (size {qa.shape[axis]}) is sharded "
+                f"{shards(names)} ways over mesh axes {names}, but {qa.spec.granularity} gives "
+                f"{count} blocks of {qa.shape[axis] // count}, which would be split across "
+                f"shards of {qa.shape[axis] // shards(names)}; choose a block size that divides "
+                f"{qa.shape[axis] // shards(names)} or shard another axis"
+            )
+
+    def part_spec(part: str, a: Any) -> NamedSharding:
+        if part == "data":
+            return NamedSharding(mesh, PartitionSpec(*spec))
+        kept = [
+            names if names is not None and d > 1 and d % shards(names) == 0 else None
+            for names, d in zip(spec, a.shape)
+        ]
+        return NamedSharding(mesh, PartitionSpec(*kept))
+
+    return _map_parts(qa, lambda part, a: _sds(a, part_spec(part, a)))
+
+
+def _check_whole_bytes(name: str, qa: QArray, names: Any, count: int) -> None:
+    """Packed data sharded along its last (packed) axis: every shard holds whole bytes."""
+    packs = qa.spec.target.packs
+    n, nbytes = qa.shape[-1], qa.data.shape[-1]
+    if n % (count * packs) == 0:
+        return
+    axis = len(qa.shape) - 1
+    raise ValueError(
+        f"parameter {name!r}: axis {axis} holds {n} {qa.spec.target.name} values packed "
+        f"{packs} per byte into {nbytes} bytes, and is sharded {count} ways over mesh axes "
+        f"{names}: {n} / {count} = {n / count:g} values per shard would split a byte; shard "
+        f"it a number of ways that divides {n // packs} (whole bytes per shard), shard "
+        "another axis, or quantize with packed=False"
+    )
+
+
+def _unsharded(a: Any) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(a.shape, a.dtype)
+
+
+def _sds(a: Any, sharding: jax.sharding.Sharding | None) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+
+
+def _map_parts(qa: QArray, fn: Callable[[str, Any], Any]) -> QArray:
+    """``qa`` with ``fn(name, part)`` applied to each part that is not None."""
+    new = {p: getattr(qa, p) for p in _PARTS}
+    new = {p: None if a is None else fn(p, a) for p, a in new.items()}
+    return QArray(**new, spec=qa.spec, float_dtype=qa.float_dtype, packed=qa.packed, pad=qa.pad)
+
+
+# --------------------------------------------------------------------------- parts and statics
+
+
+def _is_qarray(x: Any) -> bool:
+    return isinstance(x, QArray)
+
+
+def parts(tree: Any) -> Any:
+    """``tree`` with each QArray replaced by its dict ``{data, scale, offset, channel_scale}``.
+
+    Orbax stores a QArray node as exactly this dict (absent parts as None), so a checkpoint
+    saved from ``parts(tree)`` or from ``tree`` is the same; ``parts`` of a target restores
+    into plain dicts, which :func:`from_parts` turns back into QArrays.
+
+    Examples:
+      >>> import jax.numpy as jnp, qjax, qjax.orbax
+      >>> p = qjax.orbax.parts({"w": qjax.quantize(jnp.ones((4, 8)), "int8")})
+      >>> sorted(p["w"]), p["w"]["offset"]
+      (['channel_scale', 'data', 'offset', 'scale'], None)
+    """
+
+    def split(x: Any) -> Any:
+        return {p: getattr(x, p) for p in _PARTS} if isinstance(x, QArray) else x
+
+    return jax.tree.map(split, tree, is_leaf=_is_qarray)
+
+
+def from_parts(restored: Any, like: Any) -> Any:
+    """Rebuilds the QArrays of ``like`` (statics) from the dicts in ``restored`` (arrays).
+
+    Examples:
+      >>> import jax.numpy as jnp, qjax, qjax.orbax
+      >>> tree = {"w": qjax.quantize(jnp.ones((4, 8)), "int4")}
+      >>> qjax.orbax.from_parts(qjax.orbax.parts(tree), tree)["w"].spec.dtype
+      'int4'
+    """
+
+    def join(x: Any, got: Any) -> Any:
+        if not isinstance(x, QArray):
+            return got
+        return QArray(
+            **{p: got[p] for p in _PARTS},
+            spec=x.spec,
+            float_dtype=x.float_dtype,
+            packed=x.packed,
+            pad=x.pad,
+        )
+
+    return jax.tree.map(join, like, restored, is_leaf=_is_qarray)
+
+
+def metadata(tree: Any) -> dict[str, Any]:
+    """The QArrays' statics (spec, float dtype, packing) as JSON-able custom metadata.
+
+    ``{METADATA_KEY: {"format": "qjax-orbax", "version": 1, "specs": [...],
+    "qarrays": {keystr: {"spec": i, "float_dtype", "packed", "pad"}}}}``, keyed by
+    ``jax.tree_util.keystr`` of each QArray's path; specs are encoded as in :mod:`qjax.io`.
+    """
+    specs: list[dict[str, Any]] = []
+    ids: dict[Any, int] = {}
+    qarrays = {}
+    for path, qa in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_qarray)[0]:
+        if not isinstance(qa, QArray):
+            continue
+        if qa.spec not in ids:
+            ids[qa.spec] = len(specs)
+            specs.append(qio._encode_spec(qa.spec))
+        qarrays[jax.tree_util.keystr(path)] = {
+            "spec": ids[qa.spec],
+            "float_dtype": qa.float_dtype,
+            "packed": qa.packed,
+            "pad": qa.pad,
+        }
+    return {METADATA_KEY: {"format": _FORMAT, "version": 1, "specs": specs, "qarrays": qarrays}}
+
+
+def _check_storable(tree: Any) -> None:
+    for path, qa in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_qarray)[0]:
+        if isinstance(qa, QArray) and not qa.packed and qa.spec.target.name in _UNSTORABLE:
+            raise ValueError(
+                f"QArray at {path_str(path)!r}: unpacked {qa.spec.target.name} data cannot be "
+                "stored in an Orbax checkpoint (tensorstore has no such dtype); quantize it "
+                "with packed=True (the default)"
+            )
+
+
+# --------------------------------------------------------------------------- save / restore
+
+
+def save_async(
+    path: str | os.PathLike[str], tree: Any, *, force: bool = False
+) -> ocp.StandardCheckpointer:
+    """Starts saving ``tree`` to the directory ``path``; returns the checkpointer.
+
+    Returns once the arrays are copied off the devices; the files are written in the
+    background: call ``.wait_until_finished()`` on the result (and ``.close()``) before
+    reading them. Every process of a multi-process run calls it with the same tree; each
+    writes the shards it holds. ``force=True`` replaces an existing checkpoint.
+    """
+    checkpointer = ocp.StandardCheckpointer()
+    _save_with(checkpointer.save, path, tree, force)
+    return checkpointer
+
+
+def _save_with(save_fn: Callable[..., Any], path: Any, tree: Any, force: bool) -> None:
+    """``save_fn(path, parts(tree), ...)`` with the qjax metadata, after checking the tree."""
+    _check_storable(tree)
+    save_fn(os.path.abspath(path), parts(tree), force=force, custom_metadata=metadata(tree))
+
+
+def save(path: str | os.PathLike[str], tree: Any, *, force: bool = False) -> None:
+    """Saves a tree of QArrays and arrays to the Orbax checkpoint directory ``path``.
+
+    ``ocp.StandardCheckpointer`` with the QArrays' statics in its custom metadata; each
+    process writes only its shards. Waits until the checkpoint is committed.
+
+    Raises:
+      ValueError: for unpacked uint4 / uint2 data, naming the leaf; Orbax's errors (an
+        existing ``path`` without ``force=True``) as they are.
+
+    Examples:
+      >>> import os, tempfile, jax.numpy as jnp, numpy as np, qjax, qjax.orbax
+      >>> tree = {"w": qjax.quantize(jnp.linspace(-1, 1, 256).reshape(8, 32), "int4")}
+      >>> path = os.path.join(tempfile.mkdtemp(), "ckpt")
+      >>> qjax.orbax.save(path, tree)
+      >>> back = qjax.orbax.restore(path, qjax.orbax.checkpoint_target(path))
+      >>> bool(np.array_equal(back["w"].data, tree["w"].data)), back["w"].spec.dtype
+      (True, 'int4')
+    """
+    checkpointer = save_async(path, tree, force=force)
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+
+
+def restore(path: str | os.PathLike[str], target: Any = None) -> Any:
+    """Restores a checkpoint of QArrays into ``target``'s structure, shapes and shardings.
+
+    Args:
+      path: an Orbax checkpoint directory (saved by :func:`save`, or by Orbax from a
+        QArray tree or its :func:`parts`).
+      target: the abstract tree to fill (:func:`abstract_quantized`, or ``jax.tree.map``
+        of ``ocp.utils.to_shape_dtype_struct`` over a tree): each array is read where its
+        ``ShapeDtypeStruct.sharding`` puts it, on any mesh. None: from the checkpoint's
+        own metadata (:func:`checkpoint_target`), on the default device.
+
+    Returns:
+      The tree, with QArrays whose parts are ``jax.Array`` s, bit for bit as saved.
+    """
+    path = os.path.abspath(path)
+    if target is None:
+        target = checkpoint_target(path)
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(path, parts(target))
+    return from_parts(restored, target)
+
+
+def checkpoint_target(
+    path: str | os.PathLike[str],
+    sharding: jax.sharding.Sharding | None = None,
+    *,
+    custom_metadata: Mapping[str, Any] | None = None,
+) -> Any:
+    """The abstract tree of a checkpoint written by :func:`save`, from its metadata alone.
+
+    Containers come back as Orbax lists them (dicts and lists). Every array gets
+    ``sharding`` (default: the first local device); for a sharded restore, build the target
+    with :func:`abstract_quantized` instead.
+
+    Args:
+      path: the checkpoint (item) directory.
+      sharding: of every array in the result.
+      custom_metadata: where the statics are, if not in ``path`` itself: a
+        ``CheckpointManager`` keeps them with the step, ``manager.metadata(step)
+        .custom_metadata``, and the item in ``<step>/<item name>``.
+
+    Raises:
+      ValueError: for a checkpoint without qjax metadata (not written by :func:`save`).
+    """
+    path = os.path.abspath(path)
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    with ocp.StandardCheckpointer() as checkpointer:
+        step = checkpointer.metadata(path)
+    if custom_metadata is None:
+        custom_metadata = step.custom_metadata
+    custom = (custom_metadata or {}).get(METADATA_KEY)
+    if not isinstance(custom, Mapping) or custom.get("format") != _FORMAT:
+        raise ValueError(
+            f"{path}: no qjax metadata in this Orbax checkpoint (custom_metadata[{METADATA_KEY!r}]"
+            "); it was not written by qjax.orbax.save: pass the target tree, e.g. from "
+            "qjax.orbax.abstract_quantized"
+        )
+    specs = [qio._decode_spec(s) for s in custom["specs"]]
+    statics = custom["qarrays"]
+
+    def build(node: Any, path: tuple) -> Any:
+        key = jax.tree_util.keystr(path)
+        if key in statics:
+            info = statics[key]
+            arrays = {p: None if node.get(p) is None else build(node[p], ()) for p in _PARTS}
+            return QArray(
+                **arrays,
+                spec=specs[info["spec"]],
+                float_dtype=info["float_dtype"],
+                packed=info["packed"],
+                pad=info["pad"],
+            )
+        if isinstance(node, Mapping):
+            return {k: build(v, (*path, jax.tree_util.DictKey(k))) for k, v in node.items()}
+        if isinstance(node, (list, tuple)):
+            children = [build(v, (*path, jax.tree_util.SequenceKey(i))) for i, v in enumerate(node)]
+            return type(node)(children)
+        if node is None:
+            return None
+        return jax.ShapeDtypeStruct(tuple(node.shape), node.dtype, sharding=sharding)
+
+    return build(step.item_metadata.tree, ())
+
+
+# --------------------------------------------------------------------------- interop
+
+
+def orbax_to_safetensors(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    target: Any = None,
+    *,
+    batch_bytes: int = 64 * 2**20,
+) -> None:
+    """Writes the Orbax checkpoint ``src`` as one qjax ``.safetensors`` file ``dst``.
+
+    Streaming: arrays are read from the checkpoint a batch at a time, and dropped once
+    encoded (checksums, narrowed offsets) or written. Each is read twice, since the file's
+    header (its checksums) comes before the tensors. The file is what :func:`qjax.save`
+    writes for the restored tree (dict entries in key order, as JAX flattens them), and
+    :func:`qjax.load` reads it.
+
+    Args:
+      src: an Orbax checkpoint directory.
+      dst: the file to write, atomically (see :func:`qjax.save`).
+      target: the abstract tree (containers of dicts, lists, tuples); default
+        :func:`checkpoint_target` of ``src`` (a checkpoint written by :func:`save`).
+      batch_bytes: read about this many bytes per Orbax restore (at least one array):
+        the memory the conversion holds, beside the largest tensor.
+    """
+    src = os.path.abspath(src)
+    target = checkpoint_target(src) if target is None else target
+    target = jax.tree.map(lambda x: x, target, is_leaf=_is_qarray)  # dicts in key order
+    with _LeafReader(src, target, batch_bytes) as reader:
+        encoder = _StreamingEncoder(None)
+        tree = encoder.node(reader.lazy_tree(), ())
+        header = {"format": "qjax", "version": 2, "tree": tree, "specs": encoder.specs}
+        if encoder.channel_scales:
+            header["version"] = qio.FORMAT_VERSION
+        text = json.dumps(header, separators=(",", ":"), allow_nan=False)
+        items = [(name, t.shape, t.stored) for name, t in encoder.tensors.items()]
+        # The order write_safetensors writes in (by item size), for the reads ahead.
+        written = sorted(encoder.tensors.values(), key=lambda t: -t.stored.itemsize)
+        reader.order = [t.value.path for t in written if isinstance(t.value, _Lazy)]
+        write_safetensors(
+            dst,
+            items,
+            lambda name, dtype: encoder.tensors[name].read(),
+            {qio.METADATA_KEY: text, qio.CHECKSUM_KEY: qio._text_crc32(text)},
+        )
+
+
+def safetensors_to_orbax(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], *, force: bool = False
+) -> None:
+    """Writes the qjax ``.safetensors`` file ``src`` as the Orbax checkpoint ``dst``.
+
+    The file's tensors are memory-mapped, checked as :func:`qjax.load` checks them
+    (metadata checksum, shapes, dtypes, CRC-32 of each tensor, every QArray against its
+    spec) and handed to Orbax as NumPy arrays that it writes without copying them, about
+    1 GB at a time: the quantized weights are never copied into memory as a whole. The
+    checkpoint is the one :func:`save` writes; restore it with :func:`restore` (or
+    :func:`checkpoint_target` for the abstract tree).
+    """
+    src = os.fspath(src)
+    with safe_open(src, framework="numpy") as file:
+        decoder = _MappedDecoder(file, src)
+        try:
+            tree = decoder.checkpoint(file.metadata())
+        except qio._Invalid as e:
+            raise ValueError(qio._one_line(f"{src}: {e}")) from None
+    tree = jax.tree.map(np.asarray, tree)  # implied zero points: small jax arrays
+    handler = ocp.PyTreeCheckpointHandler(
+        type_handler_registry=ocp.type_handlers.create_type_handler_registry(
+            (np.ndarray, _OneAtATime()), (jax.Array, ocp.type_handlers.ArrayHandler())
+        ),
+    )
+    with ocp.Checkpointer(handler) as checkpointer:
+
+        def save_fn(path: str, item: Any, **kwargs: Any) -> None:
+            checkpointer.save(path, args=ocp.args.PyTreeSave(item), **kwargs)
+
+        _save_with(save_fn, dst, tree, force)
+
+
+class _OneAtATime(ocp.type_handlers.NumpyHandler):
+    """Orbax's NumPy handler, writing memory-mapped arrays as they are, one at a time."""
+
+    def __init__(self) -> None:
+        super().__init__(deepcopy_host_arrays=False)
+        self._lock: asyncio.Lock | None = None
+
+    async def _open_and_write(self, value: np.ndarray, tspec: Any, ts_context: Any) -> None:
+        self._lock = self._lock or asyncio.Lock()
+        async with self._lock:
+            await super()._open_and_write(value, tspec, ts_context)
+
+
+class _Lazy:
+    """One array of an Orbax checkpoint, read (as NumPy) only when asked for."""
+
+    def __init__(self, reader: _LeafReader, path: tuple, abstract: Any):
+        self.reader, self.path = reader, path
+        self.shape, self.dtype = tuple(abstract.shape), np.dtype(abstract.dtype)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        array = self.reader.read(self.path)
+        return array if dtype is None else array.astype(dtype)
+
+
+class _LeafReader:
+    """Reads the arrays of an Orbax checkpoint in batches, in the order they are asked for.
+
+    ``order`` lists the paths (``target``'s, flattened) in the order they will be read; a
+    read that misses reads the next ``batch_bytes`` of them (every other leaf a
+    placeholder); each array is handed out once, then dropped.
+    """
+
+    def __init__(self, path: str, target: Any, batch_bytes: int):
+        self.path, self.batch_bytes = path, batch_bytes
+        self.flat, self.treedef = jax.tree_util.tree_flatten_with_path(target)
+        self.nbytes = {p: math.prod(a.shape) * np.dtype(a.dtype).itemsize for p, a in self.flat}
+        self.order = [p for p, _ in self.flat]
+        self.cache: dict[tuple, np.ndarray] = {}
+        self.checkpointer = ocp.PyTreeCheckpointer()
+
+    def __enter__(self) -> _LeafReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.checkpointer.close()
+
+    def lazy_tree(self) -> Any:
+        leaves = [_Lazy(self, path, leaf) for path, leaf in self.flat]
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+    def read(self, path: tuple) -> np.ndarray:
+        if path not in self.cache:
+            self._fetch(path)
+        return self.cache.pop(path)
+
+    def _fetch(self, path: tuple) -> None:
+        ahead = self.order[self.order.index(path) :] if path in self.order else [path]
+        batch, size = set(), 0
+        for p in ahead:
+            if batch and size + self.nbytes[p] > self.batch_bytes:
+                break
+            batch.add(p)
+            size += self.nbytes[p]
+        leaves = [a if p in batch else ocp.PLACEHOLDER for p, a in self.flat]
+        item = jax.tree_util.tree_unflatten(self.treedef, leaves)
+        as_numpy = ocp.RestoreArgs(restore_type=np.ndarray)
+        restore_args = jax.tree.map(
+            lambda leaf: leaf if leaf is ocp.PLACEHOLDER else as_numpy, item
+        )
+        restored = self.checkpointer.restore(
+            self.path,
+            args=ocp.args.PyTreeRestore(item=parts(item), restore_args=parts(restore_args)),
+        )
+        restored = from_parts(restored, item)
+        for p, leaf in jax.tree_util.tree_flatten_with_path(restored)[0]:
+            if p in batch:
+                self.cache[p] = np.asarray(leaf)
+
+
+class _Pending:
+    """A tensor of the file being written: its stored shape and dtype, and how to read it."""
+
+    def __init__(self, value: Any, array: np.ndarray, stored: np.dtype):
+        self.shape, self.stored = array.shape, stored
+        self.value = value if isinstance(value, _Lazy) else array  # small: kept
+
+    def read(self) -> np.ndarray:
+        return np.ascontiguousarray(np.asarray(self.value)).view(self.stored)
+
+
+class _StreamingEncoder(qio._Encoder):
+    """:class:`qjax.io` 's encoder, keeping lazily read arrays unread until written."""
+
+    def node(self, node: Any, path: qio.Path) -> Any:
+        if isinstance(node, _Lazy):
+            encoded = self.tensor(qio._tensor_name(path), node)
+            return {"array": self.named_leaf(encoded, path)}
+        return super().node(node, path)
+
+    def tensor(self, name: str, value: Any) -> dict[str, Any]:
+        encoded = super().tensor(name, value)
+        stored = self.tensors[name]
+        self.tensors[name] = _Pending(value, stored, stored.dtype)
+        return encoded
+
+
+class _MappedDecoder(qio._Decoder):
+    """:class:`qjax.io` 's decoder, giving memory-mapped NumPy arrays instead of copies."""
+
+    def __init__(self, file: Any, path: str):
+        super().__init__(file, check_finite=True)
+        self.path = path
+        with open(path, "rb") as f:
+            header_bytes = int.from_bytes(f.read(8), "little")
+            self.layout = json.loads(f.read(header_bytes))
+        self.start = 8 + header_bytes
+
+    def tensor(self, name: str, info: dict[str, Any]) -> Any:
+        dtype = jax.numpy.dtype(info["dtype"])
+        stored = qio._storage_dtype(dtype, name)
+        entry = self.layout.get(name)
+        shape = tuple(info["shape"])
+        if name in self.used or entry is None:
+            raise qio._Invalid(f"tensor {name!r} is missing or described twice")
+        if (entry["dtype"], tuple(entry["shape"])) != (qio._NATIVE_DTYPES[stored.name], shape):
+            raise qio._Invalid(
+                f"tensor {name!r} does not match the qjax metadata: expected {dtype.name} "
+                f"{list(shape)}, the file holds {entry['dtype']} {entry['shape']}"
+            )
+        begin = self.start + entry["data_offsets"][0]
+        array = np.memmap(self.path, stored, "r", begin, shape) if math.prod(shape) else None
+        array = np.zeros(shape, stored) if array is None else array
+        if qio._crc32(array) != info["crc32"]:
+            raise qio._Invalid(f"tensor {name!r} is corrupted: its bytes fail the CRC-32 check")
+        array = array.view(dtype)
+        if jax.numpy.issubdtype(dtype, jax.numpy.floating):
+            bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+            if bad:
+                raise qio._Invalid(f"tensor {name!r} holds {bad} non-finite value(s)")
+        self.used.add(name)
+        return array
