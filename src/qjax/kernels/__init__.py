@@ -1,0 +1,43 @@
+"""Matmuls with quantized weights: ``y = x @ W`` for a :class:`~qjax.QArray` ``W`` [in, out].
+
+One entry point, :func:`matmul`, with named paths that can be chosen and tested one by
+one, and ``path="auto"``, which picks the fastest that can run the weight and activation
+specs (:func:`choose_path`). Each path computes the same product, its own way:
+
+* ``"dequant"``: the reference, ``x @ W.dequantize()``: the whole float32 weight is
+  materialised, then one float dot.
+* ``"dequant_chunked"``: the same weight-only product, dequantized a chunk of input rows
+  at a time inside a ``lax.scan`` (about :data:`CHUNK_BYTES` of float32 per chunk, so it
+  stays in cache), each chunk's partial product accumulated in float32. A packed weight
+  is unpacked by position in its bytes (:func:`qjax.packing.unpack_planes`): one dot per
+  plane of output columns ``i::per``, so the unpacking is a few shifts per byte with no
+  interleaving, and the planes' results are interleaved at the end (``[rows, out]``,
+  small). Where a chunk shares one scale per output column (formulation ``"scale"``,
+  scales per channel or per block of input rows), the chunk's codes enter the dot as
+  they are and the scale multiplies the partial product: ``(x @ q) * s``. XLA:CPU
+  neither fuses a conversion into a dot nor loops fast over interleaved nibbles, and
+  writing a whole float32 weight costs more than the dot that reads it.
+* ``"int8_dot"``: W8A8 and W4A8. The activation is quantized per token (or per tensor)
+  with :func:`qjax.quantize` (or comes quantized: ``x`` may be a QArray), the weight's
+  codes (int8, or int4 / int2 planes unpacked to int8 inside the computation) enter
+  int8 x int8 -> int32 ``lax.dot_general`` calls, and the int32 sums are rescaled by
+  activation scale x weight scale. Weight scales that vary along the contraction
+  (``per_block(-2, B)``) split it into blocks, one ``lax.scan`` step each: an int32
+  partial sum per block, scaled by that block's weight scales, summed in float32. Up to
+  :data:`DECODE_ROWS` rows, a weight with one scale along the contraction is contracted a
+  chunk at a time too (XLA:CPU would otherwise convert the whole weight to int32 for a
+  matrix-vector product); the int32 sum is exact, so the result is the same.
+
+A weight's ``channel_scale`` ([in, 1], from AWQ / SmoothQuant) multiplies ``x`` first
+(``x * channel_scale[:, 0]`` in float32, rounded to ``x``'s dtype), as serving does; the
+rest of the weight is read without it. The result has ``x``'s dtype.
+"""
+
+from qjax.kernels._matmul import CHUNK_BYTES as CHUNK_BYTES
+from qjax.kernels._matmul import DECODE_ROWS as DECODE_ROWS
+from qjax.kernels._matmul import PATHS as PATHS
+from qjax.kernels._matmul import choose_path as choose_path
+from qjax.kernels._matmul import matmul as matmul
+from qjax.kernels._matmul import why_not as why_not
+
+__all__ = ["CHUNK_BYTES", "DECODE_ROWS", "PATHS", "choose_path", "matmul", "why_not"]

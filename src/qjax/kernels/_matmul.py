@@ -1,0 +1,460 @@
+"""The paths of :func:`qjax.kernels.matmul` (see the package notes)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from qjax import granularity as gran
+from qjax import packing
+from qjax.affine import dequantize_blocks
+from qjax.exact import unfused
+from qjax.ops import fake_quant, quantize
+from qjax.qarray import QArray
+from qjax.qparams import QParams
+from qjax.spec import QuantSpec, SpecLike, as_spec
+
+__all__ = ["CHUNK_BYTES", "DECODE_ROWS", "PATHS", "choose_path", "matmul", "why_not"]
+
+Path = Literal["auto", "dequant", "dequant_chunked", "int8_dot"]
+
+PATHS = ("auto", "dequant", "dequant_chunked", "int8_dot")
+"""The values ``path`` takes: ``"auto"`` and the named paths (see :mod:`qjax.kernels`)."""
+
+DECODE_ROWS = 8
+"""Up to this many rows of ``x`` (tokens), ``"int8_dot"`` contracts a chunk of the weight
+at a time (see :func:`_int_sums`)."""
+
+CHUNK_BYTES = 1 << 21
+"""Float32 bytes of one dequantized chunk of the weight on ``"dequant_chunked"`` (more
+for many rows of ``x``: see :func:`_chunk_rows`)."""
+
+
+def matmul(
+    x: jax.typing.ArrayLike,
+    w: QArray,
+    *,
+    activation: SpecLike | None = None,
+    path: Path = "auto",
+) -> jax.Array:
+    """``x @ w`` for a quantized weight ``w`` of shape [in, out] (a Flax Dense kernel).
+
+    Args:
+      x: floating-point array ``[..., in]``, or one already quantized (a QArray, e.g.
+        from ``qjax.quantize(x, QuantSpec("int8", granularity=per_token()))``): its codes
+        then enter the integer dot as they are (``activation`` must be None).
+      w: a 2-D :class:`~qjax.QArray`, any spec; packed int4 stays packed in memory and is
+        unpacked inside the computation.
+      activation: None (weight-only: ``x`` enters as it is), or the spec ``x`` is quantized
+        with, per token (dynamic), inside the computation, e.g.
+        ``QuantSpec("int8", granularity=per_token())``.
+      path: ``"auto"`` (default: :func:`choose_path`), or a named path: ``"dequant"``,
+        ``"dequant_chunked"``, ``"int8_dot"`` (see :mod:`qjax.kernels`). On the
+        float paths a given ``activation`` is applied with :func:`qjax.fake_quant`.
+
+    Returns:
+      ``[..., out]`` in ``x``'s dtype. The integer path is exact up to its final rescale;
+      the float paths round as float32 dots do (``"dequant_chunked"`` sums in another
+      order than ``"dequant"``).
+
+    Raises:
+      TypeError: ``x`` is no floating-point array or ``w`` no QArray.
+      ValueError: shapes that do not fit, an unknown path, or a path that cannot run the
+        weight or activation spec (the message names both and why).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, qjax
+      >>> from qjax import kernels
+      >>> w = qjax.quantize(jax.random.normal(jax.random.key(0), (64, 48)),
+      ...                   qjax.QuantSpec("int4", granularity=qjax.per_block(-2, 32)))
+      >>> x = jax.random.normal(jax.random.key(1), (3, 64))
+      >>> act = qjax.QuantSpec("int8", granularity=qjax.per_token())
+      >>> y = kernels.matmul(x, w, activation=act)  # W4A8: one int8 dot, int32 partial sums
+      >>> y.shape, y.dtype, kernels.choose_path(w, act)
+      ((3, 48), dtype('float32'), 'int8_dot')
+      >>> ref = kernels.matmul(x, w, path="dequant")
+      >>> bool(jnp.allclose(kernels.matmul(x, w, path="dequant_chunked"), ref, atol=1e-4))
+      True
+      >>> kernels.matmul(x, qjax.quantize(w.dequantize(), "uint8:asymmetric"),
+      ...                activation=act, path="int8_dot")
+      Traceback (most recent call last):
+        ...
+      ValueError: path 'int8_dot' cannot run weight spec uint8:asymmetric:zero_point:per_tensor ...
+    """
+    if isinstance(x, QArray):
+        if activation is not None:
+            raise ValueError(
+                f"matmul: x is already quantized (a QArray, spec {x.spec}); pass activation=None"
+            )
+        if w.channel_scale is not None:
+            raise ValueError(
+                "matmul: w has channel scales, which multiply x before it is quantized; "
+                "quantize x * w.channel_scale[:, 0] and pass w without them "
+                "(dataclasses.replace(w, channel_scale=None)), or pass x unquantized"
+            )
+        activation = x.spec
+    else:
+        x = _float_input(x)
+    _check_weight(w, x.shape)
+    act = None if activation is None else as_spec(activation, "activation")
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    if path == "auto":
+        path = choose_path(w, act)
+    else:
+        reason = why_not(path, w, act)
+        if reason is not None:
+            raise ValueError(
+                f"path {path!r} cannot run weight spec {w.spec}"
+                + (f" with activation spec {act}" if act is not None else "")
+                + f": {reason}"
+            )
+    if isinstance(x, QArray):
+        return _matmul_quantized(x, w, path)
+    return _matmul(x, w, act, path)
+
+
+def why_not(path: Path, w: QArray, activation: QuantSpec | None = None) -> str | None:
+    """Why ``path`` cannot run weight ``w`` with ``activation`` (a QuantSpec or None), or
+    None where it can. ``"auto"`` always can.
+
+    Examples:
+      >>> import jax.numpy as jnp, qjax
+      >>> from qjax import kernels
+      >>> w = qjax.quantize(jnp.ones((32, 16)), "float8_e4m3fn")
+      >>> kernels.why_not("int8_dot", w, qjax.QuantSpec("int8", granularity=qjax.per_token()))
+      "the weight spec is not a signed integer of at most 8 bits with formulation 'scale' ..."
+    """
+    if path in ("auto", "dequant", "dequant_chunked"):
+        return None
+    if path != "int8_dot":
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    if activation is None:
+        return (
+            "an integer dot quantizes the activation: pass activation=, e.g. "
+            "QuantSpec('int8', granularity=per_token())"
+        )
+    for what, spec in (("weight", w.spec), ("activation", activation)):
+        target = spec.target
+        if spec.is_float or not target.is_signed or target.bits > 8 or spec.formulation != "scale":
+            return (
+                f"the {what} spec is not a signed integer of at most 8 bits with formulation "
+                "'scale' (zero point 0): use e.g. 'int8' or 'int4', scheme 'symmetric' or "
+                "'symmetric_with_clipping', or path='dequant'"
+            )
+    if activation.granularity.kind not in ("per_token", "per_tensor"):
+        return (
+            f"the activation scales ({activation.granularity}) would vary along the "
+            "contracted axis; use per_token() or per_tensor()"
+        )
+    return None
+
+
+def choose_path(w: QArray, activation: QuantSpec | None = None) -> str:
+    """The path ``path="auto"`` takes: the fastest on XLA:CPU that can run the specs.
+
+    ``"int8_dot"`` where :func:`why_not` allows it (an activation spec with integer codes
+    on both sides), else ``"dequant_chunked"``: measured with
+    ``benchmarks/bench_matmul.py``, at least as fast as ``"dequant"`` at decode and
+    prefill shapes, far faster at decode, and it never holds the whole float32 weight.
+
+    Examples:
+      >>> import jax.numpy as jnp, qjax
+      >>> from qjax import kernels
+      >>> w = qjax.quantize(jnp.ones((64, 32)), "int4:per_block:32")
+      >>> act = qjax.QuantSpec("int8", granularity=qjax.per_token())
+      >>> kernels.choose_path(w), kernels.choose_path(w, act)
+      ('dequant_chunked', 'int8_dot')
+    """
+    if activation is not None and why_not("int8_dot", w, activation) is None:
+        return "int8_dot"
+    return "dequant_chunked"
+
+
+def _float_input(x: jax.typing.ArrayLike) -> jax.Array:
+    try:
+        x = jnp.asarray(x)
+    except TypeError:
+        raise TypeError(
+            f"matmul: x must be a floating-point array, got {type(x).__name__}"
+        ) from None
+    if not jnp.issubdtype(x.dtype, jnp.floating) or x.ndim < 1:
+        raise TypeError(
+            f"matmul: x must be a floating-point array with at least one axis, got dtype "
+            f"{x.dtype} and shape {x.shape}"
+        )
+    return x
+
+
+def _check_weight(w: QArray, x_shape: tuple[int, ...]) -> None:
+    if not isinstance(w, QArray):
+        raise TypeError(f"matmul: w must be a qjax.QArray (qjax.quantize), got {type(w).__name__}")
+    if w.ndim != 2:
+        raise ValueError(
+            f"matmul: w must be 2-D [in, out] (a Dense kernel), got shape {w.shape}; vmap "
+            "over stacked layers, or reshape the weight"
+        )
+    if x_shape[-1] != w.shape[0]:
+        raise ValueError(
+            f"matmul: x's last axis ({x_shape[-1]}, shape {x_shape}) must equal w's input "
+            f"axis ({w.shape[0]}, shape {w.shape})"
+        )
+    cs = w.channel_scale
+    if cs is not None and tuple(cs.shape) not in ((w.shape[0], 1), (1, 1)):
+        raise ValueError(
+            f"matmul: w.channel_scale has shape {tuple(cs.shape)}; it must hold one "
+            f"multiplier per input channel, shape ({w.shape[0]}, 1), which scales x"
+        )
+
+
+@functools.partial(jax.jit, static_argnames=("act", "path"))
+def _matmul(x: jax.Array, w: QArray, act: QuantSpec | None, path: str) -> jax.Array:
+    if w.channel_scale is not None:
+        m = w.channel_scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
+        x = (x.astype(jnp.float32) * m).astype(x.dtype)
+        w = dataclasses.replace(w, channel_scale=None)
+    if path == "int8_dot":
+        return _matmul_quantized(quantize(x, act, packed=False), w, path)
+    if act is not None:
+        x = fake_quant(x, act)
+    if path == "dequant":
+        return jnp.matmul(x, w.dequantize().astype(x.dtype))
+    out = _dequant_chunked(x.reshape(-1, w.shape[0]), w)
+    return out.astype(x.dtype).reshape(*x.shape[:-1], w.shape[1])
+
+
+@functools.partial(jax.jit, static_argnames="path")
+def _matmul_quantized(xq: QArray, w: QArray, path: str) -> jax.Array:
+    """The product for an activation already quantized (``w`` has no channel scale)."""
+    if path != "int8_dot":
+        return _matmul(xq.dequantize(), w, None, path)
+    k, n = w.shape
+    codes = xq.values.astype(jnp.int8).reshape(-1, k)
+    scale = xq.scale.astype(jnp.float32).reshape(-1, 1)  # per token, or one per tensor
+    out = _int8_dot(codes, scale, w)
+    return out.astype(xq.float_dtype).reshape(*xq.shape[:-1], n)
+
+
+class _Planes(NamedTuple):
+    """A weight as ``per`` planes: plane ``i`` holds output columns ``i::per``.
+
+    A packed weight splits into the values at each position of its bytes
+    (:func:`qjax.packing.unpack_planes`): one dot per plane, and no interleaved
+    unpacking. Other weights are one plane, their stored values.
+    """
+
+    per: int
+    scales: tuple[jax.Array, ...]
+    offsets: tuple[jax.Array | None, ...]
+
+    @classmethod
+    def of(cls, w: QArray) -> _Planes:
+        n = w.shape[1]
+        per = w.spec.target.packs if w.packed and w.pad == 0 else 1
+        if per > 1 and _plane_param(w.scale, n, per, 0) is None:
+            per = 1  # scale blocks that straddle the planes' columns: unpack as a whole
+        params = [
+            (_plane_param(w.scale, n, per, i), _plane_param(w.offset, n, per, i))
+            for i in range(per)
+        ]
+        return cls(per, *(tuple(p) for p in zip(*params)))
+
+    def values(self, data: jax.Array, w: QArray) -> list[jax.Array]:
+        """The values of each plane of ``data`` (rows of ``w.data``): int32 codes or the
+        stored integers (integer targets), exact float32 values (float targets)."""
+        target = w.spec.target
+        signed = target.is_signed and not target.is_float
+        if self.per > 1:
+            codes = packing.unpack_planes(data, target.bits, signed=signed)
+        elif w.packed:
+            codes = [packing.unpack(data, target.bits, signed=signed, pad=w.pad)]
+        elif target.is_float:  # float8 values as their bytes (see _bytes)
+            codes = [data.astype(jnp.int32)]
+        else:
+            return [data]
+        if target.is_float:
+            return [packing.float_values(c, target) for c in codes]
+        return codes
+
+
+def _dequantize(
+    values: jax.Array, scale: jax.Array, offset: jax.Array | None, spec: QuantSpec
+) -> jax.Array:
+    """Plane values (:meth:`_Planes.values`) dequantized blockwise by the core's formula
+    (as :meth:`qjax.QArray.dequantize`), in float32."""
+    shape = values.shape
+    layout = gran.BlockLayout.of(shape, tuple(d // p for d, p in zip(shape, scale.shape)))
+    qp = QParams(
+        scale,
+        offset if spec.formulation == "zero_point" else None,
+        offset if spec.formulation == "minval" else None,
+    )
+    qp = jax.tree.map(layout.expand, qp)
+    return dequantize_blocks(layout.blockify(values), qp, spec, jnp.float32).reshape(shape)
+
+
+def _plane_param(param: jax.Array | None, n: int, per: int, i: int) -> jax.Array | None:
+    """The scales (or offsets) of plane ``i`` of ``per``: the same blocks where each spans
+    whole groups of ``per`` columns, every ``per``-th column where each covers one; None
+    for blocks that straddle (or for no param)."""
+    if param is None or per == 1:
+        return param
+    group = n // param.shape[1]
+    if group % per == 0:
+        return param
+    if group == 1:
+        return param[:, i::per]
+    return None
+
+
+def _interleave(planes: list[jax.Array]) -> jax.Array:
+    """``[rows, n / per]`` results of each plane as the ``[rows, n]`` result."""
+    if len(planes) == 1:
+        return planes[0]
+    return jnp.stack(planes, axis=-1).reshape(planes[0].shape[0], -1)
+
+
+def _chunks(leaf: jax.Array | None, count: int) -> jax.Array | None:
+    """Rows of ``leaf`` split into ``count`` chunks along a new leading axis."""
+    return None if leaf is None else leaf.reshape(count, -1, leaf.shape[-1])
+
+
+def _dequant_chunked(x: jax.Array, w: QArray) -> jax.Array:
+    """``x @ w.dequantize()`` for ``x`` [m, k], dequantized a chunk of rows at a time.
+
+    Where the chunk's values all share one scale per output column (formulation
+    ``"scale"``, one scale block of rows per chunk, or one for all rows), the scale
+    multiplies the chunk's partial product instead of each weight: ``(x @ q) * s``, one
+    multiply per output rather than per weight, and the same up to float rounding.
+    """
+    k, n = w.shape
+    planes = _Planes.of(w)
+    blocks = w.scale.shape[0]  # scale rows: the chunks hold whole ones, or share the one
+    rows = _chunk_rows(k, n, k // blocks if blocks > 1 else 1, x.shape[0])
+    count = k // rows
+    xs = x.reshape(-1, count, rows).transpose(1, 0, 2)
+    spec = w.spec
+    factored = spec.formulation == "scale" and not spec.power_of_two_scale
+    factored = factored and (blocks == 1 or rows * blocks == k)
+    width = n // planes.per
+
+    def params(leaves: tuple) -> tuple:
+        if blocks == 1:
+            return (None,) * len(leaves)
+        return tuple(_chunks(_bytes(p), count) for p in leaves)
+
+    def step(acc: tuple, chunk: tuple) -> tuple[tuple, None]:
+        xc, data, scales, offsets = chunk
+        scales = [
+            s if c is None else jax.lax.bitcast_convert_type(c, s.dtype)
+            for s, c in zip(planes.scales, scales)
+        ]
+        offsets = [o if c is None else c for o, c in zip(planes.offsets, offsets)]
+        out = []
+        for a, values, scale, offset in zip(
+            acc, planes.values(data, w), scales, offsets, strict=True
+        ):
+            if factored:
+                part = jnp.matmul(xc, values.astype(x.dtype), preferred_element_type=jnp.float32)
+                if blocks > 1:
+                    part = part * _columns(scale, width)
+            else:
+                wc = _dequantize(values, scale, offset, w.spec).astype(x.dtype)
+                part = jnp.matmul(xc, wc, preferred_element_type=jnp.float32)
+            out.append(a + part)
+        return tuple(out), None
+
+    init = tuple(jnp.zeros((x.shape[0], width), jnp.float32) for _ in range(planes.per))
+    chunks = (xs, _chunks(_bytes(w.data), count), params(planes.scales), params(planes.offsets))
+    acc, _ = jax.lax.scan(step, init, chunks)
+    if factored and blocks == 1:
+        acc = [a * _columns(s, width) for a, s in zip(acc, planes.scales)]
+    return _interleave(list(acc))
+
+
+def _columns(scale: jax.Array, width: int) -> jax.Array:
+    """Scales ``[r, c]`` as float32, each repeated along its columns: ``[r, width]``."""
+    scale = scale.astype(jnp.float32)
+    return jnp.repeat(scale, width // scale.shape[1], axis=1)
+
+
+def _bytes(leaf: jax.Array | None) -> jax.Array | None:
+    """A float8 array (values, e8m0 scales) as its uint8 bytes, else as it is: XLA:CPU
+    slices float8 arrays inside a loop many times slower than bytes."""
+    if leaf is None or leaf.dtype.itemsize != 1 or not jnp.issubdtype(leaf.dtype, jnp.floating):
+        return leaf
+    return jax.lax.bitcast_convert_type(leaf, jnp.uint8)
+
+
+def _chunk_rows(k: int, n: int, unit: int, m: int) -> int:
+    """Rows per chunk: the most that are a multiple of ``unit``, divide ``k`` and are at
+    most the larger of :data:`CHUNK_BYTES` of float32 and ``m`` rows (at least ``unit``).
+
+    Each chunk adds its partial product to the float32 ``[m, n]`` sum: chunks of at least
+    ``m`` rows keep those additions a small part of the dot's work.
+    """
+    limit = max(CHUNK_BYTES // (4 * n), m, unit)
+    return max(r for r in range(unit, k + 1, unit) if k % r == 0 and r <= limit)
+
+
+def _int8_dot(x8: jax.Array, sa: jax.Array, w: QArray) -> jax.Array:
+    """int8 codes ``x8`` [m, k] with scales ``sa`` [m or 1, 1] times ``w``: int8 x int8 ->
+    int32 dots, one per plane of the weight and block of the contraction, each int32 sum
+    rescaled."""
+    k, n = w.shape
+    planes = _Planes.of(w)
+    width = n // planes.per
+    sw = [_columns(s, width) for s in planes.scales]
+    blocks = w.scale.shape[0]
+
+    def sums(xc: jax.Array, data: jax.Array) -> list[jax.Array]:
+        """Per plane: the int32 dot over one block of the contraction, as float32."""
+        return [_int_dot(xc, v).astype(jnp.float32) for v in planes.values(data, w)]
+
+    if blocks == 1:  # one scale along the contraction: as serving's integer dot rescales
+        return _interleave([unfused(a * (sa * s)) for a, s in zip(_int_sums(x8, w), sw)])
+    xs = x8.reshape(-1, blocks, k // blocks).transpose(1, 0, 2)
+
+    def step(acc: tuple, chunk: tuple) -> tuple[tuple, None]:
+        xc, data, *scales = chunk
+        parts = [unfused(a * s.reshape(1, -1)) for a, s in zip(sums(xc, data), scales)]
+        return tuple(a + p for a, p in zip(acc, parts, strict=True)), None
+
+    init = tuple(jnp.zeros((x8.shape[0], width), jnp.float32) for _ in range(planes.per))
+    acc, _ = jax.lax.scan(step, init, (xs, _chunks(w.data, blocks), *sw))
+    return _interleave([unfused(a * sa) for a in acc])
+
+
+def _int_dot(x8: jax.Array, values: jax.Array) -> jax.Array:
+    """int8 x int8 -> int32 ``x8 @ values`` (weight values of any integer type)."""
+    dims = (((1,), (0,)), ((), ()))
+    return jax.lax.dot_general(x8, values.astype(jnp.int8), dims, preferred_element_type=jnp.int32)
+
+
+def _int_sums(x8: jax.Array, w: QArray) -> list[jax.Array]:
+    """The int32 sums of ``x8 @ plane`` over the whole contraction, as float32, per plane.
+
+    Up to :data:`DECODE_ROWS` rows, XLA:CPU turns an int8 dot into an int32 one over a
+    converted copy of the whole weight; there the contraction runs a chunk of rows at a
+    time (the int32 sum is exact, so the result is the same) and only a chunk is
+    converted.
+    """
+    planes = _Planes.of(w)
+    k, n = w.shape
+    if x8.shape[0] > DECODE_ROWS:
+        return [_int_dot(x8, v).astype(jnp.float32) for v in planes.values(w.data, w)]
+    count = k // _chunk_rows(k, n, 1, x8.shape[0])
+    xs = x8.reshape(-1, count, k // count).transpose(1, 0, 2)
+
+    def step(acc: tuple, chunk: tuple) -> tuple[tuple, None]:
+        xc, data = chunk
+        parts = [_int_dot(xc, v) for v in planes.values(data, w)]
+        return tuple(a + p for a, p in zip(acc, parts, strict=True)), None
+
+    init = tuple(jnp.zeros((x8.shape[0], n // planes.per), jnp.int32) for _ in range(planes.per))
+    acc, _ = jax.lax.scan(step, init, (xs, _chunks(w.data, count)))
+    return [a.astype(jnp.float32) for a in acc]

@@ -1,0 +1,330 @@
+"""qjax.kernels.matmul: every path against dequantize-then-dot computed in NumPy float64.
+
+The reference reads the stored bytes and scales and computes everything else in NumPy:
+nibbles unpacked by hand, float4/float8 codes through ml_dtypes, e8m0 scales from their
+exponent bits. The integer path is checked against the exact int64 product of the codes
+(the activation's from qjax.quantize, which the path must use), rescaled in float64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import qjax
+from qjax import kernels, packing
+from qjax.kernels import _matmul as kernel_module
+
+ACT = qjax.QuantSpec("int8", granularity=qjax.per_token())
+K, N, BLOCK = 96, 40, 32  # not powers of two; K holds three blocks
+
+WEIGHT_SPECS = {
+    "int8-channel": (qjax.QuantSpec("int8", granularity=qjax.per_channel(-1)), (K, N)),
+    "int4-block": (qjax.QuantSpec("int4", granularity=qjax.per_block(-2, BLOCK)), (K, N)),
+    "int4-channel": (qjax.QuantSpec("int4", granularity=qjax.per_channel(-1)), (K, N)),
+    "int2-block": (qjax.QuantSpec("int2", granularity=qjax.per_block(-2, BLOCK)), (K, N)),
+    "uint4-asym-block": (
+        qjax.QuantSpec("uint4", scheme="asymmetric", granularity=qjax.per_block(-2, BLOCK)),
+        (K, N),
+    ),
+    "float8-channel": (
+        qjax.QuantSpec("float8_e4m3fn", granularity=qjax.per_channel(-1)),
+        (K, N),
+    ),
+    "mxfp4": (qjax.QuantSpec("mxfp4"), (48, 96)),
+    # Scale blocks of 5 output columns straddle the two nibbles of a byte, and an odd
+    # width needs a padding nibble: both unpack whole instead of by position in the byte.
+    "int4-straddle": (qjax.QuantSpec("int4", granularity=(BLOCK, 5)), (K, N)),
+    "int4-odd-width": (qjax.QuantSpec("int4", granularity=qjax.per_channel(-1)), (K, 39)),
+}
+INTEGER_SPECS = (
+    "int8-channel",
+    "int4-block",
+    "int4-channel",
+    "int2-block",
+    "int4-straddle",
+    "int4-odd-width",
+)
+ROWS = (1, 3, 17)  # up to and past kernels.DECODE_ROWS
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    """Chunks of one scale block (or one row) so the scans run several steps."""
+    monkeypatch.setattr(kernel_module, "CHUNK_BYTES", 1)
+    kernel_module._matmul.clear_cache()
+    kernel_module._matmul_quantized.clear_cache()
+    yield
+    kernel_module._matmul.clear_cache()
+    kernel_module._matmul_quantized.clear_cache()
+
+
+def _weight(name: str, seed: int = 0) -> qjax.QArray:
+    spec, shape = WEIGHT_SPECS[name]
+    w = jax.random.normal(jax.random.key(seed), shape) / np.sqrt(shape[0])
+    return qjax.quantize(w, spec)
+
+
+def _x(rows: int, k: int, seed: int = 1) -> jax.Array:
+    return jax.random.normal(jax.random.key(seed), (rows, k))
+
+
+def _codes(qa: qjax.QArray) -> np.ndarray:
+    """The stored values as int64 (integers) or float64 (float targets), from the bytes."""
+    target = qa.spec.target
+    data = np.asarray(qa.data)
+    if qa.packed:
+        per = 8 // target.bits
+        fields = [
+            (data.astype(np.int64) >> (target.bits * i)) & ((1 << target.bits) - 1)
+            for i in range(per)
+        ]
+        data = np.stack(fields, axis=-1).reshape(*data.shape[:-1], -1)[..., : qa.shape[-1]]
+        if target.is_float:
+            return data.astype(np.uint8).view(ml_dtypes.float4_e2m1fn).astype(np.float64)
+        if target.is_signed:
+            data = np.where(data >= 1 << (target.bits - 1), data - (1 << target.bits), data)
+        return data
+    if target.is_float:
+        return data.astype(np.float64)
+    return data.astype(np.int64)
+
+
+def _expanded(param: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    return np.repeat(np.repeat(param, shape[0] // param.shape[0], 0), shape[1] // param.shape[1], 1)
+
+
+def _scale(qa: qjax.QArray) -> np.ndarray:
+    scale = np.asarray(qa.scale)
+    if qa.spec.scale_dtype == "float8_e8m0fnu":
+        scale = np.ldexp(1.0, scale.view(np.uint8).astype(np.int64) - 127)
+    return _expanded(scale.astype(np.float64), qa.shape)
+
+
+def _reference_weight(qa: qjax.QArray) -> np.ndarray:
+    """Dequantized in float64 from the stored codes, scales and zero points."""
+    codes = _codes(qa)
+    if qa.offset is not None:  # zero points
+        codes = codes - _expanded(np.asarray(qa.offset, np.int64), qa.shape)
+    return codes * _scale(qa)
+
+
+def _close(y: jax.Array, ref: np.ndarray, x: np.ndarray, w: np.ndarray, rtol: float) -> None:
+    """Within ``rtol`` of the sum of magnitudes each output adds up (float32 dots)."""
+    bound = rtol * (np.abs(x) @ np.abs(w)) + 1e-30
+    err = np.abs(np.asarray(y, np.float64) - ref)
+    assert np.all(err <= bound), f"max error / bound {np.max(err / bound):.3g}"
+
+
+@pytest.mark.parametrize("name", WEIGHT_SPECS)
+@pytest.mark.parametrize("path", ["dequant", "dequant_chunked"])
+def test_weight_only_paths_match_float64_reference(name, path):
+    w = _weight(name)
+    ref_w = _reference_weight(w)
+    fn = jax.jit(lambda x, w: kernels.matmul(x, w, path=path))
+    for rows in ROWS:
+        x = _x(rows, w.shape[0])
+        x64 = np.asarray(x, np.float64)
+        _close(fn(x, w), x64 @ ref_w, x64, ref_w, rtol=1e-5)
+
+
+def test_chunked_with_default_chunks_equals_small_chunks_closely(monkeypatch):
+    w, x = _weight("int4-block"), _x(3, K)
+    small = kernels.matmul(x, w, path="dequant_chunked")
+    monkeypatch.setattr(kernel_module, "CHUNK_BYTES", 1 << 20)
+    kernel_module._matmul.clear_cache()
+    whole = kernels.matmul(x, w, path="dequant_chunked")
+    ref_w = _reference_weight(w)
+    x64 = np.asarray(x, np.float64)
+    _close(whole, x64 @ ref_w, x64, ref_w, rtol=1e-5)
+    np.testing.assert_allclose(small, whole, rtol=1e-5, atol=1e-5)
+
+
+def _integer_reference(x: jax.Array, w: qjax.QArray) -> np.ndarray:
+    """Exact int64 sums per block of the contraction, rescaled in float64."""
+    xq = qjax.quantize(x, ACT)
+    xc = np.asarray(xq.data, np.int64)
+    sa = np.asarray(xq.scale, np.float64)  # [rows, 1]
+    wc = _codes(w)
+    blocks = w.scale.shape[0]
+    sw = np.repeat(np.asarray(w.scale, np.float64), w.shape[1] // w.scale.shape[1], 1)
+    step = w.shape[0] // blocks
+    total = sum(
+        (xc[:, b * step : (b + 1) * step] @ wc[b * step : (b + 1) * step]).astype(np.float64)
+        * sw[b]
+        for b in range(blocks)
+    )
+    return total * sa
+
+
+@pytest.mark.parametrize("name", INTEGER_SPECS)
+def test_int8_dot_equals_exact_integer_product_rescaled(name):
+    w = _weight(name)
+    dynamic = jax.jit(lambda x, w: kernels.matmul(x, w, activation=ACT, path="int8_dot"))
+    pre = jax.jit(lambda xq, w: kernels.matmul(xq, w, path="int8_dot"))
+    for rows in ROWS:
+        x = _x(rows, w.shape[0])
+        ref = _integer_reference(x, w)
+        y = dynamic(x, w)
+        np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=2e-6, atol=1e-6)
+        # Pre-quantized codes give the same bits.
+        np.testing.assert_array_equal(pre(qjax.quantize(x, ACT), w), y)
+
+
+@pytest.mark.parametrize("name", ["int8-channel", "int4-block"])
+def test_int8_dot_hlo_has_an_integer_dot(name):
+    w, x = _weight(name), _x(17, K)
+    text = jax.jit(lambda x, w: kernels.matmul(x, w, activation=ACT, path="int8_dot"))
+    text = text.lower(x, w).as_text()
+    integer_dot = r"dot_general.*\(tensor<[0-9x]*xi8>, tensor<[0-9x]*xi8>\) -> tensor<[0-9x]*xi32>"
+    assert re.search(integer_dot, text), text[-2000:]
+    float_text = jax.jit(lambda x, w: kernels.matmul(x, w, path="dequant")).lower(x, w).as_text()
+    assert not re.search(integer_dot, float_text)
+
+
+def test_auto_takes_the_integer_path_and_weight_only_paths():
+    w = _weight("int4-block")
+    assert kernels.choose_path(w, ACT) == "int8_dot"
+    assert kernels.choose_path(w) == "dequant_chunked"
+    float8 = _weight("float8-channel")
+    assert kernels.choose_path(float8, ACT) == "dequant_chunked"  # no integer codes
+    x = _x(3, K)
+    np.testing.assert_array_equal(
+        kernels.matmul(x, w, activation=ACT), kernels.matmul(x, w, activation=ACT, path="int8_dot")
+    )
+
+
+def test_float_paths_fake_quantize_the_activation():
+    w, x = _weight("float8-channel"), _x(3, K)
+    ref_w = _reference_weight(w)
+    xq = np.asarray(qjax.fake_quant(x, ACT), np.float64)
+    for path in ("dequant", "dequant_chunked"):
+        _close(kernels.matmul(x, w, activation=ACT, path=path), xq @ ref_w, xq, ref_w, 1e-5)
+
+
+@pytest.mark.parametrize("path", ["dequant", "dequant_chunked", "int8_dot"])
+def test_vmap_over_inputs_and_stacked_weights(path):
+    act = ACT if path == "int8_dot" else None
+    ws = jax.vmap(
+        lambda s: qjax.quantize(
+            jax.random.normal(jax.random.key(s), (K, N)), WEIGHT_SPECS["int4-block"][0]
+        )
+    )(jnp.arange(2))
+    xs = jax.random.normal(jax.random.key(5), (2, 3, K))
+    mm = lambda x, w: kernels.matmul(x, w, activation=act, path=path)  # noqa: E731
+    batched = jax.jit(jax.vmap(mm))(xs, ws)
+    for i in range(2):
+        w_i = jax.tree.map(lambda leaf, i=i: leaf[i], ws)
+        np.testing.assert_allclose(batched[i], mm(xs[i], w_i), rtol=1e-6, atol=1e-6)
+    # Leading axes of x are rows: [2, 3, K] against one weight.
+    w0 = jax.tree.map(lambda leaf: leaf[0], ws)
+    np.testing.assert_allclose(mm(xs, w0), jax.vmap(lambda x: mm(x, w0))(xs), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["dequant", "dequant_chunked", "int8_dot"])
+def test_channel_scale_multiplies_the_input(path):
+    w = _weight("int4-block")
+    m = jnp.linspace(0.5, 2.0, K).reshape(K, 1)
+    scaled = dataclasses.replace(w, channel_scale=m)
+    x = _x(3, K)
+    act = ACT if path == "int8_dot" else None
+    x_scaled = x * m.reshape(1, K)
+    np.testing.assert_array_equal(
+        kernels.matmul(x, scaled, activation=act, path=path),
+        kernels.matmul(x_scaled, w, activation=act, path=path),
+    )
+    ref_w = _reference_weight(w)
+    x64 = np.asarray(x_scaled, np.float64)
+    if act is None:
+        _close(kernels.matmul(x, scaled, path=path), x64 @ ref_w, x64, ref_w, 1e-5)
+
+
+def test_bfloat16_input_gives_bfloat16():
+    w, x = _weight("int8-channel"), _x(3, K).astype(jnp.bfloat16)
+    for path in ("dequant", "dequant_chunked"):
+        assert kernels.matmul(x, w, path=path).dtype == jnp.bfloat16
+    assert kernels.matmul(x, w, activation=ACT).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("weight", "activation", "message"),
+    [
+        ("float8-channel", ACT, "path 'int8_dot' cannot run weight spec float8_e4m3fn"),
+        ("uint4-asym-block", ACT, "path 'int8_dot' cannot run weight spec uint4"),
+        ("int4-block", None, "pass activation="),
+        (
+            "int4-block",
+            qjax.QuantSpec("int8", granularity=qjax.per_channel(-1)),
+            "vary along the contracted axis",
+        ),
+        ("int4-block", qjax.QuantSpec("uint8"), "the activation spec is not a signed integer"),
+    ],
+)
+def test_int8_dot_refuses_specs_it_cannot_run(weight, activation, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        kernels.matmul(_x(3, K), _weight(weight), activation=activation, path="int8_dot")
+
+
+def test_clear_errors_for_bad_arguments():
+    w, x = _weight("int8-channel"), _x(3, K)
+    with pytest.raises(ValueError, match="path must be one of"):
+        kernels.matmul(x, w, path="fast")
+    with pytest.raises(TypeError, match=r"w must be a qjax\.QArray"):
+        kernels.matmul(x, np.ones((K, N), np.float32))
+    with pytest.raises(TypeError, match="x must be a floating-point array"):
+        kernels.matmul(jnp.ones((3, K), jnp.int32), w)
+    with pytest.raises(ValueError, match=r"x's last axis \(40"):
+        kernels.matmul(_x(3, N), w)
+    with pytest.raises(ValueError, match="w must be 2-D"):
+        kernels.matmul(x, qjax.quantize(jnp.ones((2, K, N)), "int8"))
+    with pytest.raises(ValueError, match="x is already quantized"):
+        kernels.matmul(qjax.quantize(x, ACT), w, activation=ACT)
+    with pytest.raises(ValueError, match="w has channel scales"):
+        scaled = dataclasses.replace(w, channel_scale=jnp.ones((K, 1)))
+        kernels.matmul(qjax.quantize(x, ACT), scaled)
+    with pytest.raises(ValueError, match="one multiplier per input channel"):
+        kernels.matmul(x, dataclasses.replace(w, channel_scale=jnp.ones((1, N))))
+
+
+def test_unpack_planes_match_numpy():
+    rng = np.random.default_rng(0)
+    for bits in (2, 4):
+        codes = rng.integers(-(1 << (bits - 1)), 1 << (bits - 1), (5, 24))
+        per = 8 // bits
+        packed = packing.pack(jnp.asarray(codes, jnp.int32), bits)
+        for i, plane in enumerate(packing.unpack_planes(packed, bits, signed=True)):
+            np.testing.assert_array_equal(plane, codes[:, i::per])
+        unsigned = packing.unpack_planes(packed, bits, signed=False)
+        np.testing.assert_array_equal(unsigned[0], codes[:, 0::per] & ((1 << bits) - 1))
+
+
+def test_pack_matches_numpy_bytes_on_odd_lengths():
+    rng = np.random.default_rng(1)
+    for bits in (1, 2, 4):
+        per = 8 // bits
+        for shape in [(7,), (3, 5), (2, 3, 9), (4, 16)]:
+            codes = rng.integers(-(2**10), 2**10, shape)
+            padded = np.pad(
+                codes & ((1 << bits) - 1), [(0, 0)] * (len(shape) - 1) + [(0, -shape[-1] % per)]
+            )
+            groups = padded.reshape(*padded.shape[:-1], -1, per)
+            expected = sum(groups[..., i] << (bits * i) for i in range(per)).astype(np.uint8)
+            got = jax.jit(packing.pack, static_argnums=1)(jnp.asarray(codes, jnp.int32), bits)
+            np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("name", ["float4_e2m1fn", "float8_e4m3fn", "float8_e5m2"])
+def test_float_values_are_the_ml_dtypes_values_of_every_code(name):
+    target = qjax.target_dtype(name)
+    codes = np.arange(1 << target.bits)
+    got = np.asarray(packing.float_values(jnp.asarray(codes, jnp.int32), target))
+    expected = codes.astype(np.uint8).view(target.storage).astype(np.float32)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
+    finite = ~np.isnan(expected)
+    np.testing.assert_array_equal(got[finite].view(np.uint32), expected[finite].view(np.uint32))
