@@ -271,6 +271,15 @@ def test_bad_method_arguments(variables, kwargs, error, message):
         qjax.quantize_tree(variables, RULES, **kwargs)
 
 
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_methods_that_need_the_hessian_say_so(variables, batches, method):
+    stats = capture.accumulate(MODEL.apply, variables, batches[:1], hessian=False)
+    with pytest.raises(ValueError, match=r"needs the inputs' Hessian.* hessian=True"):
+        qjax.quantize_tree(variables, RULES, method=method, statistics=stats)
+    smooth = qjax.quantize_tree(variables, RULES, method="smoothquant", statistics=stats)
+    assert smooth["params"]["up"]["kernel"].channel_scale is not None
+
+
 def test_round_to_nearest_calibration_tokens_do_not_mix_with_gptq(variables, stats):
     with pytest.raises(ValueError, match=r"calibration 'mse'.* drop it from the rule"):
         qjax.quantize_tree(

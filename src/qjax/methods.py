@@ -154,13 +154,8 @@ def calibrated_leaf(
     ``shared`` is an AWQ scale searched together with other layers (see :class:`AWQ`).
     """
     axis = per_layer_axes(stats, tuple(leaf.shape), name)
+    _check_hessian(name, stats, method)
     if isinstance(method, GPTQ):
-        if stats.hessian is None:
-            raise ValueError(
-                f"parameter {name!r}: GPTQ needs the inputs' Hessian, but it was captured "
-                "with hessian=False; capture again with hessian=True"
-            )
-
         count = None if stats.stacked else _concrete_int(stats.count)
         options = dict(
             axis=axis,
@@ -234,12 +229,21 @@ def _all_finite(x: Any) -> bool:
     return bool(np.all(np.isfinite(np.asarray(x, np.float32))))
 
 
+def _check_hessian(name: str, stats: Any, method: Method) -> None:
+    if isinstance(method, (GPTQ, AWQ)) and stats.hessian is None:
+        raise ValueError(
+            f"parameter {name!r}: {type(method).__name__} needs the inputs' Hessian, but it "
+            "was captured with hessian=False; capture again with hessian=True"
+        )
+
+
 def shared_awq_scales(
     leaves: Mapping[str, tuple[jax.Array, QuantSpec, Any]], method: AWQ
 ) -> dict[str, jax.Array]:
     """One AWQ scale per group of leaves that read the same input (equal statistics)."""
     groups: list[list[str]] = []
     for name, (_, _, stats) in leaves.items():
+        _check_hessian(name, stats, method)
         for group in groups:
             if _same_input(leaves[group[0]][2], stats):
                 group.append(name)
