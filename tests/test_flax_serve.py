@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -225,3 +227,72 @@ def test_a_custom_module_kernel_is_refused_with_the_rule_to_add():
     served = serve.convert(variables, {".*": "int8"})
     with pytest.raises(ValueError, match=r"Custom is not a layer qjax quantizes.*rule ''"):
         serve.served(Custom().apply, {".*": "int8"})(served, x)
+
+
+# weight_only="fast": Dense layers through qjax.kernels.matmul
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Dense(256, name="up")(x))
+        return nn.Dense(96, name="down")(h)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["int4:per_block:32", "int8:per_channel", "mxfp4", "uint4:asymmetric:per_block:64", "int2"],
+)
+@pytest.mark.parametrize("rows", [1, 5])
+def test_fast_weight_only_equals_exact_up_to_float_rounding(spec, rows):
+    model = MLP()
+    x = jax.random.normal(jax.random.key(2), (rows, 128))
+    variables = model.init(jax.random.key(3), x)
+    tree = qjax.quantize_tree(variables, {".*kernel": spec})
+    stored = tree["params"]["up"]["kernel"].spec
+    rules = {"(up|down)": stored}
+    exact = jax.jit(serve.served(model.apply, rules))(tree, x)
+    fast = jax.jit(serve.served(model.apply, rules, weight_only="fast"))(tree, x)
+    reference = model.apply(qjax.dequantize_tree(tree), x)
+    np.testing.assert_array_equal(np.asarray(exact), np.asarray(reference))
+    np.testing.assert_allclose(np.asarray(fast), np.asarray(reference), rtol=1e-5, atol=1e-5)
+
+
+def test_fast_weight_only_never_holds_a_float_copy_of_the_weights():
+    x = jnp.ones((8, 1024))
+
+    class Wide(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(1024, name="b")(jax.nn.relu(nn.Dense(1024, name="a")(x)))
+
+    model = Wide()
+    variables = model.init(jax.random.key(0), x)
+    tree = qjax.quantize_tree(variables, {".*kernel": "int4:per_block:128"})
+    rules = {"(a|b)": tree["params"]["a"]["kernel"].spec}
+    float_weight = 1024 * 1024 * 4
+    temp = {}
+    for mode in ("exact", "fast"):
+        compiled = jax.jit(serve.served(model.apply, rules, weight_only=mode)).lower(tree, x)
+        temp[mode] = compiled.compile().memory_analysis().temp_size_in_bytes
+    assert temp["exact"] >= float_weight  # the dequantized weight is materialised
+    assert temp["fast"] < float_weight  # a chunk at a time, from the packed bytes
+
+
+def test_fast_weight_only_applies_channel_scales():
+    model = MLP()
+    x = jax.random.normal(jax.random.key(4), (3, 128))
+    variables = model.init(jax.random.key(5), x)
+    tree = qjax.quantize_tree(variables, {".*kernel": "int4:per_block:32"})
+    qa = tree["params"]["up"]["kernel"]
+    m = jnp.linspace(0.5, 2.0, 128, dtype=jnp.float32).reshape(128, 1)
+    tree["params"]["up"]["kernel"] = dataclasses.replace(qa, channel_scale=m)
+    rules = {"(up|down)": qa.spec}
+    fast = jax.jit(serve.served(model.apply, rules, weight_only="fast"))(tree, x)
+    reference = model.apply(qjax.dequantize_tree(tree), x)
+    np.testing.assert_allclose(np.asarray(fast), np.asarray(reference), rtol=1e-5, atol=1e-5)
+
+
+def test_weight_only_option_is_checked():
+    with pytest.raises(ValueError, match=r"weight_only must be one of \('exact', 'fast'\)"):
+        serve.served(MLP().apply, {}, weight_only="quick")

@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qjax import kernels
 from qjax.flax._common import Rules, activation_qparams, rounded
 from qjax.flax._integer import dense_contraction, dot_scale, spec_reason
 from qjax.flax.linen import (
@@ -71,7 +72,15 @@ from qjax.qparams import QParams
 from qjax.spec import QuantSpec
 from qjax.tree import dequantizing, path_str
 
-__all__ = ["IntegerDots", "convert", "dequantizing", "served", "serving"]
+__all__ = ["IntegerDots", "WeightOnly", "convert", "dequantizing", "served", "serving"]
+
+WeightOnly = Literal["exact", "fast"]
+"""How :func:`serving` runs a Dense layer with a quantized weight and no activation spec:
+``"exact"`` (default) dequantizes the whole weight where it is read, as QAT's fake quant
+did (bit-exact); ``"fast"`` calls :func:`qjax.kernels.matmul`, which dequantizes a chunk
+of input rows at a time into the dot (equal up to float rounding; at decode batch sizes
+it reads the packed weight, never a float copy, and is several times faster)."""
+WEIGHT_ONLY = ("exact", "fast")
 
 IntegerDots = Literal["as_trained", "auto", "require", "never"]
 """Where :func:`serving` uses integer dots: ``"as_trained"`` (default) where the rule says
@@ -151,6 +160,7 @@ def serving(
     rules: Mapping[str, RuleValue],
     *,
     integer_dots: IntegerDots = "as_trained",
+    weight_only: WeightOnly = "exact",
     strict: bool = False,
 ) -> Iterator[None]:
     """Runs an unmodified Linen model on the tree :func:`convert` made, while active.
@@ -167,6 +177,8 @@ def serving(
         weights elsewhere; ``"require"``: as ``"auto"``, and a layer whose rule has an
         activation spec and that cannot use an integer dot is a ``ValueError`` saying
         why; ``"never"``: dequantize every weight.
+      weight_only: ``"exact"`` (default) or ``"fast"``: how a Dense layer with a
+        quantized weight and no activation spec runs (see :data:`WeightOnly`).
       strict: a rule that quantized no layer while the context was active (checked on
         exit, as :func:`~qjax.flax.linen.intercept` does) is a
         :class:`~qjax.resolve.QjaxRuleWarning`, or with ``strict=True`` a ``ValueError``.
@@ -199,9 +211,9 @@ def serving(
       >>> bool(np.allclose(serve_apply(served_vars, x), y_qat, rtol=1e-5, atol=1e-6))
       True
     """
-    _check_integer_dots(integer_dots)
+    _check_options(integer_dots, weight_only)
     compiled = Rules(rules)
-    with nn.intercept_methods(_interceptor(compiled, integer_dots)):
+    with nn.intercept_methods(_interceptor(compiled, integer_dots, weight_only)):
         yield
     compiled.check(strict=strict, where="qjax.flax.serve.serving", stacklevel=3)
 
@@ -211,6 +223,7 @@ def served(
     rules: Mapping[str, RuleValue],
     *,
     integer_dots: IntegerDots = "as_trained",
+    weight_only: WeightOnly = "exact",
     strict: bool = False,
 ) -> Callable:
     """``fn`` run inside :func:`serving` ``(rules)``: a new function, safe to ``jax.jit``.
@@ -230,20 +243,22 @@ def served(
       >>> bool(np.array_equal(out, qat))
       True
     """
-    _check_integer_dots(integer_dots)
+    _check_options(integer_dots, weight_only)
     Rules(rules)  # invalid rules fail here, not at the first call
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with serving(rules, integer_dots=integer_dots, strict=strict):
+        with serving(rules, integer_dots=integer_dots, weight_only=weight_only, strict=strict):
             return fn(*args, **kwargs)
 
     return wrapper
 
 
-def _check_integer_dots(integer_dots: Any) -> None:
+def _check_options(integer_dots: Any, weight_only: Any) -> None:
     if integer_dots not in INTEGER_DOTS:
         raise ValueError(f"integer_dots must be one of {INTEGER_DOTS}, got {integer_dots!r}")
+    if weight_only not in WEIGHT_ONLY:
+        raise ValueError(f"weight_only must be one of {WEIGHT_ONLY}, got {weight_only!r}")
 
 
 # Rules and the converted tree -------------------------------------------------------------
@@ -298,7 +313,7 @@ def _is_qarray(x: Any) -> bool:
 # The interceptor --------------------------------------------------------------------------
 
 
-def _interceptor(compiled: Rules, integer_dots: IntegerDots) -> Callable:
+def _interceptor(compiled: Rules, integer_dots: IntegerDots, weight_only: WeightOnly) -> Callable:
     def intercept_method(next_fun, args, kwargs, context):
         module = context.module
         name = weight_name(module)
@@ -318,7 +333,9 @@ def _interceptor(compiled: Rules, integer_dots: IntegerDots) -> Callable:
         _check_stored(_param_name(path, name), spec, stored)
         if quant is None:
             return next_fun(*args, **kwargs)
-        return _served_call(module, next_fun, args, kwargs, quant, stored, integer_dots)
+        return _served_call(
+            module, next_fun, args, kwargs, quant, stored, integer_dots, weight_only
+        )
 
     return intercept_method
 
@@ -364,6 +381,7 @@ def _served_call(
     quant: LayerQuant,
     weight: Any,
     integer_dots: IntegerDots,
+    weight_only: WeightOnly = "exact",
 ) -> Any:
     """Runs one quantized layer: integer dot where planned, else dequantize on the fly."""
     name = weight_name(module)
@@ -392,6 +410,12 @@ def _served_call(
                 f"{quant.integer_dot}): {plan}. Change its rule accordingly, or serve with "
                 "integer_dots='never' to dequantize its weight on the fly"
             )
+    if isinstance(weight, QArray) and act is None and weight_only == "fast":
+        if isinstance(module, nn.Dense) and weight.ndim == 2:
+            core = dataclasses.replace(weight, channel_scale=None)
+            hooks = {"dot_general": _kernel_dot_general(core), "dot_general_cls": None}
+            with _weight_read(module, name, _placeholder), swapped_attributes(module, hooks):
+                return fun(*args, **kwargs)
     if isinstance(weight, QArray):
         with _weight_read(module, name, read_float):
             return quantized_call(module, fun, args, kwargs, LayerQuant(act=act))
@@ -466,6 +490,26 @@ def _scaled_input(module: nn.Module, args: tuple, weight: QArray) -> jax.Array:
         )
     m = weight.channel_scale.astype(jnp.float32).reshape((1,) * (x.ndim - axes) + features)
     return (x.astype(jnp.float32) * m).astype(x.dtype)
+
+
+def _placeholder(weight: QArray) -> jax.Array:
+    """What the layer reads as its weight when a kernel computes the product from the
+    QArray itself: a broadcast zero that no op uses, so XLA drops it."""
+    return jnp.zeros(weight.shape, weight.float_dtype)
+
+
+def _kernel_dot_general(weight: QArray) -> Callable:
+    """A Dense layer's ``dot_general`` computed by :func:`qjax.kernels.matmul`."""
+
+    def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
+        del rhs, precision, kw  # the product comes from the QArray
+        (lhs_contract, rhs_contract), batch = dimension_numbers
+        if tuple(rhs_contract) != (0,) or tuple(lhs_contract) != (lhs.ndim - 1,) or any(batch):
+            raise RuntimeError(f"expected a Dense contraction, got {dimension_numbers}")
+        out = kernels.matmul(lhs, weight)
+        return out if preferred_element_type is None else out.astype(preferred_element_type)
+
+    return dot_general
 
 
 def _codes_as_float(weight: QArray) -> jax.Array:
