@@ -55,6 +55,9 @@ FORMATS = {  # the names of qwix_calibrated.FORMATS, as qjax shorthand
     "int2/32": "int2:per_block:32",
     "mxfp4": "mxfp4",
     "int8/ch": "int8:per_channel",
+    # Qwix's symmetric int grid (scale = amax / 7), for --no-qwix runs on the same grid
+    "int4c/128": "int4:symmetric_with_clipping:per_block:128",
+    "int4c/32": "int4:symmetric_with_clipping:per_block:32",
 }
 WEIGHT_FORMATS = ("int4/128", "int4/32", "int2/32", "mxfp4")
 W8A8_RULES = {
@@ -262,9 +265,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(dataclasses.asdict(run_here(*args.one, config, args.cache))))
         return 0
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    unknown = sorted(set(formats) - set(WEIGHT_FORMATS))
+    known = set(FORMATS) - {"int8/ch"} if args.no_qwix else set(WEIGHT_FORMATS)
+    unknown = sorted(set(formats) - known)
     if unknown:
-        parser.error(f"unknown --formats {unknown}: choose from {', '.join(WEIGHT_FORMATS)}")
+        parser.error(f"unknown --formats {unknown}: choose from {', '.join(sorted(known))}")
     start = time.perf_counter()
 
     def log(msg: str) -> None:
