@@ -257,6 +257,14 @@ def test_a_rule_matching_a_leaf_without_statistics_is_an_error(variables, stats)
         qjax.quantize_tree(variables, rules, method="gptq", statistics=stats, min_size=0)
 
 
+def test_statistics_that_are_not_input_stats_are_a_type_error(variables, stats):
+    wrong = dict(stats, **{"params/up/kernel": np.ones(64)})
+    with pytest.raises(TypeError, match=r"statistics\['params/up/kernel'\] must be an InputStats"):
+        qjax.quantize_tree(variables, RULES, method="gptq", statistics=wrong)
+    with pytest.raises(TypeError, match="into must be a mapping"):
+        qjax.fold_channel_scales(variables, [("params/up/kernel", ["params/norm/scale"])])
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [

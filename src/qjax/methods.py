@@ -319,6 +319,10 @@ def fold_channel_scales(tree: Any, into: Mapping[str, Sequence[str]]) -> Any:
     """
     from qjax.tree import path_str
 
+    if not isinstance(into, Mapping):
+        raise TypeError(
+            f"into must be a mapping {{weight path: [producer paths]}}, got {type(into).__name__}"
+        )
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_qarray)
     names = [path_str(path) for path, _ in flat]
     leaves = dict(zip(names, (leaf for _, leaf in flat)))

@@ -261,6 +261,9 @@ def quantize_leaf(
         raise type(e)(f"{what} {name!r}: {e}") from None
 
 
+_STATS_FIELDS = ("hessian", "abs_sum", "abs_max", "count", "mean_abs", "weight_axes", "stacked")
+
+
 def _quantize_calibrated(
     params: Any,
     rule_plan: RulePlan,
@@ -284,6 +287,11 @@ def _quantize_calibrated(
     for path, leaf in flat:
         name = path_str(path)
         stats = statistics.get(name)
+        if stats is not None and not all(hasattr(stats, a) for a in _STATS_FIELDS):
+            raise TypeError(
+                f"statistics[{name!r}] must be an InputStats from qjax.capture.accumulate, "
+                f"got {type(stats).__name__}"
+            )
         layer = leaf
         if stats is not None and hasattr(leaf, "shape") and not isinstance(leaf, QArray):
             layer = jax.ShapeDtypeStruct(tuple(leaf.shape)[stats.stacked :], leaf.dtype)
