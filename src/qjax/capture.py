@@ -428,18 +428,33 @@ def _eval(
         else:
             outs, outtags = _bind(eqn, invals), [None] * len(eqn.outvars)
         for v, x, t in zip(eqn.outvars, outs, outtags):
-            if isinstance(v, jcore.DropVar):
-                continue
-            env[v] = x
+            env[v] = x  # a dropped output (DropVar) is stored too, and never read
             if t is not None:
                 tag_of[v] = t
     return [read(v) for v in jaxpr.outvars], [tag(v) for v in jaxpr.outvars], records
 
 
 def _bind(eqn: jcore.JaxprEqn, invals: list[Any]) -> list[Any]:
+    bind_params = eqn.primitive.get_bind_params(eqn.params)
+    # jax < 0.9 returns (subfuns, params); later releases the params alone.
+    subfuns, params = bind_params if isinstance(bind_params, tuple) else ((), bind_params)
     with eqn.ctx.manager:
-        out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+        out = eqn.primitive.bind(*subfuns, *invals, **params)
     return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _mapped_aval(size: int, axis: int, aval: Any) -> Any:
+    """One iteration's slice of a scanned operand's abstract value.
+
+    ``jax.extend.core.mapped_aval`` from jax 0.8.2, ``jax.core.mapped_aval`` before (the
+    lowest jax qjax supports is 0.8.1).
+    """
+    mapped = getattr(jcore, "mapped_aval", None)
+    if mapped is None:  # jax 0.8.1
+        from jax import core as legacy_core
+
+        mapped = legacy_core.mapped_aval
+    return mapped(size, axis, aval)
 
 
 def _eval_tagged(
@@ -590,7 +605,7 @@ def _eval_scan(
     # A leaf sliced by this scan gets one set of statistics per iteration (scan outputs); a
     # leaf that is the same every iteration sums them in the carry, so that memory holds
     # one set, not one per iteration.
-    x_avals = [jcore.mapped_aval(p["length"], 0, jax.typeof(x)) for x in xs]
+    x_avals = [_mapped_aval(p["length"], 0, jax.typeof(x)) for x in xs]
     _, shapes = jax.eval_shape(body_fn, list(init), x_avals)
     summed = {
         leaf: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes[leaf])
