@@ -328,3 +328,21 @@ def test_float_values_are_the_ml_dtypes_values_of_every_code(name):
     np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
     finite = ~np.isnan(expected)
     np.testing.assert_array_equal(got[finite].view(np.uint32), expected[finite].view(np.uint32))
+
+
+def test_chained_layers_never_hold_every_float_weight_at_once():
+    # A weight that fits one chunk used to run a loop of one iteration, which XLA removed;
+    # its scheduler then dequantized all layers' weights before the first layer ran.
+    weights = [
+        qjax.quantize(jax.random.normal(jax.random.key(i), (512, 512)), "int4:per_block:128")
+        for i in range(8)
+    ]
+
+    def chain(x, weights):
+        for w in weights:
+            x = jax.nn.relu(kernels.matmul(x, w))
+        return x
+
+    compiled = jax.jit(chain).lower(jnp.ones((8, 512)), weights).compile()
+    one_float_weight = 512 * 512 * 4
+    assert compiled.memory_analysis().temp_size_in_bytes < 2 * one_float_weight

@@ -392,13 +392,19 @@ def _bytes(leaf: jax.Array | None) -> jax.Array | None:
 
 def _chunk_rows(k: int, n: int, unit: int, m: int) -> int:
     """Rows per chunk: the most that are a multiple of ``unit``, divide ``k`` and are at
-    most the larger of :data:`CHUNK_BYTES` of float32 and ``m`` rows (at least ``unit``).
+    most the larger of :data:`CHUNK_BYTES` of float32 and ``m`` rows (at least ``unit``),
+    and at most ``k / 2`` where that leaves whole units.
 
     Each chunk adds its partial product to the float32 ``[m, n]`` sum: chunks of at least
     ``m`` rows keep those additions a small part of the dot's work.
     """
     limit = max(CHUNK_BYTES // (4 * n), m, unit)
-    return max(r for r in range(unit, k + 1, unit) if k % r == 0 and r <= limit)
+    fits = [r for r in range(unit, k + 1, unit) if k % r == 0]
+    # At least two chunks where the blocks allow: XLA removes a loop of one iteration, and
+    # its scheduler then dequantizes every layer's weight before the first layer runs
+    # (all float copies live at once: measured with benchmarks/bench_serve.py).
+    split = [r for r in fits if r <= min(limit, k // 2)]
+    return max(split) if split else max(r for r in fits if r <= limit)
 
 
 def _int8_dot(x8: jax.Array, sa: jax.Array, w: QArray) -> jax.Array:
