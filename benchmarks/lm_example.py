@@ -191,11 +191,18 @@ def perplexity(
     ``t`` bytes from the ones before. ``apply_fn`` is jitted here; QArray leaves in
     ``params`` are fine if ``apply_fn`` accepts them (``qjax.dequantizing``).
     """
-    step = jax.jit(lambda p, w: nll(apply_fn(p, w[:, :-1]), w[:, 1:]) * w.shape[0])
+    step = _nll_step(apply_fn)
     total = sum(
         float(step(params, data[i : i + batch_size])) for i in range(0, len(data), batch_size)
     )
     return math.exp(total / len(data))
+
+
+@functools.cache
+def _nll_step(apply_fn: Callable[[Any, jax.Array], jax.Array]) -> Callable:
+    """The jitted summed NLL of one batch of windows, one per ``apply_fn`` (jit's cache then
+    serves every tree of the same structure)."""
+    return jax.jit(lambda p, w: nll(apply_fn(p, w[:, :-1]), w[:, 1:]) * w.shape[0])
 
 
 # Training -----------------------------------------------------------------------------------

@@ -29,11 +29,12 @@
 #
 # The model is the byte-level decoder-only transformer of `benchmarks/lm_example.py`,
 # trained on the Python standard library's own sources (held-out files for evaluation).
-# Here it is its tiny configuration (2 layers, width 64) trained for a few hundred steps so
-# that the notebook runs in a minute; `python benchmarks/bench_calibrated.py` measures the
+# Here it is its tiny configuration (2 layers, width 64) trained for 150 steps so that the
+# notebook runs in half a minute; `python benchmarks/bench_calibrated.py` measures the
 # 4-layer, width-256 model against Qwix's GPTQ and AWQ (the README has the table).
 
 # %%
+import dataclasses
 import pathlib
 import sys
 import time
@@ -46,11 +47,11 @@ import qjax
 sys.path.insert(0, str(pathlib.Path(qjax.__file__).resolve().parents[2] / "benchmarks"))
 import lm_example as lm
 
-config = lm.TINY
+config = dataclasses.replace(lm.TINY, steps=150)
 start = time.perf_counter()
 variables, info = lm.train(config, log=lambda line: None)
 apply = lm.apply(config)
-evaluation = lm.eval_windows(config.context, n=64)
+evaluation = lm.eval_windows(config.context, n=32)
 calibration = lm.calibration_batches(8, config.context)
 float_ppl = lm.perplexity(apply, variables, evaluation)
 print(f"{lm.n_params(variables):,} parameters, trained in {time.perf_counter() - start:.0f} s")
@@ -84,15 +85,16 @@ formats = {
     "int2:per_block:32": 2 + 32 / 32,
     "int4:per_block:128": 4 + 32 / 128,
     "int4:per_block:32": 4 + 32 / 32,
-    "int8:per_channel": 8.0,
 }
 methods = {"RTN": "rtn", "GPTQ": "gptq", "AWQ": "awq"}
 run = qjax.dequantizing(apply)
 results = {name: [] for name in methods}
+trees = {}
 for spec, bits in formats.items():
     for name, method in methods.items():
         statistics = None if method == "rtn" else stats
         qtree = qjax.quantize_tree(variables, {kernels: spec}, method=method, statistics=statistics)
+        trees[name, spec] = qtree
         results[name].append((bits, lm.perplexity(run, qtree, evaluation)))
 print(f"{'format':<20}" + "".join(f"{m:>9}" for m in methods))
 for i, spec in enumerate(formats):
@@ -121,14 +123,12 @@ plt.show()
 # it into that LayerNorm and drop it from the weights.
 
 # %%
-gptq = qjax.quantize_tree(
-    variables, {kernels: "int4:per_block:32"}, method="gptq", statistics=stats
-)
+gptq = trees["GPTQ", "int4:per_block:32"]
 qa = gptq["params"]["block_0"]["up"]["kernel"]
 again = qjax.quantize(qa.dequantize(), qa.spec, qparams=qa.qparams)
 print("GPTQ codes == qjax.quantize with its params:", bool((again.codes() == qa.codes()).all()))
 
-awq = qjax.quantize_tree(variables, {kernels: "int4:per_block:32"}, method="awq", statistics=stats)
+awq = trees["AWQ", "int4:per_block:32"]
 into = {}
 for i in range(config.n_layers):
     norm = [f"params/block_{i}/ln_attn/scale", f"params/block_{i}/ln_attn/bias"]

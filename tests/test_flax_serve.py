@@ -240,22 +240,22 @@ class MLP(nn.Module):
 
 
 @pytest.mark.parametrize(
-    "spec",
-    ["int4:per_block:32", "int8:per_channel", "mxfp4", "uint4:asymmetric:per_block:64", "int2"],
+    "spec", ["int4:per_block:32", "int8:per_channel", "mxfp4", "uint4:asymmetric"]
 )
-@pytest.mark.parametrize("rows", [1, 5])
-def test_fast_weight_only_equals_exact_up_to_float_rounding(spec, rows):
+def test_fast_weight_only_equals_exact_up_to_float_rounding(spec):
     model = MLP()
-    x = jax.random.normal(jax.random.key(2), (rows, 128))
+    x = jax.random.normal(jax.random.key(2), (5, 128))
     variables = model.init(jax.random.key(3), x)
     tree = qjax.quantize_tree(variables, {".*kernel": spec})
-    stored = tree["params"]["up"]["kernel"].spec
-    rules = {"(up|down)": stored}
-    exact = jax.jit(serve.served(model.apply, rules))(tree, x)
-    fast = jax.jit(serve.served(model.apply, rules, weight_only="fast"))(tree, x)
-    reference = model.apply(qjax.dequantize_tree(tree), x)
-    np.testing.assert_array_equal(np.asarray(exact), np.asarray(reference))
-    np.testing.assert_allclose(np.asarray(fast), np.asarray(reference), rtol=1e-5, atol=1e-5)
+    rules = {"(up|down)": tree["params"]["up"]["kernel"].spec}
+    exact = jax.jit(serve.served(model.apply, rules))
+    fast = jax.jit(serve.served(model.apply, rules, weight_only="fast"))
+    for rows in (x[:1], x):  # decode and a few tokens
+        reference = model.apply(qjax.dequantize_tree(tree), rows)
+        np.testing.assert_array_equal(np.asarray(exact(tree, rows)), np.asarray(reference))
+        np.testing.assert_allclose(
+            np.asarray(fast(tree, rows)), np.asarray(reference), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_fast_weight_only_never_holds_a_float_copy_of_the_weights():
