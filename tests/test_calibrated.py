@@ -425,10 +425,23 @@ def test_cli_gptq_gives_the_api_result(cli_files, capsys):
             ],
             "unknown suffix '.py'",
         ),
+        (
+            [
+                "--method",
+                "gptq",
+                "--model",
+                "{folder}/model.py:forward",
+                "--calibration-data",
+                "{folder}/pickled.npy",
+            ],
+            "pickled.npy: cannot read it",
+        ),
     ],
 )
 def test_cli_calibrated_errors_are_one_line(cli_files, capsys, extra, message):
     folder = cli_files[0]
+    if not (folder / "pickled.npy").exists():
+        np.save(folder / "pickled.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     extra = [e.replace("{folder}", str(folder)) for e in extra]
     code = _cli("quantize", folder / "model.safetensors", folder / "x.safetensors", *extra)
     err = capsys.readouterr().err

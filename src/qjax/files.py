@@ -518,7 +518,7 @@ def read_batches(path: PathLike, flag: str = "calibration data") -> list[np.ndar
                 f"{flag} {path}: unknown suffix {suffix or '(none)'!r}; give a "
                 ".npy array (first axis: batches) or a .npz archive"
             )
-    except (OSError, EOFError, zipfile.BadZipFile) as e:
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:  # pickles: ValueError
         raise ValueError(f"{flag} {path}: cannot read it ({_one_line(str(e))})") from None
     if not batches:
         raise ValueError(f"{flag} {path}: holds no batches")
