@@ -98,7 +98,7 @@ def matmul(
             )
         activation = x.spec
     else:
-        x = _float_input(x)
+        x = float_input(x)
     _check_weight(w, x.shape)
     act = None if activation is None else as_spec(activation, "activation")
     if path not in PATHS:
@@ -175,16 +175,17 @@ def choose_path(w: QArray, activation: QuantSpec | None = None) -> str:
     return "dequant_chunked"
 
 
-def _float_input(x: jax.typing.ArrayLike) -> jax.Array:
+def float_input(x: jax.typing.ArrayLike, what: str = "matmul") -> jax.Array:
+    """``x`` as a floating-point jax array with at least one axis; a TypeError names ``what``."""
     try:
         x = jnp.asarray(x)
     except TypeError:
         raise TypeError(
-            f"matmul: x must be a floating-point array, got {type(x).__name__}"
+            f"{what}: x must be a floating-point array, got {type(x).__name__}"
         ) from None
     if not jnp.issubdtype(x.dtype, jnp.floating) or x.ndim < 1:
         raise TypeError(
-            f"matmul: x must be a floating-point array with at least one axis, got dtype "
+            f"{what}: x must be a floating-point array with at least one axis, got dtype "
             f"{x.dtype} and shape {x.shape}"
         )
     return x

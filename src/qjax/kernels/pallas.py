@@ -56,6 +56,7 @@ from jax.experimental.pallas import triton as pl_triton
 from qjax import granularity as gran
 from qjax import packing
 from qjax.affine import dequantize_blocks
+from qjax.kernels._matmul import float_input
 from qjax.ops import quantize
 from qjax.qarray import QArray
 from qjax.qparams import QParams
@@ -127,7 +128,7 @@ def int4_matmul(
         ...
       ValueError: int4_matmul: out (32, w.shape (64, 32)) must be a multiple of block_n (64); ...
     """
-    x = _float_input(x, "int4_matmul")
+    x = float_input(x, "int4_matmul")
     _check_weight(w, x.shape, "int4_matmul", ("int4", "float4_e2m1fn"))
     k = w.shape[0]
     group = _scale_rows(w)
@@ -262,7 +263,7 @@ def _quantized(
                 f"{x.spec} (packed={x.packed}); pass x unquantized to quantize it per token"
             )
     else:
-        x = _float_input(x, what)
+        x = float_input(x, what)
     _check_weight(w, x.shape, what, dtypes)
     if _scale_rows(w) != w.shape[0]:
         raise ValueError(
@@ -288,21 +289,6 @@ class _Blocks(NamedTuple):
 
 def _interpret(interpret: bool | None) -> bool:
     return jax.default_backend() == "cpu" if interpret is None else bool(interpret)
-
-
-def _float_input(x: jax.typing.ArrayLike, what: str) -> jax.Array:
-    try:
-        x = jnp.asarray(x)
-    except TypeError:
-        raise TypeError(
-            f"{what}: x must be a floating-point array, got {type(x).__name__}"
-        ) from None
-    if not jnp.issubdtype(x.dtype, jnp.floating) or x.ndim < 1:
-        raise TypeError(
-            f"{what}: x must be a floating-point array with at least one axis, got dtype "
-            f"{x.dtype} and shape {x.shape}"
-        )
-    return x
 
 
 def _check_weight(w: QArray, x_shape: tuple[int, ...], what: str, dtypes: tuple[str, ...]) -> None:
