@@ -569,6 +569,18 @@ def _merge_stats(a: dict[str, jax.Array], b: dict[str, jax.Array]) -> dict[str, 
     return {k: jnp.maximum(a[k], b[k]) if k == "abs_max" else a[k] + b[k] for k in a}
 
 
+def _scan_counts(params: dict[str, Any]) -> tuple[int, int]:
+    """How many of a scan's operands are constants and how many carries.
+
+    jax < 0.12 names them (``num_consts``, ``num_carry``); jax 0.12 gives the operands'
+    groups as ``ft_in = (consts, carry, xs)`` (the body's inputs, in that order).
+    """
+    if "num_consts" in params:
+        return params["num_consts"], params["num_carry"]
+    consts, carry, _ = params["ft_in"].unpack()  # a FlatTree: iterating gives its leaves
+    return len(list(consts)), len(list(carry))
+
+
 def _eval_scan(
     ctx: _Context,
     eqn: jcore.JaxprEqn,
@@ -578,7 +590,7 @@ def _eval_scan(
 ) -> tuple[list[Any], list[_Tag | None]]:
     """A ``lax.scan`` whose body also returns the statistics of the leaves it reads."""
     p = eqn.params
-    n_consts, n_carry = p["num_consts"], p["num_carry"]
+    n_consts, n_carry = _scan_counts(p)
     body = p["jaxpr"]
     marker = object()
     consts, init, xs = (
