@@ -115,13 +115,11 @@ class InputStats:
                 "cannot merge InputStats with and without a hessian: capture both with the "
                 "same hessian= argument"
             )
-        return dataclasses.replace(
-            self,
-            hessian=None if self.hessian is None else self.hessian + other.hessian,
-            abs_sum=self.abs_sum + other.abs_sum,
-            abs_max=jnp.maximum(self.abs_max, other.abs_max),
-            count=self.count + other.count,
-        )
+        return dataclasses.replace(self, **_merge_stats(self._arrays(), other._arrays()))
+
+    def _arrays(self) -> dict[str, jax.Array]:
+        fields = ("hessian", "abs_sum", "abs_max", "count")
+        return {k: getattr(self, k) for k in fields if getattr(self, k) is not None}
 
 
 def capture(
@@ -566,6 +564,8 @@ def _merge_records(ctx: _Context, into: dict[int, _Record], new: dict[int, _Reco
 
 
 def _merge_stats(a: dict[str, jax.Array], b: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Two inputs' statistics together: sums add, ``abs_max`` takes the max (one rule for
+    batches, repeated uses of a leaf, scan iterations and :meth:`InputStats.merge`)."""
     return {k: jnp.maximum(a[k], b[k]) if k == "abs_max" else a[k] + b[k] for k in a}
 
 
