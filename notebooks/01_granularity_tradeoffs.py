@@ -281,6 +281,97 @@ ax.legend()
 plt.show()
 
 # %% [markdown]
+# ### Lookup tables against integers
+#
+# A lookup table (`qjax.palettize`) stores an `n`-bit index per weight into a small
+# table of float values instead of a point on a uniform grid. Three kinds for `Dense_1`,
+# on the same size/error plane as its integer rows (per channel and per block 32):
+#
+# * **palettize**: `2**n` values fitted to the kernel by k-means (Lloyd), one table for
+#   the whole kernel (`n` = 1 to 4 bits; `qjax.palettize` also takes 6 and 8);
+# * **palettize + channel scale**: the same after dividing each output channel by its
+#   absmax (coremltools' `enable_per_channel_scale`), one float32 more per channel;
+# * **NF4**: QLoRA's 16 fixed normal-quantile levels, an absmax per block of 64 inputs.
+#
+# The accuracy column puts the dequantized `Dense_1` back into the model (`Dense_0`
+# stays float here): the test accuracy each keeps.
+
+# %%
+from qjax import palettize as lut  # noqa: E402
+
+LUT_BITS = (1, 2, 3, 4)
+lut_rows, lut_points = [], {}
+t0 = time.perf_counter()
+for kind in ("palettize", "palettize + channel scale"):
+    for bits in LUT_BITS:
+        scale_axis = -1 if "scale" in kind else None  # Flax kernel: output channels last
+        lut_points[kind, bits] = lut.palettize(w1, bits, per_channel_scale=scale_axis)
+lut_points["nf4", 4] = lut.nf4(w1, axis=-2)  # blocks of 64 inputs
+print(f"{len(lut_points)} lookup-table arrays in {time.perf_counter() - t0:.1f} s")
+
+
+def lut_params(a):
+    """The trained params with Dense_1's kernel replaced by the dequantized array."""
+    new = {layer: dict(p) for layer, p in params["params"].items()}
+    new["Dense_1"]["kernel"] = a.dequantize()
+    return {"params": new}
+
+
+for (kind, bits), a in lut_points.items():
+    lut_rows.append(
+        [
+            kind,
+            bits,
+            sqnr_db(w1, a.dequantize()),
+            a.bits_per_weight,
+            f"{float(accuracy(lut_params(a), x_test, y_test)):.1%}",
+        ]
+    )
+print_table(["lookup table", "index bits", "Dense_1 SQNR dB", "bits/w", "accuracy"], lut_rows)
+
+fig, ax = plt.subplots(figsize=(8, 5))
+for label, marker in (("channel", "o"), ("block 32", "s")):
+    rs = [results["Dense_1", "int", b, label] for b in BITS]
+    ax.plot(
+        [bits_per_weight("Dense_1", r) for r in rs],
+        [r["sqnr"] for r in rs],
+        "--",
+        marker=marker,
+        color="0.5",
+        label=f"int per {label}",
+    )
+for kind, color in (("palettize", "C0"), ("palettize + channel scale", "C1")):
+    arrays = [lut_points[kind, b] for b in LUT_BITS]
+    ax.plot(
+        [a.bits_per_weight for a in arrays],
+        [sqnr_db(w1, a.dequantize()) for a in arrays],
+        "-",
+        marker="o",
+        color=color,
+        label=kind,
+    )
+nf4_dense1 = lut_points["nf4", 4]
+ax.plot(
+    [nf4_dense1.bits_per_weight], [sqnr_db(w1, nf4_dense1.dequantize())], "*", ms=12, label="nf4"
+)
+ax.set_xscale("log", base=2)
+ax.set_xlabel("stored bits per weight (indices + tables + scales)")
+ax.set_ylabel("SQNR (dB)")
+ax.set_title("Dense_1 [256, 256]: lookup tables against integers")
+ax.grid(alpha=0.3)
+ax.legend()
+plt.show()
+
+int4_channel = results["Dense_1", "int", 4, "channel"]["sqnr"]
+pal4 = sqnr_db(w1, lut_points["palettize", 4].dequantize())
+print(
+    f"4-bit palettization {pal4:.2f} dB at "
+    f"{lut_points['palettize', 4].bits_per_weight:.3f} bits/w against int4 per "
+    f"channel {int4_channel:.2f} dB at "
+    f"{bits_per_weight('Dense_1', results['Dense_1', 'int', 4, 'channel']):.3f} bits/w"
+)
+
+# %% [markdown]
 # ## 3. Three formulations on asymmetric data
 #
 # Weights are roughly centred on zero; activations after a ReLU are not: they are all

@@ -5,11 +5,20 @@ in the lowest bits. A last axis that is not a multiple of the group is padded wi
 codes; the number of padding values is kept so the logical shape can be restored. The
 byte layout equals that of the flattened row-major array when no padding is needed.
 
+Lookup-table indices (:mod:`qjax.palettize`) also take 3- and 6-bit codes, which cross
+byte boundaries: :func:`pack_codes` puts ``lcm(8, bits) / bits`` codes into
+``lcm(8, bits) / 8`` bytes (8 three-bit codes in 3 bytes, 4 six-bit codes in 3 bytes). In
+every width the bytes read as one little-endian bit stream: code ``i`` of a row occupies
+bits ``i * bits`` to ``(i + 1) * bits - 1``, so 1-, 2-, 4- and 8-bit codes are packed
+exactly as :func:`pack` packs them.
+
 Packing uses integer shifts and ORs: on XLA:CPU that costs about a memory copy, while
 a float32 -> int4 convert costs many times more.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +26,20 @@ import numpy as np
 
 from qjax.dtypes import TargetDType
 
-__all__ = ["float_values", "pack", "packed_pad", "unpack", "unpack_planes"]
+__all__ = [
+    "CODE_BITS",
+    "code_group",
+    "float_values",
+    "pack",
+    "pack_codes",
+    "packed_pad",
+    "unpack",
+    "unpack_codes",
+    "unpack_planes",
+]
+
+CODE_BITS = (1, 2, 3, 4, 6, 8)
+"""The index widths :func:`pack_codes` stores."""
 
 
 def packed_pad(last_dim: int, bits: int) -> int:
@@ -161,3 +183,76 @@ def float_values(codes: jax.Array, target: TargetDType) -> jax.Array:
     for code in reserved:  # at most a few, at the top of the range
         value = jnp.where(magnitude == int(code), jnp.float32(magnitudes[code]), value)
     return jnp.where(((codes >> (bits - 1)) & 1) == 1, -value, value)
+
+
+def code_group(bits: int) -> tuple[int, int]:
+    """``(codes, bytes)``: how many ``bits``-wide codes :func:`pack_codes` puts in how many
+    bytes, the smallest whole number of both.
+
+    Examples:
+      >>> from qjax.packing import code_group
+      >>> [code_group(b) for b in (1, 2, 3, 4, 6, 8)]
+      [(8, 1), (4, 1), (8, 3), (2, 1), (4, 3), (1, 1)]
+    """
+    if bits not in CODE_BITS or isinstance(bits, bool):
+        raise ValueError(f"index bits must be one of {CODE_BITS}, got {bits!r}")
+    nbytes = math.lcm(8, bits) // 8
+    return 8 * nbytes // bits, nbytes
+
+
+def pack_codes(codes: jax.Array, bits: int) -> jax.Array:
+    """Packs unsigned ``bits``-wide codes (only the low ``bits`` bits are kept) into uint8.
+
+    Codes go along the last axis into one little-endian bit stream per row (see the module
+    notes); a last axis that is not a multiple of :func:`code_group`'s codes is padded with
+    zero codes. 1-, 2-, 4- and 8-bit codes give exactly :func:`pack`'s bytes.
+
+    Args:
+      codes: integer array with at least one dimension.
+      bits: one of 1, 2, 3, 4, 6, 8.
+
+    Returns:
+      uint8 array of shape ``codes.shape[:-1] + (bytes * ceil(n / codes_per_group),)``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from qjax.packing import pack_codes, unpack_codes
+      >>> p = pack_codes(jnp.arange(8), 3)  # 8 three-bit codes in 3 bytes
+      >>> p
+      Array([136, 198, 250], dtype=uint8)
+      >>> unpack_codes(p, 3, pad=0).tolist()
+      [0, 1, 2, 3, 4, 5, 6, 7]
+    """
+    per, nbytes = code_group(bits)
+    if nbytes == 1:
+        return pack(codes, bits)
+    codes = codes.astype(jnp.int32) & ((1 << bits) - 1)
+    pad = -codes.shape[-1] % per
+    if pad:
+        codes = jnp.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, pad)])
+    groups = codes.reshape(codes.shape[:-1] + (codes.shape[-1] // per, per))
+    shifts = (jnp.arange(per, dtype=jnp.int32) * bits).reshape((1,) * codes.ndim + (per,))
+    word = jax.lax.reduce(groups << shifts, jnp.int32(0), jax.lax.bitwise_or, (groups.ndim - 1,))
+    out = jnp.stack([(word >> (8 * j)) & 0xFF for j in range(nbytes)], axis=-1)
+    return out.reshape(codes.shape[:-1] + (-1,)).astype(jnp.uint8)
+
+
+def unpack_codes(packed: jax.Array, bits: int, *, pad: int) -> jax.Array:
+    """Inverse of :func:`pack_codes`: int32 codes in ``[0, 2**bits)``, the last ``pad``
+    (padding) codes of each row dropped."""
+    per, nbytes = code_group(bits)
+    if nbytes == 1:
+        return unpack(packed, bits, signed=False, pad=pad)
+    if packed.shape[-1] % nbytes:
+        raise ValueError(
+            f"{bits}-bit codes are packed {per} to {nbytes} bytes, but the last axis holds "
+            f"{packed.shape[-1]} bytes, not a multiple of {nbytes}"
+        )
+    b = packed.astype(jnp.int32).reshape(packed.shape[:-1] + (-1, nbytes))
+    word = b[..., 0]
+    for j in range(1, nbytes):
+        word = word | (b[..., j] << (8 * j))
+    shifts = (jnp.arange(per, dtype=jnp.int32) * bits).reshape((1,) * word.ndim + (per,))
+    codes = (word[..., None] >> shifts) & ((1 << bits) - 1)
+    codes = codes.reshape(packed.shape[:-1] + (-1,))
+    return codes[..., : codes.shape[-1] - pad] if pad else codes
