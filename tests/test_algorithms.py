@@ -401,3 +401,9 @@ def test_awq_and_smoothquant_vmap_over_stacked_layers_equal_a_loop():
         )
         sq = smoothquant(w, np.abs(x).max(0), INT8_CHANNEL)
         np.testing.assert_array_equal(codes(sq), np.asarray(stacked_sq.values[i], np.float32))
+
+
+def test_gptq_refuses_a_tensor_scale_spec_clearly():
+    w = jnp.ones((64, 32))
+    with pytest.raises(ValueError, match=r"gptq: spec .*tensor scale \(NVFP4\).*mxfp4"):
+        gptq(w, jnp.eye(64), "nvfp4:axis=-2")

@@ -237,8 +237,8 @@ def write_bad(tmp_path, tensors, name="bad.safetensors"):
             "clashing parameter paths",
         ),
         (
-            lambda p: ["quantize", write_bad(p, TENSORS), p / "o.safetensors", "--dtype=int3"],
-            "invalid choice: 'int3'",
+            lambda p: ["quantize", write_bad(p, TENSORS), p / "o.safetensors", "--dtype=int5"],
+            "invalid choice: 'int5'",
         ),
         (
             lambda p: (

@@ -198,7 +198,7 @@ def test_configs_are_valid_and_fallbacks_honest():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--dtypes", "int8,int3"], "unknown dtype(s) 'int3'"),
+        (["--dtypes", "int8,int5"], "unknown dtype(s) 'int5'"),
         (["--dtypes", ","], "no dtype"),
         (["--steps", "0"], "must be > 0"),
         (["--qat-top", "-1"], "must be >= 0"),

@@ -12,7 +12,7 @@ import qjax
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"dtype": "int3"}, "unsupported target dtype 'int3'"),
+        ({"dtype": "int5"}, "unsupported target dtype 'int5'"),
         ({"dtype": jnp.float32}, "unsupported target dtype"),
         ({"dtype": "int8", "scheme": "affine"}, "unknown scheme 'affine'"),
         ({"dtype": "int8", "formulation": "offset"}, "unknown formulation 'offset'"),

@@ -78,7 +78,7 @@ def test_spec_of_the_wrong_type_is_a_type_error_naming_spec(op, bad):
     [
         ("keep", "means 'stay float'"),
         ("float", "means 'stay float'"),
-        ("int3", "unsupported target dtype 'int3'"),
+        ("int5", "unsupported target dtype 'int5'"),
         ("", "empty token"),
         ("int8:per_galaxy", "cannot read 'per_galaxy'"),
         ("int8:per_block", "per_block needs a block size"),
@@ -98,7 +98,7 @@ def test_as_spec_names_the_argument_it_is_given():
     with pytest.raises(TypeError, match=r"^weight_spec must be"):
         as_spec(1, "weight_spec")
     with pytest.raises(ValueError, match=r"^weight_spec"):
-        as_spec("int3", "weight_spec")
+        as_spec("int5", "weight_spec")
 
 
 # A spec passed to jax.jit as an ordinary (traced) argument.
@@ -130,7 +130,7 @@ def test_quantspec_dtype_of_the_wrong_type(dtype):
 
 @pytest.mark.parametrize(
     "dtype",
-    ["float64", jnp.float64, np.float32, "complex64", jnp.complex64, "bool", jnp.bool_, "int3",
+    ["float64", jnp.float64, np.float32, "complex64", jnp.complex64, "bool", jnp.bool_, "int5",
      "int32", jnp.int32, "INT8", "", "mxfp6", float, int],
 )
 def test_quantspec_dtype_that_is_no_target(dtype):

@@ -33,10 +33,11 @@ FORMULATIONS = {
     "float4_e2m1fn": (("symmetric", "scale"),),
     "mxfp4": (("symmetric", "scale"),),
     "mxfp8": (("symmetric", "scale"),),
+    "nvfp4": (("symmetric", "scale"),),
 }
 """Every target dtype, with every formulation it supports."""
 
-SUB_BYTE = ("int4", "uint4", "int2", "uint2", "float4_e2m1fn", "mxfp4")
+SUB_BYTE = ("int4", "uint4", "int2", "uint2", "float4_e2m1fn", "mxfp4", "nvfp4")
 GRANULARITIES = (
     qjax.per_channel(-1),
     qjax.per_block(-2, 16),
@@ -51,8 +52,8 @@ def _qarrays() -> dict[str, qjax.QArray]:
     out = {}
     for i, (dtype, pairs) in enumerate(FORMULATIONS.items()):
         for j, (scheme, formulation) in enumerate(pairs):
-            mx = dtype.startswith("mx")
-            granularity = None if mx else GRANULARITIES[(i + j) % len(GRANULARITIES)]
+            preset = dtype in qjax.spec.PRESETS
+            granularity = None if preset else GRANULARITIES[(i + j) % len(GRANULARITIES)]
             spec = qjax.QuantSpec(dtype, scheme, formulation, granularity)
             source = x.astype(jnp.bfloat16) if (i + j) % 3 == 0 else x
             for packed in (True, False) if dtype in SUB_BYTE else (None,):
@@ -101,7 +102,7 @@ def _assert_same(loaded, original, where="root"):
             original.packed,
             original.pad,
         ), where
-        for part in ("data", "scale", "offset"):
+        for part in ("data", "scale", "offset", "channel_scale", "tensor_scale"):
             _assert_same(getattr(loaded, part), getattr(original, part), f"{where}:{part}")
     elif original is None:
         assert loaded is None, where
@@ -141,7 +142,9 @@ def test_mixed_tree_covers_every_target_formulation_and_packing(mixed_tree):
     assert {qa.spec.formulation for qa in qarrays} == {"scale", "zero_point", "minval"}
     assert {(qa.spec.dtype, qa.packed) for qa in qarrays} >= {("int4", True), ("int4", False)}
     assert {qa.float_dtype for qa in qarrays} == {"float32", "bfloat16"}
-    assert {qa.scale.dtype.name for qa in qarrays} == {"float32", "bfloat16", "float8_e8m0fnu"}
+    scale_dtypes = {qa.scale.dtype.name for qa in qarrays}
+    assert scale_dtypes == {"float32", "bfloat16", "float8_e8m0fnu", "float8_e4m3fn"}
+    assert any(qa.tensor_scale is not None for qa in qarrays)  # nvfp4: format version 4
 
 
 def test_file_size_is_the_payload_plus_a_small_header(saved):
@@ -206,6 +209,22 @@ def test_tensor_names_are_the_tree_paths(tmp_path):
         assert f.get_slice("dense/0/kernel:offset").get_dtype() == "U8"
     assert header["format"] == "qjax" and header["version"] == 2  # no channel scales
     assert header["specs"][0]["dtype"] == "uint4"
+    assert "tensor_scale" not in header["specs"][0]  # so releases before NVFP4 read it
+
+
+def test_nvfp4_files_are_version_4_and_keep_the_tensor_scale(tmp_path):
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 32)) * 50.0, jnp.float32)
+    qa = qjax.quantize(x, "nvfp4")
+    qio.save(tmp_path / "nv.safetensors", {"w": qa})
+    with safe_open(tmp_path / "nv.safetensors", framework="numpy") as f:
+        header = json.loads(f.metadata()["qjax"])
+        assert header["version"] == 4 and header["specs"][0]["tensor_scale"] is True
+        stored = f.get_tensor("w:tensor_scale")
+    # the tensor scale of the spec: amax / (448 * 6), one per tensor
+    expected = np.float32(np.max(np.abs(np.asarray(x)))) / np.float32(2688.0)
+    assert stored.shape == (1, 1) and stored[0, 0] == expected
+    loaded = qio.load(tmp_path / "nv.safetensors")["w"]
+    np.testing.assert_array_equal(np.asarray(loaded.dequantize()), np.asarray(qa.dequantize()))
 
 
 KEYS = ["a/b", "a:b", "%2F", "a%3Ab", "", "__metadata__", "x//y", "ünï cödé", ":data"]
@@ -377,14 +396,14 @@ B = ["tree", "dict", "b", "array"]
             r"'w' does not fit its spec: .*data must be uint8 \(packed int4",
         ),
         (lambda h: _set(h, [*W, "spec"], 5), None, "unknown spec #5"),
-        (lambda h: _set(h, ["specs", 0, "dtype"], "int3"), None, "invalid spec #0"),
+        (lambda h: _set(h, ["specs", 0, "dtype"], "int5"), None, "invalid spec #0"),
         (
             lambda h: _set(h, ["specs", 0, "scale_dtype"], "bfloat16"),
             None,
             "scale must be bfloat16 .* got float32",
         ),
         (lambda h: _set(h, ["specs", 0, "formulation"], "minval"), None, "offset is missing"),
-        (lambda h: _set(h, ["version"], 4), None, "unsupported qjax format version 4"),
+        (lambda h: _set(h, ["version"], 5), None, "unsupported qjax format version 5"),
         (lambda h: _set(h, ["version"], "2"), None, "unsupported qjax format version .2."),
         (lambda h: _set(h, ["format"], "other"), None, "no 'format': 'qjax'"),
         (lambda h: _set(h, ["tree", "dict", "c"], {"array": {}}), None, "'c' is in the qjax"),
@@ -416,3 +435,52 @@ def test_non_finite_values_are_refused_unless_allowed(tmp_path):
     qio.save(path, tree)
     _load_fails(path, r"tensor 'layer/bias' holds 2 non-finite value\(s\)")
     _assert_same(qio.load(path, check_finite=False), tree)
+
+
+def test_lookup_table_arrays_round_trip_bit_for_bit(tmp_path):
+    from qjax.palettize import nf4, palettize, per_grouped_channel
+
+    w = jnp.asarray(np.random.default_rng(1).normal(size=(128, 48)), jnp.float32)
+    tree = {
+        "nf4": nf4(w),
+        "lut3": palettize(w, 3, per_grouped_channel(-1, 16)),
+        "bias": jnp.zeros(48),
+    }
+    qio.save(tmp_path / "lut.safetensors", tree)
+    with safe_open(tmp_path / "lut.safetensors", framework="numpy") as f:
+        assert json.loads(f.metadata()["qjax"])["version"] == 4
+        assert {"nf4:indices", "nf4:table", "nf4:scale", "lut3:indices", "lut3:table"} <= set(
+            f.keys()
+        )
+    loaded = qio.load(tmp_path / "lut.safetensors")
+    for name in ("nf4", "lut3"):
+        got, want = loaded[name], tree[name]
+        assert (got.bits, got.pad, got.shape) == (want.bits, want.pad, want.shape)
+        np.testing.assert_array_equal(np.asarray(got.indices), np.asarray(want.indices))
+        np.testing.assert_array_equal(np.asarray(got.dequantize()), np.asarray(want.dequantize()))
+    assert loaded["lut3"].scale is None
+    # a tree of them dequantizes like QArrays do
+    np.testing.assert_array_equal(
+        np.asarray(qjax.dequantize_tree(loaded)["nf4"]), np.asarray(tree["nf4"].dequantize())
+    )
+
+
+def test_a_lookup_table_with_duplicate_entries_is_refused_on_load(tmp_path):
+    from qjax.palettize import palettize
+
+    la = palettize(jnp.arange(32.0).reshape(4, 8), 2)
+    qio.save(tmp_path / "lut.safetensors", {"w": la})
+    with safe_open(tmp_path / "lut.safetensors", framework="numpy") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = f.metadata()
+    table = tensors["w:table"].copy()
+    table[..., 1] = table[..., 0]  # two equal entries: indices 0 and 1 would mean the same
+    header = json.loads(metadata["qjax"])
+    header["tree"]["dict"]["w"]["lut"]["table"]["crc32"] = zlib.crc32(table.tobytes())
+    text = json.dumps(header, separators=(",", ":"))
+    metadata = {"qjax": text, "qjax_crc32": f"{zlib.crc32(text.encode()):08x}"}
+    safetensors.numpy.save_file(
+        {**tensors, "w:table": table}, str(tmp_path / "bad.safetensors"), metadata
+    )
+    with pytest.raises(ValueError, match=r"LUTArray at 'w' is not valid: .*duplicate entries"):
+        qio.load(tmp_path / "bad.safetensors")

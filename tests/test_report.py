@@ -184,8 +184,13 @@ def test_short_spec_is_parse_spec_shorthand(text, short):
     assert str(qjax.parse_spec(short)) == text
 
 
-def test_short_spec_keeps_what_shorthand_cannot_say():
-    text = str(qjax.QuantSpec("mxfp4"))
+def test_short_spec_names_presets_and_keeps_what_shorthand_cannot_say():
+    for shorthand in ("mxfp4", "nvfp4", "mxfp8:axis=-2", "nvfp4:axis=0"):
+        spec = qjax.parse_spec(shorthand)
+        assert short_spec(str(spec)) == shorthand
+        assert qjax.parse_spec(short_spec(str(spec))) == spec
+    blocks = qjax.per_block(-1, 8, channel_axis="all")  # MX-like blocks of 8: no preset
+    text = str(qjax.QuantSpec("float4_e2m1fn", granularity=blocks, scale_dtype="float8_e8m0fnu"))
     assert "channel_axis" in text and short_spec(text) == text
 
 
@@ -194,3 +199,16 @@ def test_short_spec_keeps_what_shorthand_cannot_say():
 )
 def test_format_bytes(n, text):
     assert format_bytes(n) == text
+
+
+def test_lookup_table_leaves_get_rows_with_their_real_bytes_and_error():
+    from qjax.palettize import nf4
+
+    w = np.random.default_rng(3).normal(size=(128, 64)).astype(np.float32)
+    la = nf4(w)  # 4-bit codes + one float32 absmax per 64 values: 4.5 bits per weight
+    (row,) = qjax.report({"w": w}, {"w": la}).rows
+    assert row["quantized"] and row["spec"] == "lut4:tables=1:scaled"
+    assert row["bytes_after"] == 128 * 64 // 2 + 4 * (128 // 64) * 64 + 16 * 4
+    error = w - np.asarray(la.dequantize(), np.float64)
+    expected_sqnr = 10 * np.log10(np.sum(w.astype(np.float64) ** 2) / np.sum(error**2))
+    assert abs(row["sqnr_db"] - expected_sqnr) < 1e-6

@@ -3,6 +3,7 @@
 from qjax import algorithms as algorithms
 from qjax import capture as capture
 from qjax import methods as methods
+from qjax import palettize as palettize
 from qjax.calibration import MovingAverage as MovingAverage
 from qjax.calibration import calibrate as calibrate
 from qjax.calibration import moving_average_init as moving_average_init
@@ -29,6 +30,7 @@ from qjax.ops import dequantize as dequantize
 from qjax.ops import fake_quant as fake_quant
 from qjax.ops import quantize as quantize
 from qjax.ops import straight_through as straight_through
+from qjax.palettize import LUTArray as LUTArray
 from qjax.qarray import QArray as QArray
 from qjax.qparams import QParams as QParams
 from qjax.qparams import compute_qparams as compute_qparams
@@ -44,6 +46,7 @@ from qjax.rules import LeafRule as LeafRule
 from qjax.rules import default_rules as default_rules
 from qjax.rules import parse_rules as parse_rules
 from qjax.rules import parse_spec as parse_spec
+from qjax.spec import PRESETS as PRESETS
 from qjax.spec import QuantSpec as QuantSpec
 from qjax.tree import DEFAULT_MIN_SIZE as DEFAULT_MIN_SIZE
 from qjax.tree import count_nonfinite as count_nonfinite
@@ -59,9 +62,11 @@ __all__ = [
     "AWQ",
     "DEFAULT_MIN_SIZE",
     "GPTQ",
+    "PRESETS",
     "TARGET_DTYPES",
     "Calibration",
     "Granularity",
+    "LUTArray",
     "LeafRule",
     "MovingAverage",
     "Plan",
@@ -94,6 +99,7 @@ __all__ = [
     "moving_average_qparams",
     "moving_average_update",
     "observe_range",
+    "palettize",
     "parse_rules",
     "parse_spec",
     "per_block",

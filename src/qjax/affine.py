@@ -11,12 +11,15 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from qjax.dtypes import TargetDType
+from qjax import packing
+from qjax.dtypes import TargetDType, target_dtype
 from qjax.exact import exact_divide, round_to_format, unfused
 from qjax.qparams import QParams
 from qjax.spec import QuantSpec
 
-__all__ = ["dequantize_blocks", "quantize_blocks", "saturate"]
+__all__ = ["dequantize_blocks", "float_scale", "quantize_blocks", "saturate"]
+
+E4M3 = target_dtype("float8_e4m3fn")
 
 
 def quantize_blocks(xb: jax.Array, qp: QParams, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
@@ -27,7 +30,7 @@ def quantize_blocks(xb: jax.Array, qp: QParams, spec: QuantSpec) -> tuple[jax.Ar
       integer targets; not yet cast for float targets, whose rounding is the cast), and
       ``in_range`` is True where no clamping happened (the straight-through mask).
     """
-    scale = qp.scale.astype(jnp.float32)
+    scale = float_scale(qp)
     if spec.power_of_two_scale:
         v = times_power_of_two(xb, qp.scale, -1)
     elif spec.is_float:
@@ -53,9 +56,7 @@ def _divide_offset(x: jax.Array, minval: jax.Array, scale: jax.Array) -> jax.Arr
     difference = x - minval
     wide = jnp.isinf(difference)
     halved = x * 0.5 - minval * 0.5
-    return exact_divide(
-        jnp.where(wide, halved, difference), jnp.where(wide, scale * 0.5, scale)
-    )
+    return exact_divide(jnp.where(wide, halved, difference), jnp.where(wide, scale * 0.5, scale))
 
 
 def times_power_of_two(v: jax.Array, scale: jax.Array, sign: int) -> jax.Array:
@@ -128,8 +129,21 @@ def dequantize_blocks(
     elif spec.formulation == "minval":
         y = _scale_plus_minval(q - spec.qmin, qp.scale.astype(jnp.float32), qp.minval)
     else:
-        y = qp.scale.astype(jnp.float32) * q
+        y = float_scale(qp) * q
     return saturate(y, dtype).astype(dtype)
+
+
+def float_scale(qp: QParams) -> jax.Array:
+    """The step of each block in float32: ``scale``, or ``tensor_scale * scale`` (NVFP4's
+    two levels, one rounding: torchao's ``per_tensor_scale * scale_e4m3``)."""
+    if qp.scale.dtype != jnp.float8_e4m3fn:
+        return qp.scale.astype(jnp.float32)
+    # Read off the bits: XLA fuses this into the loop over the values, where its emulated
+    # float8 convert would cost more than the rest of the loop.
+    scale = packing.float_values(
+        jax.lax.bitcast_convert_type(qp.scale, jnp.uint8).astype(jnp.int32), E4M3
+    )
+    return scale if qp.tensor_scale is None else qp.tensor_scale * scale
 
 
 def _scale_plus_minval(steps: jax.Array, scale: jax.Array, minval: jax.Array) -> jax.Array:

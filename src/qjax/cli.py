@@ -44,7 +44,7 @@ from qjax.files import write_safetensors as write_safetensors  # benchmarks impo
 from qjax.report import Report, format_bytes
 from qjax.resolve import LAYOUTS
 from qjax.rules import parse_leaf_rule
-from qjax.spec import FORMULATIONS, MX_PRESETS, SCHEMES
+from qjax.spec import FORMULATIONS, PRESETS, SCHEMES
 
 __all__ = ["EXIT_ERROR", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "main"]
 
@@ -269,10 +269,11 @@ def _add_rule_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",
         default="int8",
-        choices=[*qjax.TARGET_DTYPES, *MX_PRESETS, "keep"],
+        choices=[*qjax.TARGET_DTYPES, *PRESETS, "keep"],
         metavar="DTYPE",
-        help="target of the catch-all rule: int8 (default), uint8, int4, uint4, int2, "
-        "uint2, float8_e4m3fn, float8_e5m2, float4_e2m1fn, mxfp8, mxfp4, or keep (none)",
+        help="target of the catch-all rule: int8 (default), uint8, int4, uint4, int3, "
+        "uint3, int2, uint2, float8_e4m3fn, float8_e5m2, float4_e2m1fn, mxfp8, mxfp4, nvfp4, "
+        "or keep (none)",
     )
     parser.add_argument(
         "--granularity",
@@ -503,10 +504,10 @@ def catch_all_rule(args: argparse.Namespace) -> str | None:
             raise CLIError("--dtype keep turns the catch-all rule off; drop its other flags")
         return None
     g = args.granularity or ("per_block" if args.block_size is not None else "per_channel")
-    if args.dtype in MX_PRESETS and any(flag is not None for flag in flags):
+    if args.dtype in PRESETS and any(flag is not None for flag in flags):
         raise CLIError(
-            f"--dtype {args.dtype} sets its own blocks (32 along the contraction axis); drop "
-            "--granularity / --block-size / --axis"
+            f"--dtype {args.dtype} sets its own blocks ({PRESETS[args.dtype].block_size} along "
+            "the contraction axis); drop --granularity / --block-size / --axis"
         )
     if args.block_size is not None and g != "per_block":
         raise CLIError(f"--block-size needs --granularity per_block, not {g}")
@@ -515,7 +516,7 @@ def catch_all_rule(args: argparse.Namespace) -> str | None:
     tokens = [args.dtype]
     tokens += [args.scheme] if args.scheme else []
     tokens += [args.formulation] if args.formulation else []
-    if args.dtype not in MX_PRESETS:
+    if args.dtype not in PRESETS:
         tokens += [g] + ([str(args.block_size or 32)] if g == "per_block" else [])
         tokens += [] if args.axis is None else [f"axis={args.axis}"]
     tokens += [args.calibration] if args.calibration else []

@@ -20,7 +20,8 @@ class TargetDType:
       storage: the ``jnp`` dtype that holds one quantized value (an ml_dtypes type).
       qmin: smallest representable value (``iinfo.min`` or ``-finfo.max``).
       qmax: largest representable value.
-      bits: bits per value.
+      bits: bits each stored value takes: the storage type's (``int3`` / ``uint3`` values
+        are held, and packed, as 4-bit codes).
       is_float: True for float8 / float4 targets (values are cast, not rounded to integers).
       emax: largest unbiased exponent of a normal value (float targets only); the
         power-of-two (e8m0) scale is ``2 ** (floor(log2(amax)) - emax)``.
@@ -62,6 +63,22 @@ def _int_target(name: str) -> TargetDType:
     )
 
 
+def _narrow_int_target(name: str, bits: int, storage: str) -> TargetDType:
+    """An integer target of ``bits`` bits that no ml_dtypes type has, held in ``storage``:
+    ``[-2**(bits-1), 2**(bits-1) - 1]`` signed, ``[0, 2**bits - 1]`` unsigned."""
+    signed = not name.startswith("u")
+    store = jnp.dtype(getattr(jnp, storage))
+    return TargetDType(
+        name=name,
+        storage=store,
+        qmin=-(1 << (bits - 1)) if signed else 0,
+        qmax=(1 << (bits - 1)) - 1 if signed else (1 << bits) - 1,
+        bits=int(ml_dtypes.iinfo(store).bits),
+        is_float=False,
+        emax=None,
+    )
+
+
 def _float_target(name: str) -> TargetDType:
     info = ml_dtypes.finfo(jnp.dtype(getattr(jnp, name)))
     return TargetDType(
@@ -78,7 +95,10 @@ def _float_target(name: str) -> TargetDType:
 
 
 TARGET_DTYPES: dict[str, TargetDType] = {
-    **{n: _int_target(n) for n in ("int8", "uint8", "int4", "uint4", "int2", "uint2")},
+    **{n: _int_target(n) for n in ("int8", "uint8", "int4", "uint4")},
+    "int3": _narrow_int_target("int3", 3, "int4"),
+    "uint3": _narrow_int_target("uint3", 3, "uint4"),
+    **{n: _int_target(n) for n in ("int2", "uint2")},
     **{n: _float_target(n) for n in ("float8_e4m3fn", "float8_e5m2", "float4_e2m1fn")},
 }
 """Every supported target, by canonical name. Ranges come from ml_dtypes, not literals."""
@@ -101,6 +121,9 @@ def target_dtype(dtype: object) -> TargetDType:
       >>> t = target_dtype("uint4")
       >>> (t.qmin, t.qmax, t.bits)
       (0, 15, 4)
+      >>> t = target_dtype("int3")  # held in int4 codes
+      >>> (t.qmin, t.qmax, t.storage)
+      (-4, 3, dtype(int4))
     """
     if isinstance(dtype, str):
         name = dtype
@@ -112,6 +135,6 @@ def target_dtype(dtype: object) -> TargetDType:
     if name not in TARGET_DTYPES:
         raise ValueError(
             f"unsupported target dtype {dtype!r}; choose one of {sorted(TARGET_DTYPES)} "
-            "or an MX preset ('mxfp8', 'mxfp4')"
+            "or a preset ('mxfp8', 'mxfp4', 'nvfp4')"
         )
     return TARGET_DTYPES[name]

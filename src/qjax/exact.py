@@ -26,7 +26,7 @@ import ml_dtypes
 
 __all__ = ["exact_divide", "round_quotient", "round_to_format", "round_to_scale_dtype", "unfused"]
 
-NARROW_SCALE_DTYPES = ("bfloat16", "float16")
+NARROW_SCALE_DTYPES = ("bfloat16", "float16", "float8_e4m3fn")
 """The float scale dtypes narrower than float32 that :func:`round_to_scale_dtype` rounds
 to (float8_e8m0fnu scales are built from exponent bits and need no rounding)."""
 

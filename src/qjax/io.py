@@ -3,10 +3,11 @@
 A tree of nested ``dict`` / ``list`` / ``tuple`` / ``None`` whose leaves are
 :class:`~qjax.QArray` s or plain arrays (jax or NumPy) is written as one safetensors file:
 
-* every array is one tensor. A QArray gives one to four: ``<path>:data`` (packed
+* every array is one tensor. A QArray gives one to five: ``<path>:data`` (packed
   sub-byte values stay packed, one uint8 per 2 or 4 values), ``<path>:scale``, where
-  the formulation has one that the spec does not fix, ``<path>:offset``, and where it has
-  channel scales (AWQ, SmoothQuant), ``<path>:channel_scale``. ``<path>`` joins
+  the formulation has one that the spec does not fix, ``<path>:offset``, where it has
+  channel scales (AWQ, SmoothQuant), ``<path>:channel_scale``, and where its spec has a
+  tensor scale (NVFP4), ``<path>:tensor_scale``. ``<path>`` joins
   dict keys and list indices with ``/``; ``%``, ``/`` and ``:`` inside keys are
   percent-encoded (``%25``, ``%2F``, ``%3A``), so any string key round-trips;
 * offsets are stored as small as the maths allows: a symmetric ``zero_point`` spec fixes
@@ -32,11 +33,16 @@ A tree of nested ``dict`` / ``list`` / ``tuple`` / ``None`` whose leaves are
 
   where each ``T`` is ``{"dtype": <real dtype>, "shape": [...], "crc32": <checksum of the
   stored bytes>}``; an offset is ``null``, ``"implied"`` or a ``T``, with
-  ``"offset_dtype"`` its dtype in memory; ``"channel_scale": T`` is there only where the
-  QArray has channel scales, and only files with some are written as version 3 (older
-  qjax releases, which read version 2, would drop them). ``"name"`` (optional) is the
-  leaf's original tensor name (``qjax quantize`` stores it; :func:`load_tensors` gives it
-  back). Other nodes are ``{"list": [...]}``, ``{"tuple": [...]}`` and ``null``.
+  ``"offset_dtype"`` its dtype in memory; ``"channel_scale": T`` and ``"tensor_scale":
+  T`` are there only where the QArray has them. Files are written in the oldest version
+  that holds them (older qjax releases refuse newer versions rather than drop a part):
+  version 2 without either, 3 with channel scales, 4 with tensor scales. ``"name"``
+  (optional) is the leaf's original tensor name (``qjax quantize`` stores it;
+  :func:`load_tensors` gives it back). A :class:`~qjax.palettize.LUTArray` (NF4,
+  palettized weights; version 4) is ``{"lut": {"bits": n, "pad": p, "float_dtype": ...,
+  "indices": T, "table": T, "scale": T or null}}``, its tensors ``<path>:indices`` (packed
+  codes), ``<path>:table`` and ``<path>:scale``. Other nodes are ``{"list": [...]}``,
+  ``{"tuple": [...]}`` and ``null``.
 
 :func:`load` checks everything it reads (the metadata checksum, format version, tensor
 names, dtypes, shapes, tensor checksums, every QArray against its spec, finite values)
@@ -65,18 +71,24 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from qjax.granularity import Granularity
+from qjax.palettize import LUTArray
 from qjax.qarray import QArray
 from qjax.spec import QuantSpec
 
 __all__ = ["CHECKSUM_KEY", "FORMAT_VERSION", "METADATA_KEY", "load", "load_tensors", "save"]
 
-FORMAT_VERSION = 3
-"""The newest metadata layout, written by :func:`save` for trees whose QArrays have channel
-scales; other trees are written as version 2, which older qjax releases read too.
-:func:`load` reads versions 2 and 3. Version 2 added the metadata checksum, implied and
-narrowed offsets and tensor names; version 3 added channel scales."""
+FORMAT_VERSION = 4
+"""The newest metadata layout. :func:`save` writes each file in the oldest version that
+holds its tree, so older qjax releases read what they can: version 2 added the metadata
+checksum, implied and narrowed offsets and tensor names; version 3 channel scales (AWQ,
+SmoothQuant); version 4 tensor scales (NVFP4). :func:`load` reads versions 2 to 4."""
 
-_READABLE_VERSIONS = (2, FORMAT_VERSION)
+_READABLE_VERSIONS = (2, 3, FORMAT_VERSION)
+_OPTIONAL_PARTS = {"channel_scale": 3, "tensor_scale": 4}
+"""QArray leaves stored only where present, and the format version that added each."""
+_LUT_PARTS = ("indices", "table", "scale")
+_LUT_VERSION = 4
+"""Lookup-table arrays (:class:`~qjax.palettize.LUTArray`) came with version 4."""
 
 METADATA_KEY = "qjax"
 """The safetensors metadata key that holds the qjax JSON."""
@@ -166,7 +178,7 @@ def save(path: PathLike, tree: Any, *, names: Mapping[str, str] | None = None) -
     encoded_tree = encoder.node(tree, ())
     header = {
         "format": "qjax",
-        "version": FORMAT_VERSION if encoder.channel_scales else 2,
+        "version": encoder.version,
         "tree": encoded_tree,
         "specs": encoder.specs,
     }
@@ -287,11 +299,13 @@ class _Encoder:
         self._spec_ids: dict[QuantSpec, int] = {}
         self.names = dict(names or {})
         self.named: set[str] = set()
-        self.channel_scales = False  # any QArray with channel scales: version 3
+        self.version = 2  # raised by the optional parts a QArray holds
 
     def node(self, node: Any, path: Path) -> Any:
         if isinstance(node, QArray):
             return {"qarray": self.named_leaf(self.qarray(node, path), path)}
+        if isinstance(node, LUTArray):
+            return {"lut": self.named_leaf(self.lut(node, path), path)}
         if node is None:
             return None
         if type(node) is dict:
@@ -341,10 +355,27 @@ class _Encoder:
             offset = np.asarray(qa.offset)
             encoded["offset_dtype"] = offset.dtype.name
             encoded["offset"] = self.offset(qa.spec, offset, _tensor_name(path, "offset"))
-        if qa.channel_scale is not None:
-            name = _tensor_name(path, "channel_scale")
-            encoded["channel_scale"] = self.tensor(name, qa.channel_scale)
-            self.channel_scales = True
+        for part, version in _OPTIONAL_PARTS.items():
+            value = getattr(qa, part, None)
+            if value is not None:
+                encoded[part] = self.tensor(_tensor_name(path, part), value)
+                self.version = max(self.version, version)
+        return encoded
+
+    def lut(self, la: LUTArray, path: Path) -> dict[str, Any]:
+        try:
+            la.validate()
+        except ValueError as e:
+            raise ValueError(f"cannot save the LUTArray at {_show(path)}: {e}") from None
+        self.version = max(self.version, _LUT_VERSION)
+        encoded: dict[str, Any] = {
+            "bits": int(la.bits),
+            "pad": int(la.pad),
+            "float_dtype": jnp.dtype(la.float_dtype).name,
+        }
+        for part in _LUT_PARTS:
+            value = getattr(la, part)
+            encoded[part] = None if value is None else self.tensor(_tensor_name(path, part), value)
         return encoded
 
     def offset(self, spec: QuantSpec, offset: np.ndarray, name: str) -> Any:
@@ -387,6 +418,8 @@ def _encode_spec(spec: QuantSpec) -> dict[str, Any]:
         value = getattr(spec, field.name)
         if isinstance(value, Granularity):
             value = {g.name: getattr(value, g.name) for g in dataclasses.fields(value)}
+        if field.name == "tensor_scale" and not value:
+            continue  # as files before version 4 have it, so older releases read them
         encoded[field.name] = value
     try:
         survives = _decode_spec(json.loads(json.dumps(encoded))) == spec
@@ -446,6 +479,8 @@ class _Decoder:
             leaf = self.tensor(_tensor_name(path), body)
         elif kind == "qarray":
             leaf = self.qarray(body, path)
+        elif kind == "lut":
+            leaf = self.lut(body, path)
         else:
             raise _Invalid(f"corrupted qjax metadata: unknown node kind {kind!r} at {_show(path)}")
         name = body.get("name")
@@ -462,15 +497,17 @@ class _Decoder:
         data = self.tensor(_tensor_name(path, "data"), body["data"])
         scale = self.tensor(_tensor_name(path, "scale"), body["scale"])
         offset = self.offset(body, spec, scale.shape, path)
-        channel_scale = body.get("channel_scale")
-        if channel_scale is not None:
-            channel_scale = self.tensor(_tensor_name(path, "channel_scale"), channel_scale)
+        optional = {
+            part: self.tensor(_tensor_name(path, part), body[part])
+            for part in _OPTIONAL_PARTS
+            if body.get(part) is not None
+        }
         try:
             qa = QArray(
                 data=data,
                 scale=scale,
                 offset=offset,
-                channel_scale=channel_scale,
+                **optional,
                 spec=spec,
                 float_dtype=body["float_dtype"],
                 packed=body["packed"],
@@ -479,6 +516,18 @@ class _Decoder:
         except (TypeError, ValueError) as e:
             raise _Invalid(f"QArray at {_show(path)} does not fit its spec: {e}") from None
         return qa
+
+    def lut(self, body: dict[str, Any], path: Path) -> LUTArray:
+        parts = {
+            part: None if body[part] is None else self.tensor(_tensor_name(path, part), body[part])
+            for part in _LUT_PARTS
+        }
+        try:
+            return LUTArray(
+                **parts, bits=body["bits"], pad=body["pad"], float_dtype=body["float_dtype"]
+            ).validate()
+        except (TypeError, ValueError) as e:
+            raise _Invalid(f"LUTArray at {_show(path)} is not valid: {e}") from None
 
     def offset(
         self, body: dict[str, Any], spec: QuantSpec, shape: tuple[int, ...], path: Path
@@ -551,7 +600,7 @@ def _header(metadata: dict[str, str] | None) -> dict[str, Any]:
     if checksum is None and _version_of(text) == 1:
         raise _Invalid(
             "qjax format version 1 (written by qjax 0.1.0 without a metadata checksum) is no "
-            "longer read; this qjax reads versions 2 and 3: re-create the file with "
+            "longer read; this qjax reads versions 2 to 4: re-create the file with "
             "qjax.save or qjax quantize from the float weights"
         )
     if checksum != _text_crc32(text):

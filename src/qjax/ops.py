@@ -20,6 +20,7 @@ from qjax.qparams import (
     blockwise_qparams,
     check_float_input,
     check_scale_holds,
+    expand_qparams,
     overflows_scale_dtype,
 )
 from qjax.spec import QuantSpec, SpecLike, as_spec
@@ -135,6 +136,7 @@ def _quantize(x: jax.Array, qparams: QParams | None, spec: QuantSpec, packed: bo
         scale=qp.scale,
         offset=offset,
         spec=spec,
+        tensor_scale=qp.tensor_scale,
         float_dtype=x.dtype.name,
         packed=packed,
         pad=packing.packed_pad(x.shape[-1], target.bits) if packed else 0,
@@ -151,7 +153,7 @@ def _quantize_values(
     xb = layout.blockify(x.astype(jnp.float32))
     if qparams is None:
         qparams = blockwise_qparams(xb, layout, spec)
-    q, in_range = quantize_blocks(xb, jax.tree.map(layout.expand, qparams), spec)
+    q, in_range = quantize_blocks(xb, expand_qparams(qparams, layout), spec)
     return q, in_range, qparams, layout
 
 
@@ -233,7 +235,7 @@ def fake_quant(
 def _fake_quant(x: jax.Array, qparams: QParams | None, spec: QuantSpec) -> jax.Array:
     q, in_range, qp, layout = _quantize_values(jax.lax.stop_gradient(x), qparams, spec)
     qp = jax.lax.stop_gradient(qp)
-    y = dequantize_stored(q, jax.tree.map(layout.expand, qp), spec, x.dtype).reshape(x.shape)
+    y = dequantize_stored(q, expand_qparams(qp, layout), spec, x.dtype).reshape(x.shape)
     return straight_through(x, y, in_range.reshape(x.shape))
 
 
@@ -301,29 +303,34 @@ def _user_qparams(
         )
     params = gran.param_shape(shape, gran.block_shape(shape, spec.granularity))
     needed = ["scale"] + ([spec.formulation] if spec.formulation != "scale" else [])
-    used = {name: _param_array(getattr(qparams, name), name, params, spec) for name in needed}
+    needed += ["tensor_scale"] if spec.tensor_scale else []
+    shapes = {name: (1,) * len(shape) if name == "tensor_scale" else params for name in needed}
+    used = {name: _param_array(getattr(qparams, name), name, shapes[name], spec) for name in needed}
     used["scale"] = round_to_scale_dtype(used["scale"], spec.scale_dtype)
     if "zero_point" in used:
         zero_point = used["zero_point"]
         if jnp.issubdtype(zero_point.dtype, jnp.floating):
             zero_point = jnp.round(zero_point)  # whole numbers, checked below where concrete
         used["zero_point"] = zero_point.astype(jnp.int32)
-    if "minval" in used:
-        used["minval"] = used["minval"].astype(jnp.float32)
+    for name in ("minval", "tensor_scale"):
+        if name in used:
+            used[name] = used[name].astype(jnp.float32)
     if not any(isinstance(getattr(qparams, name), jax.core.Tracer) for name in needed):
-        given = {name: np.reshape(np.asarray(getattr(qparams, name)), params) for name in needed}
+        given = {
+            name: np.reshape(np.asarray(getattr(qparams, name)), shapes[name]) for name in needed
+        }
         _check_param_values(given, {k: np.asarray(v) for k, v in used.items()}, spec)
-    return QParams(used["scale"], used.get("zero_point"), used.get("minval"))
+    return QParams(
+        used["scale"], used.get("zero_point"), used.get("minval"), used.get("tensor_scale")
+    )
 
 
 def _param_array(value: object, name: str, shape: tuple[int, ...], spec: QuantSpec) -> jax.Array:
     """One qparams field as a real-valued array of ``shape``, or a clear error."""
-    what = f"qparams.{name} (needed by formulation {spec.formulation!r})"
+    needs = "tensor_scale=True" if name == "tensor_scale" else f"formulation {spec.formulation!r}"
+    what = f"qparams.{name} (needed by {needs})"
     if value is None:
-        raise ValueError(
-            f"qparams.{name} must have shape {shape} (needed by formulation "
-            f"{spec.formulation!r}), got None"
-        )
+        raise ValueError(f"qparams.{name} must have shape {shape} (needed by {needs}), got None")
     with np.errstate(over="ignore"):  # a float64 beyond float32 becomes inf: refused below
         array = _as_array(value)
     if array is None or not (
@@ -332,9 +339,10 @@ def _param_array(value: object, name: str, shape: tuple[int, ...], spec: QuantSp
         kind = type(value).__name__ if array is None else f"dtype {array.dtype}"
         raise TypeError(f"{what} must be an array of real numbers, got {kind}")
     if array.size != math.prod(shape):
+        of = "one per tensor" if name == "tensor_scale" else "x.shape // block shape for"
         raise ValueError(
-            f"qparams.{name} must have shape {shape} (x.shape // block shape for "
-            f"{spec.granularity}), got {tuple(array.shape)}"
+            f"qparams.{name} must have shape {shape} ({of} {spec.granularity}), got "
+            f"{tuple(array.shape)}"
         )
     return array.reshape(shape)
 
@@ -359,6 +367,22 @@ def _check_param_values(
         f"qparams.scale must be representable in the spec's scale_dtype {spec.scale_dtype}: "
         f"between {low:.8g} and {high:.8g}",
     )
+    if "tensor_scale" in given:
+        tensor_scale = used["tensor_scale"].astype(np.float64)
+        _refuse(
+            ~(np.isfinite(tensor_scale) & (tensor_scale > 0)),
+            given["tensor_scale"],
+            "qparams.tensor_scale must be finite and > 0 in float32",
+        )
+        rounded = _float32(rounded * tensor_scale)  # each block's step, as the maths uses it
+        tiny = float(np.finfo(np.float32).tiny)
+        _refuse(
+            ~(rounded >= tiny),
+            given["scale"],
+            f"qparams.tensor_scale * qparams.scale (the step of a block) must be at least "
+            f"{tiny:.8g}, the smallest normal float32 (tensor_scale is "
+            f"{float(tensor_scale.reshape(-1)[0]):.8g})",
+        )
     if "minval" in given:
         finite = np.isfinite(used["minval"])
         _refuse(~finite, given["minval"], "qparams.minval must be finite in float32")

@@ -17,8 +17,8 @@ scales and offsets it gives are sharded like the float leaf they come from.
 * With ``ocp.CheckpointManager``: save ``ocp.args.StandardSave(parts(tree))`` with
   ``custom_metadata=metadata(tree)``, restore ``ocp.args.StandardRestore(parts(target))``
   and rebuild with ``from_parts(restored, target)``. :func:`parts` turns each QArray into
-  the dict ``{"data", "scale", "offset", "channel_scale"}``, exactly what Orbax stores for a
-  QArray node, so the files are the same either way.
+  the dict ``{"data", "scale", "offset", "channel_scale", "tensor_scale"}``, exactly what
+  Orbax stores for a QArray node, so the files are the same either way.
 * :func:`orbax_to_safetensors` / :func:`safetensors_to_orbax`: an Orbax checkpoint to one
   qjax ``.safetensors`` file (:mod:`qjax.io`) and back, one tensor in memory at a time.
 
@@ -66,7 +66,7 @@ METADATA_KEY = "qjax"
 """The key of Orbax's custom metadata under which :func:`save` records the QArrays' statics."""
 
 _FORMAT = "qjax-orbax"
-_PARTS = ("data", "scale", "offset", "channel_scale")
+_PARTS = ("data", "scale", "offset", "channel_scale", "tensor_scale")
 _UNSTORABLE = ("uint4", "uint2")
 
 
@@ -83,9 +83,9 @@ def abstract_quantized(abstract_params: Any, rules: RulesLike | None = None, **k
 
     * ``data`` the float leaf's ``PartitionSpec`` (packed data too: its last axis holds
       bytes, so each shard must hold whole bytes);
-    * ``scale``, ``offset`` and ``channel_scale`` the same mesh axes along the dimensions
-      where they have more than one entry, replicated along the others (a per-tensor or
-      per-channel scale along an unsharded axis).
+    * ``scale``, ``offset``, ``channel_scale`` and ``tensor_scale`` the same mesh axes
+      along the dimensions where they have more than one entry, replicated along the
+      others (a per-tensor or per-channel scale along an unsharded axis).
 
     Leaves kept float keep their sharding. Fully replicated shardings of any kind (one
     device) are given to every part as they are.
@@ -213,7 +213,7 @@ def _is_qarray(x: Any) -> bool:
 
 
 def parts(tree: Any) -> Any:
-    """``tree`` with each QArray replaced by its dict ``{data, scale, offset, channel_scale}``.
+    """``tree`` with each QArray replaced by its dict of parts (:data:`_PARTS`).
 
     Orbax stores a QArray node as exactly this dict (absent parts as None), so a checkpoint
     saved from ``parts(tree)`` or from ``tree`` is the same; ``parts`` of a target restores
@@ -223,7 +223,7 @@ def parts(tree: Any) -> Any:
       >>> import jax.numpy as jnp, qjax, qjax.orbax
       >>> p = qjax.orbax.parts({"w": qjax.quantize(jnp.ones((4, 8)), "int8")})
       >>> sorted(p["w"]), p["w"]["offset"]
-      (['channel_scale', 'data', 'offset', 'scale'], None)
+      (['channel_scale', 'data', 'offset', 'scale', 'tensor_scale'], None)
     """
 
     def split(x: Any) -> Any:
@@ -455,9 +455,8 @@ def orbax_to_safetensors(
     with _LeafReader(src, target, batch_bytes) as reader:
         encoder = _StreamingEncoder(None)
         tree = encoder.node(reader.lazy_tree(), ())
-        header = {"format": "qjax", "version": 2, "tree": tree, "specs": encoder.specs}
-        if encoder.channel_scales:
-            header["version"] = qio.FORMAT_VERSION
+        header = {"format": "qjax", "version": encoder.version, "tree": tree}
+        header["specs"] = encoder.specs
         text = json.dumps(header, separators=(",", ":"), allow_nan=False)
         items = [(name, t.shape, t.stored) for name, t in encoder.tensors.items()]
         # The order write_safetensors writes in (by item size), for the reads ahead.

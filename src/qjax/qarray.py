@@ -14,7 +14,7 @@ import numpy as np
 from qjax import granularity as gran
 from qjax import packing
 from qjax.affine import dequantize_blocks, saturate
-from qjax.qparams import QParams
+from qjax.qparams import QParams, expand_qparams
 from qjax.spec import QuantSpec
 
 __all__ = ["QArray"]
@@ -40,6 +40,9 @@ class QArray:
         ``(in, 1)`` for a Flax Dense kernel ``[in, out]``). AWQ and SmoothQuant
         (:mod:`qjax.algorithms`) quantize ``w * s`` along the input axis and store
         ``1 / s`` here; serving multiplies the layer's input by it.
+      tensor_scale: for specs with ``tensor_scale=True`` (NVFP4), the float32 scale of the
+        whole array, shape ``(1,) * ndim`` (stacked QArrays: one per layer, e.g.
+        ``(layers, 1, 1)``), that each block's ``scale`` multiplies; else None.
       spec: the :class:`~qjax.QuantSpec` used.
       float_dtype: the dtype :meth:`dequantize` returns (the input's dtype).
       packed: True when ``data`` holds packed sub-byte values.
@@ -71,6 +74,7 @@ class QArray:
     offset: jax.Array | None
     spec: QuantSpec = dataclasses.field(metadata={"static": True})
     channel_scale: jax.Array | None = None
+    tensor_scale: jax.Array | None = None
     float_dtype: str = dataclasses.field(default="float32", metadata={"static": True})
     packed: bool = dataclasses.field(default=False, metadata={"static": True})
     pad: int = dataclasses.field(default=0, metadata={"static": True})
@@ -126,19 +130,19 @@ class QArray:
 
     @property
     def nbytes(self) -> int:
-        """Bytes actually held: stored values (packed where packed), scales, offsets and
-        channel scales."""
-        parts = (self.data, self.scale, self.offset, self.channel_scale)
+        """Bytes actually held: stored values (packed where packed), scales, offsets, channel
+        scales and tensor scales."""
+        parts = (self.data, self.scale, self.offset, self.channel_scale, self.tensor_scale)
         # From shape and itemsize, so it also works on abstract values (jax.eval_shape).
         return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in parts if a is not None)
 
     @property
     def qparams(self) -> QParams:
-        """The scale and offset as :class:`~qjax.QParams`."""
+        """The scale, offset and tensor scale as :class:`~qjax.QParams`."""
         offset = self.offset
         zero_point = offset if self.spec.formulation == "zero_point" else None
         minval = offset if self.spec.formulation == "minval" else None
-        return QParams(self.scale, zero_point, minval)
+        return QParams(self.scale, zero_point, minval, self.tensor_scale)
 
     def codes(self) -> jax.Array:
         """The quantized values as int32 integers (integer targets) or the storage type."""
@@ -173,7 +177,7 @@ class QArray:
             )
         else:
             codes = layout.blockify(self.codes())
-        qp = jax.tree.map(layout.expand, self.qparams)
+        qp = expand_qparams(self.qparams, layout)
         if self.channel_scale is None:
             return dequantize_blocks(codes, qp, self.spec, self.float_dtype).reshape(shape)
         values = dequantize_blocks(codes, qp, self.spec, jnp.float32).reshape(shape)
@@ -266,6 +270,40 @@ def _check_leaves(qa: QArray, *, strict: bool) -> None:
         )
     _check_offset(qa, scale[0], strict)
     _check_channel_scale(qa, shape, strict)
+    _check_tensor_scale(qa, shape, strict)
+
+
+def _check_tensor_scale(qa: QArray, shape: tuple[int, ...], strict: bool) -> None:
+    """Present exactly where the spec has one: float32, ``(1,) * ndim`` after any stacked
+    leading axes (those equal to the array's own)."""
+    wanted = qa.spec.tensor_scale
+    if qa.tensor_scale is None:
+        if wanted:
+            raise ValueError(
+                f"QArray tensor_scale is missing: {qa.spec} scales its blocks by one float32 "
+                f"scale per tensor, shape {(1,) * len(shape)}"
+            )
+        return
+    found = _aval(qa.tensor_scale, "tensor_scale", strict)
+    if not wanted:
+        if strict or found is not None:
+            raise ValueError(
+                f"QArray tensor_scale must be None: {qa.spec} has no tensor scale "
+                "(tensor_scale=False)"
+            )
+        return
+    if found is None:
+        return
+    ts_shape, dtype = found
+    same = len(ts_shape) == len(shape)
+    stacked = next((k for k, d in enumerate(ts_shape) if not same or d != shape[k]), 0)
+    if not same or any(d != 1 for d in ts_shape[stacked:]):
+        raise ValueError(
+            f"QArray tensor_scale has shape {ts_shape}, but an array of shape {shape} needs "
+            f"{(1,) * len(shape)} (one scale per tensor), or that shape after stacked leading "
+            "axes (e.g. (layers, 1, 1))"
+        )
+    _check_dtype("tensor_scale", dtype, jnp.dtype(jnp.float32), exact=strict, why="a float32 scale")
 
 
 def _check_channel_scale(qa: QArray, shape: tuple[int, ...], strict: bool) -> None:

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from qjax import granularity as gran
-from qjax.exact import exact_divide, round_to_scale_dtype
+from qjax import packing
+from qjax.dtypes import target_dtype
+from qjax.exact import exact_divide, round_to_format, round_to_scale_dtype
 from qjax.spec import QuantSpec, SpecLike, as_spec
 
 __all__ = [
@@ -20,6 +24,7 @@ __all__ = [
     "check_float_input",
     "check_scale_holds",
     "compute_qparams",
+    "expand_qparams",
     "overflows_scale_dtype",
     "qparams_from_minmax",
 ]
@@ -30,6 +35,19 @@ EPS = float(np.finfo(np.float32).eps)
 E8M0_MIN_EXP, E8M0_MAX_EXP = -127, 127
 """Exponent range of a float8_e8m0fnu scale (255 is NaN)."""
 
+E4M3_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)
+"""Largest float8_e4m3fn scale (448); the cast turns values past 464 into NaN, so clamp."""
+
+E4M3_TINY = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).tiny)
+"""Smallest normal float8_e4m3fn scale (2**-6): the floor of e4m3 block scales (torchao's
+``E4M3_EPS``), so an all-zero block gets a usable scale."""
+
+TENSOR_SCALE_MIN = 2.0**-120
+"""Floor of a tensor scale: every ``tensor_scale * scale`` (at least ``tensor_scale * 2**-6``)
+stays a normal float32, which XLA would otherwise flush to zero and divide by. It is reached
+only by tensors with ``amax < 448 * 6 * 2**-120`` (about 2e-33), the all-zero tensor
+included, whose tensor scale the published formula makes 0 (and its quotients NaN)."""
+
 
 class QParams(NamedTuple):
     """The quant params of every block, each with shape ``x.shape // block_shape``.
@@ -39,11 +57,23 @@ class QParams(NamedTuple):
       zero_point: the int32 value that float 0 maps to (integer targets; None for floats).
       minval: the float32 value that ``qmin`` maps to (integer targets; None for floats):
         ``min(min(x), 0)`` for asymmetric, ``-amax`` for symmetric schemes.
+      tensor_scale: specs with ``tensor_scale=True`` (NVFP4): the float32 scale of the
+        whole tensor, shape ``(1,) * x.ndim``, that ``scale`` multiplies; else None.
     """
 
     scale: jax.Array
     zero_point: jax.Array | None
     minval: jax.Array | None
+    tensor_scale: jax.Array | None = None
+
+    def map_blocks(self, fn: Callable[[jax.Array], jax.Array]) -> QParams:
+        """``fn`` applied to the per-block fields (not to the tensor scale)."""
+        return QParams(
+            fn(self.scale),
+            None if self.zero_point is None else fn(self.zero_point),
+            None if self.minval is None else fn(self.minval),
+            self.tensor_scale,
+        )
 
 
 def check_float_input(x: jax.typing.ArrayLike, what: str = "quantize") -> jax.Array:
@@ -202,6 +232,7 @@ def qparams_from_minmax(min_val: jax.Array, max_val: jax.Array, spec: SpecLike) 
     min_neg = jnp.minimum(jnp.asarray(min_val, jnp.float32), 0.0)
     max_pos = jnp.maximum(jnp.asarray(max_val, jnp.float32), 0.0)
     qmin, qmax = spec.qmin, spec.qmax
+    tensor_scale = None
     if spec.scheme == "asymmetric":
         # Half the range over half the levels: the same quotient (halving a float32 is exact
         # but for subnormals, whose quotients fall below EPS), and finite for ranges wider
@@ -215,6 +246,8 @@ def qparams_from_minmax(min_val: jax.Array, max_val: jax.Array, spec: SpecLike) 
         amax = jnp.maximum(-min_neg, max_pos)
         if spec.power_of_two_scale:
             scale = _power_of_two_scale(amax, spec.target.emax)
+        elif spec.scale_dtype == "float8_e4m3fn":
+            scale, tensor_scale = _e4m3_scale(amax, spec)
         else:
             scale = jnp.maximum(exact_divide(amax, jnp.float32((qmax - qmin) / 2)), EPS)
         zero_point = (
@@ -223,7 +256,34 @@ def qparams_from_minmax(min_val: jax.Array, max_val: jax.Array, spec: SpecLike) 
         minval = -amax
     if spec.is_float:
         minval = None
-    return QParams(round_to_scale_dtype(scale, spec.scale_dtype), zero_point, minval)
+    return QParams(round_to_scale_dtype(scale, spec.scale_dtype), zero_point, minval, tensor_scale)
+
+
+def _e4m3_scale(amax: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array | None]:
+    """float8_e4m3fn block scales and the float32 tensor scale (NVFP4's two levels).
+
+    ``block = amax / fmax``; with a tensor scale ``t = max(amax(x) / (448 * fmax), 2**-120)``
+    the block scale becomes ``block / t``. It is clamped to ``[2**-6, 448]`` before the
+    cast to e4m3 (torchao's ``nvfp4_quantize`` and ``per_tensor_amax_to_scale``, with the
+    floor of :data:`TENSOR_SCALE_MIN`). The tensor's amax is taken over the finite blocks
+    and a block with NaN or inf gets a NaN scale, so such values spoil only their block.
+    """
+    block = exact_divide(amax, jnp.float32(spec.qmax))
+    tensor_scale = None
+    if spec.tensor_scale:
+        finite = jnp.isfinite(amax)
+        tensor_amax = jnp.max(jnp.where(finite, amax, 0.0), initial=0.0)
+        tensor_scale = jnp.maximum(
+            exact_divide(tensor_amax, jnp.float32(E4M3_MAX * spec.qmax)), TENSOR_SCALE_MIN
+        )
+        block = exact_divide(block, tensor_scale)
+        tensor_scale = tensor_scale.reshape((1,) * amax.ndim)
+    scale = jnp.where(jnp.isfinite(amax), jnp.clip(block, E4M3_TINY, E4M3_MAX), jnp.nan)
+    # Rounded and encoded with integer ops, not XLA:CPU's emulated float8 convert: XLA
+    # fuses the scales into the loop over the values and recomputes them for each value.
+    e4m3 = target_dtype("float8_e4m3fn")
+    codes = packing.float_codes(round_to_format(scale, e4m3.mantissa_bits, e4m3.emin), e4m3)
+    return jax.lax.bitcast_convert_type(codes.astype(jnp.uint8), e4m3.storage), tensor_scale
 
 
 def _power_of_two_scale(amax: jax.Array, emax: int) -> jax.Array:
@@ -300,4 +360,20 @@ def blockwise_qparams(xb: jax.Array, layout: gran.BlockLayout, spec: QuantSpec) 
     else:
         hi = block_absmax(xb, layout)
         lo = -hi
-    return jax.tree.map(layout.compact, qparams_from_minmax(lo, hi, spec))
+    qp = qparams_from_minmax(lo, hi, spec).map_blocks(layout.compact)
+    if qp.tensor_scale is None:
+        return qp
+    return qp._replace(tensor_scale=qp.tensor_scale.reshape((1,) * len(layout.shape)))
+
+
+def expand_qparams(qp: QParams, layout: gran.BlockLayout) -> QParams:
+    """Params of shape ``layout.params`` reshaped to broadcast against the blocked array.
+
+    A tensor scale (``(1,) * ndim``, or stacked along leading axes as ``vmap`` stacks it)
+    is broadcast to one per block first, so it lines up with the blocked array too.
+    """
+    qp = qp.map_blocks(layout.expand)
+    if qp.tensor_scale is None:
+        return qp
+    per_block = jnp.broadcast_to(qp.tensor_scale, layout.params)
+    return qp._replace(tensor_scale=layout.expand(per_block))

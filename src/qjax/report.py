@@ -34,8 +34,10 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from qjax.granularity import per_block
+from qjax.palettize import LUTArray
 from qjax.qarray import QArray
-from qjax.spec import QuantSpec
+from qjax.spec import PRESETS, QuantSpec
 from qjax.tree import path_str
 
 __all__ = [
@@ -101,7 +103,7 @@ def leaf_row(path: str, x: Any, q: Any) -> dict[str, Any]:
     """
     x = np.asarray(x)
     before = int(x.nbytes)
-    if not isinstance(q, QArray):
+    if not _quantized(q):
         after = int(np.asarray(q).nbytes)
         return _row(path, x.shape, x.dtype, _kept_spec(x.dtype), before, after, False)
     if tuple(q.shape) != tuple(x.shape):
@@ -110,7 +112,8 @@ def leaf_row(path: str, x: Any, q: Any) -> dict[str, Any]:
             f"{tuple(x.shape)}; pass the tree that was quantized"
         )
     signal, noise, max_err = _error_sums(x, np.asarray(_dequantize(q)))
-    return _row(path, x.shape, x.dtype, str(q.spec), before, q.nbytes, True, signal, noise, max_err)
+    spec = _spec_text(q)
+    return _row(path, x.shape, x.dtype, spec, before, q.nbytes, True, signal, noise, max_err)
 
 
 def stored_row(path: str, leaf: Any) -> dict[str, Any]:
@@ -127,14 +130,14 @@ def stored_row(path: str, leaf: Any) -> dict[str, Any]:
       >>> row["bytes_before"], row["bytes_after"], row["sqnr_db"]
       (16384, 2560, None)
     """
-    if not isinstance(leaf, QArray):
+    if not _quantized(leaf):
         leaf = np.asarray(leaf)
         return _row(
             path, leaf.shape, leaf.dtype, _kept_spec(leaf.dtype), leaf.nbytes, leaf.nbytes, False
         )
     dtype = np.dtype(leaf.float_dtype)
     before = math.prod(leaf.shape) * dtype.itemsize
-    return _row(path, leaf.shape, dtype, str(leaf.spec), before, leaf.nbytes, True)
+    return _row(path, leaf.shape, dtype, _spec_text(leaf), before, leaf.nbytes, True)
 
 
 def report(params: Any, qtree: Any) -> Report:
@@ -329,8 +332,21 @@ def _error_sums(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
 
 
 @jax.jit
-def _dequantize(q: QArray) -> jax.Array:
+def _dequantize(q: QArray | LUTArray) -> jax.Array:
     return q.dequantize()
+
+
+def _quantized(leaf: Any) -> bool:
+    return isinstance(leaf, QArray | LUTArray)
+
+
+def _spec_text(q: QArray | LUTArray) -> str:
+    """The spec of a QArray; for a lookup-table array its index bits, table count and
+    whether blocks are scaled (NF4), e.g. ``"lut4:tables=1:scaled"``."""
+    if isinstance(q, QArray):
+        return str(q.spec)
+    tables = math.prod(q.table.shape[:-1])
+    return f"lut{q.bits}:tables={tables}" + (":scaled" if q.scale is not None else "")
 
 
 def _sqnr_db(signal: float, noise: float) -> float:
@@ -351,7 +367,7 @@ def _ratio(before: int, after: int) -> float:
 
 
 def _leaves_by_path(tree: Any) -> dict[str, Any]:
-    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, QArray))
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_quantized)
     return {path_str(p): leaf for p, leaf in leaves[0]}
 
 
@@ -378,7 +394,14 @@ def short_spec(text: str) -> str:
       'int4:per_block:32:axis=-2'
       >>> short_spec("uint8:asymmetric:zero_point:per_channel(axis=0)")
       'uint8:asymmetric:per_channel:axis=0'
+      >>> import qjax
+      >>> nvfp4, mxfp4 = qjax.parse_spec("nvfp4"), qjax.parse_spec("mxfp4:axis=-2")
+      >>> short_spec(str(nvfp4)), short_spec(str(mxfp4))
+      ('nvfp4', 'mxfp4:axis=-2')
     """
+    preset = _preset(text)
+    if preset is not None:
+        return preset
     match = _SPEC_RE.fullmatch(text)
     if match is None:
         return text
@@ -395,6 +418,20 @@ def short_spec(text: str) -> str:
     return ":".join(parts)
 
 
+def _preset(text: str) -> str | None:
+    """The preset shorthand (``"mxfp4"``, ``"nvfp4:axis=-2"``) a spec string stands for."""
+    match = _PRESET_RE.fullmatch(text)
+    if match is None:
+        return None
+    axis = int(match.group(1))
+    for name, preset in PRESETS.items():
+        blocks = per_block(axis, preset.block_size, channel_axis="all")
+        if str(QuantSpec(name, granularity=blocks)) == text:
+            return name if axis == -1 else f"{name}:axis={axis}"
+    return None
+
+
+_PRESET_RE = re.compile(r".*:per_block\(axis=(-?\d+), block_size=\d+, channel_axis='all'\).*")
 _SPEC_RE = re.compile(
     r"(\w+):(\w+):(\w+):(per_tensor|per_channel|per_block)"
     r"(?:\(axis=(-?\d+)(?:, block_size=(\d+))?\))?(?::(scale=\w+))?"

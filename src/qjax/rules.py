@@ -19,7 +19,7 @@ from typing import Any, Union
 from qjax.calibration import METHODS
 from qjax.dtypes import TARGET_DTYPES
 from qjax.granularity import per_block, per_channel, per_tensor, per_token
-from qjax.spec import FORMULATIONS, MX_BLOCK_SIZE, MX_PRESETS, SCALE_DTYPES, SCHEMES, QuantSpec
+from qjax.spec import FORMULATIONS, PRESETS, SCALE_DTYPES, SCHEMES, QuantSpec
 
 __all__ = [
     "DEFAULT_MIN_SIZE",
@@ -68,9 +68,7 @@ class Calibration:
 
     def __post_init__(self):
         if not isinstance(self.method, str) or self.method not in METHODS:
-            raise ValueError(
-                f"calibration method must be one of {METHODS}, got {self.method!r}"
-            )
+            raise ValueError(f"calibration method must be one of {METHODS}, got {self.method!r}")
         p = self.percentile
         if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 < p <= 100:
             raise ValueError(f"calibration percentile must be a number in (0, 100], got {p!r}")
@@ -124,7 +122,7 @@ class LeafRule:
             return "keep"
         text = str(self.spec)
         g = self.spec.granularity
-        if self.template and g.channel_axis != "all":  # MX presets print their axes
+        if self.template and g.channel_axis != "all":  # presets print their axes
             short = "per_channel" if g.kind == "per_channel" else f"per_block:{g.block_size}"
             text = text.replace(str(g), short)
         return text if self.calibration is None else f"{text}:{self.calibration}"
@@ -148,8 +146,10 @@ def parse_spec(text: str) -> QuantSpec | None:
     ``minval``), one granularity (``per_tensor``, ``per_channel``, ``per_token``, or
     ``per_block`` followed by its block size), ``axis=N`` (per_channel and per_block only;
     default -1 for per_channel and -2 for per_block, the Flax kernel layout) and
-    ``scale=DTYPE``. The MX presets ``mxfp8`` / ``mxfp4`` take no granularity (blocks of 32
-    along the last axis); ``axis=N`` moves their blocks (``mxfp4:axis=-2`` for Flax kernels).
+    ``scale=DTYPE``, and ``tensor_scale`` (two-level scaling, with ``scale=float8_e4m3fn``).
+    The presets ``mxfp8`` / ``mxfp4`` (blocks of 32) and ``nvfp4`` (blocks of 16, e4m3
+    scales and a tensor scale) take no granularity: their blocks run along the last axis,
+    and ``axis=N`` moves them (``nvfp4:axis=-2`` for Flax kernels).
     Whitespace around tokens is ignored; inside a token it is refused.
 
     Without ``axis=``, rules (:class:`RulePlan`) read per_channel, per_block and MX
@@ -168,6 +168,9 @@ def parse_spec(text: str) -> QuantSpec | None:
       uint8:asymmetric:zero_point:per_channel(axis=0)
       >>> parse_spec("keep") is None
       True
+      >>> spec = parse_spec("nvfp4:axis=-2")  # blocks of 16 along the in axis of a Dense kernel
+      >>> print(spec.granularity, spec.scale_dtype, spec.tensor_scale)
+      per_block(axis=-2, block_size=16, channel_axis='all') float8_e4m3fn True
       >>> parse_spec("int8:per_channel:per_tensor")
       Traceback (most recent call last):
         ...
@@ -232,8 +235,11 @@ def _parse(text: object, what: str, *, calibration: bool) -> LeafRule:
     i = 0
     while i < len(rest):
         token = rest[i]
-        if token in TARGET_DTYPES or token in MX_PRESETS:
+        if token in TARGET_DTYPES or token in PRESETS:
             claim("dtype", token)
+        elif token == "tensor_scale":
+            claim("tensor scale", token)
+            kwargs["tensor_scale"] = True
         elif token in SCHEMES:
             claim("scheme", token)
             kwargs["scheme"] = token
@@ -277,21 +283,21 @@ def _parse(text: object, what: str, *, calibration: bool) -> LeafRule:
             raise ValueError(
                 f"spec {text!r}: cannot read {token!r}; expected a scheme {SCHEMES}, a "
                 f"formulation {FORMULATIONS}, per_tensor, per_channel, per_token, per_block:SIZE, "
-                f"axis=N, scale={'|'.join(SCALE_DTYPES)}"
+                f"axis=N, scale={'|'.join(SCALE_DTYPES)}, tensor_scale"
                 + (f", or a calibration {_CALIBRATIONS} / percentile=P" if calibration else "")
             )
         i += 1
-    if head in MX_PRESETS and kind is not None:
+    if head in PRESETS and kind is not None:
         raise ValueError(f"spec {text!r}: {head} sets its own blocks; drop {kind!r}")
     if axis is not None and kind in ("per_tensor", "per_token"):
         raise ValueError(
             f"spec {text!r}: {seen['axis']!r} has no meaning with {kind} (it has no axis); "
             "drop it, or use per_channel or per_block"
         )
-    if axis is not None and kind is None and head not in MX_PRESETS:
+    if axis is not None and kind is None and head not in PRESETS:
         raise ValueError(f"spec {text!r}: {seen['axis']!r} needs per_channel or per_block")
-    if head in MX_PRESETS and axis is not None:
-        kwargs["granularity"] = per_block(axis, MX_BLOCK_SIZE, channel_axis="all")
+    if head in PRESETS and axis is not None:
+        kwargs["granularity"] = per_block(axis, PRESETS[head].block_size, channel_axis="all")
     elif kind == "per_tensor":
         kwargs["granularity"] = per_tensor()
     elif kind == "per_token":
@@ -304,7 +310,7 @@ def _parse(text: object, what: str, *, calibration: bool) -> LeafRule:
         spec = QuantSpec(head, **kwargs)
     except (ValueError, TypeError) as e:
         raise ValueError(f"spec {text!r}: {e}") from None
-    template = axis is None and (kind in ("per_channel", "per_block") or head in MX_PRESETS)
+    template = axis is None and (kind in ("per_channel", "per_block") or head in PRESETS)
     return LeafRule(spec, calib, template=template)
 
 
@@ -419,7 +425,7 @@ def _as_leaf_rule(pattern: object, value: object) -> LeafRule:
 
 def _split_rule(text: str) -> tuple[str, str]:
     """Splits ``REGEX=SPEC`` at the ``=`` followed by a dtype name (specs hold ``=`` too)."""
-    names = (*TARGET_DTYPES, *MX_PRESETS, *KEEP)
+    names = (*TARGET_DTYPES, *PRESETS, *KEEP)
     for i, char in enumerate(text):
         if char == "=" and text[i + 1 :].split(":", 1)[0].strip().lower() in names:
             return text[:i].strip(), text[i + 1 :]

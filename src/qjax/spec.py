@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Union
+from typing import Literal, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +15,7 @@ from qjax.granularity import GranularityLike, as_granularity, per_block
 __all__ = [
     "FORMULATIONS",
     "MX_PRESETS",
+    "PRESETS",
     "SCALE_DTYPES",
     "SCHEMES",
     "QuantSpec",
@@ -27,11 +28,31 @@ Formulation = Literal["scale", "zero_point", "minval"]
 
 SCHEMES = ("symmetric", "symmetric_with_clipping", "asymmetric")
 FORMULATIONS = ("scale", "zero_point", "minval")
-SCALE_DTYPES = ("float32", "bfloat16", "float16", "float8_e8m0fnu")
+SCALE_DTYPES = ("float32", "bfloat16", "float16", "float8_e8m0fnu", "float8_e4m3fn")
 MX_PRESETS = {"mxfp8": "float8_e4m3fn", "mxfp4": "float4_e2m1fn"}
 """OCP MX presets: element dtype; blocks of 32 along the last axis with e8m0 scales."""
 
 MX_BLOCK_SIZE = 32
+
+
+class Preset(NamedTuple):
+    """A named format: element dtype, blocks along the last axis, and how they are scaled."""
+
+    element: str
+    block_size: int
+    scale_dtype: str
+    tensor_scale: bool
+
+
+PRESETS: dict[str, Preset] = {
+    **{
+        name: Preset(element, MX_BLOCK_SIZE, "float8_e8m0fnu", False)
+        for name, element in MX_PRESETS.items()
+    },
+    "nvfp4": Preset("float4_e2m1fn", 16, "float8_e4m3fn", True),
+}
+"""Every preset by name: the OCP MX formats and NVIDIA's NVFP4 (e2m1 values, one e4m3 scale
+per block of 16, one float32 scale per tensor)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,8 +68,11 @@ class QuantSpec:
     Args:
       dtype: the target: ``"int8"``, ``"uint8"``, ``"int4"``, ``"uint4"``, ``"int2"``,
         ``"uint2"``, ``"float8_e4m3fn"``, ``"float8_e5m2"``, ``"float4_e2m1fn"`` (or the
-        matching ``jnp`` dtype), or an MX preset ``"mxfp8"`` / ``"mxfp4"``, which sets
-        blocks of 32 along the last axis and ``float8_e8m0fnu`` scales.
+        matching ``jnp`` dtype), or a preset: ``"mxfp8"`` / ``"mxfp4"`` (OCP MX) set blocks
+        of 32 along the last axis and ``float8_e8m0fnu`` scales; ``"nvfp4"`` (NVIDIA) sets
+        ``float4_e2m1fn`` values, blocks of 16 along the last axis, ``float8_e4m3fn``
+        scales and a tensor scale. A preset's blocks, scale dtype and tensor scale are
+        defaults: fields given explicitly win.
       scheme: how the scale is chosen from each block's range.
 
         * ``"symmetric"`` (default): ``scale = amax / ((qmax - qmin) / 2)`` and
@@ -64,7 +88,13 @@ class QuantSpec:
       granularity: :func:`~qjax.per_tensor` (default), :func:`~qjax.per_channel`,
         :func:`~qjax.per_block` or an explicit block-shape tuple.
       scale_dtype: dtype the scale is stored in: ``"float32"`` (default), ``"bfloat16"``,
-        ``"float16"``, or ``"float8_e8m0fnu"`` for power-of-two scales (float targets).
+        ``"float16"``, ``"float8_e8m0fnu"`` for power-of-two scales (float targets), or
+        ``"float8_e4m3fn"`` (float targets, as in NVFP4): ``scale = amax / fmax`` (divided
+        by the tensor scale, if any) clamped to ``[2**-6, 448]`` and rounded to e4m3.
+      tensor_scale: True for two-level scaling (``scale_dtype="float8_e4m3fn"`` only): one
+        float32 scale per tensor, ``max(amax(x) / (448 * fmax), 2**-120)``, that the block
+        scales are relative to; values are ``x / (tensor_scale * scale)``. Under ``vmap``
+        (stacked layers) each layer gets its own. Default: the preset's, else False.
 
     Examples:
       >>> import qjax
@@ -75,6 +105,13 @@ class QuantSpec:
       Traceback (most recent call last):
         ...
       ValueError: formulation 'scale' needs a zero point of 0, but uint8 ... zero point 128; ...
+
+      NVFP4: 32 e2m1 values in 16 bytes, two e4m3 block scales and one float32 tensor scale:
+
+      >>> import jax.numpy as jnp
+      >>> qa = qjax.quantize(jnp.linspace(-3.0, 3.0, 32).reshape(2, 16), "nvfp4")
+      >>> qa.scale.dtype, qa.tensor_scale.shape, qa.nbytes
+      (dtype(float8_e4m3fn), (1, 1), 22)
     """
 
     dtype: str = "int8"
@@ -82,12 +119,13 @@ class QuantSpec:
     formulation: Formulation | None = None
     granularity: GranularityLike | None = None
     scale_dtype: str | None = None
+    tensor_scale: bool | None = None
 
     def __post_init__(self):
         name = _dtype_name(self.dtype, "dtype", "int8")
-        mx = name in MX_PRESETS
-        if mx:
-            name = MX_PRESETS[name]
+        preset = PRESETS.get(name)
+        if preset is not None:
+            name = preset.element
         target = target_dtype(name)
         object.__setattr__(self, "dtype", target.name)
 
@@ -127,13 +165,13 @@ class QuantSpec:
         object.__setattr__(self, "formulation", formulation)
 
         granularity = self.granularity
-        if granularity is None and mx:
-            granularity = per_block(-1, MX_BLOCK_SIZE, channel_axis="all")
+        if granularity is None and preset is not None:
+            granularity = per_block(-1, preset.block_size, channel_axis="all")
         object.__setattr__(self, "granularity", as_granularity(granularity))
 
         scale_dtype = self.scale_dtype
         if scale_dtype is None:
-            scale_dtype = "float8_e8m0fnu" if mx else "float32"
+            scale_dtype = "float32" if preset is None else preset.scale_dtype
         scale_dtype = _dtype_name(scale_dtype, "scale_dtype", "float32")
         if scale_dtype not in SCALE_DTYPES:
             raise ValueError(
@@ -144,7 +182,28 @@ class QuantSpec:
                 f"power-of-two scales (scale_dtype='float8_e8m0fnu') are for float targets "
                 f"(the OCP MX formats), not {target.name}; use scale_dtype='float32'"
             )
+        if scale_dtype == "float8_e4m3fn" and not target.is_float:
+            raise ValueError(
+                f"float8_e4m3fn scales are for float targets (as in NVFP4), not "
+                f"{target.name}; use scale_dtype='float32'"
+            )
         object.__setattr__(self, "scale_dtype", scale_dtype)
+
+        tensor_scale = self.tensor_scale
+        if tensor_scale is None:
+            tensor_scale = preset is not None and preset.tensor_scale
+        if not isinstance(tensor_scale, (bool, np.bool_)):
+            raise TypeError(
+                f"QuantSpec tensor_scale must be True or False, got {tensor_scale!r} "
+                f"({type(tensor_scale).__name__})"
+            )
+        if tensor_scale and scale_dtype != "float8_e4m3fn":
+            raise ValueError(
+                f"tensor_scale=True scales float8_e4m3fn block scales (as in NVFP4), but "
+                f"scale_dtype is {scale_dtype!r}; use scale_dtype='float8_e4m3fn' or "
+                "tensor_scale=False"
+            )
+        object.__setattr__(self, "tensor_scale", bool(tensor_scale))
 
     @property
     def target(self) -> TargetDType:
@@ -185,6 +244,8 @@ class QuantSpec:
         parts = [self.dtype, self.scheme, self.formulation, str(self.granularity)]
         if self.scale_dtype != "float32":
             parts.append(f"scale={self.scale_dtype}")
+        if self.tensor_scale:
+            parts.append("tensor_scale")
         return ":".join(parts)
 
 

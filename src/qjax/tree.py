@@ -15,6 +15,7 @@ from qjax.calibration import calibrate
 from qjax.exact import unfused
 from qjax.methods import AWQ, Method, MethodLike, as_method, calibrated_leaf, shared_awq_scales
 from qjax.ops import quantize
+from qjax.palettize import LUTArray
 from qjax.qarray import QArray
 from qjax.resolve import Plan, PlanRow, Resolution, RulePlan
 from qjax.rules import DEFAULT_MIN_SIZE, RulesLike
@@ -329,7 +330,8 @@ def _quantize_calibrated(
 
 
 def dequantize_tree(tree: Any) -> Any:
-    """Replaces every :class:`~qjax.QArray` leaf with its dequantized array.
+    """Replaces every :class:`~qjax.QArray` (and :class:`~qjax.palettize.LUTArray`) leaf
+    with its dequantized array.
 
     Examples:
       >>> import jax.numpy as jnp, qjax
@@ -337,7 +339,7 @@ def dequantize_tree(tree: Any) -> Any:
       >>> qjax.dequantize_tree(q)["kernel"].dtype
       dtype('float32')
     """
-    return jax.tree.map(_dequantized, tree, is_leaf=_is_qarray)
+    return jax.tree.map(_dequantized, tree, is_leaf=_is_quantized)
 
 
 def _dequantized(leaf: Any) -> Any:
@@ -348,7 +350,7 @@ def _dequantized(leaf: Any) -> Any:
     :func:`qjax.exact.unfused` keeps them the values that :meth:`QArray.dequantize` and
     the QAT model's ``fake_quant`` give, bit for bit, whatever consumes them.
     """
-    return unfused(leaf.dequantize()) if isinstance(leaf, QArray) else leaf
+    return unfused(leaf.dequantize()) if _is_quantized(leaf) else leaf
 
 
 def dequantizing(fn: Callable) -> Callable:
@@ -408,6 +410,10 @@ def count_nonfinite(params: Any) -> Any:
 
 def _is_qarray(x: Any) -> bool:
     return isinstance(x, QArray)
+
+
+def _is_quantized(x: Any) -> bool:
+    return isinstance(x, QArray | LUTArray)
 
 
 def _resolve(rule_plan: RulePlan, name: str, leaf: Any) -> Resolution:

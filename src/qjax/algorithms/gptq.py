@@ -173,6 +173,13 @@ def gptq_rows(
     w = float_weight(w, what)
     axes = contraction_axes(axis, w.ndim, what)
     spec = weight_spec(spec, w.shape, what)
+    if spec.tensor_scale:
+        raise ValueError(
+            f"{what}: spec {spec} has a tensor scale (NVFP4), which GPTQ does not choose "
+            "yet: its block scales would each be relative to a different tensor scale. Use "
+            "a spec without one (e.g. mxfp4 or int4 blocks), or round to nearest with "
+            "qjax.quantize / method=None for this weight"
+        )
     k = math.prod(w.shape[a] for a in axes)
     hessian = check_hessian(hessian, k, what)
     block_size = _positive_int(block_size, "block_size", what)
