@@ -1,13 +1,19 @@
 """Quantized matmuls against float32 at decode and prefill shapes: one command, one table.
 
     python benchmarks/bench_matmul.py            # M in {1, 8, 128, 1024} x three (K, N)
-    python benchmarks/bench_matmul.py --quick    # M in {1, 128}, (4096, 4096), 3 repeats
+    python benchmarks/bench_matmul.py --quick    # M in {1, 8, 128}, (4096, 4096), 5 rounds
+    python benchmarks/bench_matmul.py --paths    # also every explicit path, as ratios
 
 Each cell is ``y = x @ W`` jitted, ``x`` float32 ``[M, K]``, ``W`` ``[K, N]`` (a Flax Dense
 kernel), through :func:`qjax.kernels.matmul` with ``path="auto"`` for the quantized
-columns (the path it picked is listed under the table). The median time of interleaved
-runs (every variant of a shape once per round, so machine noise hits all alike) is given
-as a ratio to float32's, whose milliseconds are in the first column.
+columns (the path it picked for each M is listed under the table). The fastest of
+interleaved rounds (every variant of a shape once per round; on a shared machine other
+work only ever adds time, so the minimum is the least disturbed) is given as a ratio to
+float32's, whose milliseconds are in the first column; in brackets the ratio of the
+median CPU time of the process (all threads, spin-waits included): the work each does,
+which other jobs on a shared machine disturb far less than the wall time, where a
+variant whose dots XLA splits over both cores gains on one it runs on one. The load
+average is printed before and after; the targets are marked on the wall-time ratio.
 
 * W8A8: int8 per-channel(-1) weights, activations int8 per token: "dyn" quantizes them
   inside the jitted function, "pre" passes codes quantized before (the dot and rescale).
@@ -23,6 +29,7 @@ M >= 128; weight-only int4 <= 0.8x at M <= 8.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -55,22 +62,22 @@ COLUMNS: list[tuple[str, object, str | None, tuple[float, Callable[[int], bool]]
 ]
 
 
-def interleaved_medians(fns: list[Callable[[], object]], repeats: int) -> list[float]:
-    """Median seconds of each callable over ``repeats`` rounds, one call of each per round
-    (after one untimed call each: compilation and warm-up)."""
+def interleaved_minima(fns: list[Callable[[], object]], repeats: int) -> list[tuple[float, float]]:
+    """Fastest wall and median CPU seconds of each callable over ``repeats`` rounds, one
+    call of each per round (after one untimed call each: compilation and warm-up)."""
     for fn in fns:
         fn()
-    times: list[list[float]] = [[] for _ in fns]
+    times: list[list[tuple[float, float]]] = [[] for _ in fns]
     for _ in range(repeats):
         for fn, ts in zip(fns, times, strict=True):
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             fn()
-            ts.append(time.perf_counter() - start)
-    return [statistics.median(ts) for ts in times]
+            ts.append((time.perf_counter() - start, time.process_time() - cpu))
+    return [(min(t[0] for t in ts), statistics.median(t[1] for t in ts)) for ts in times]
 
 
 def _variants(
-    x: jax.Array, w: jax.Array, weights: dict[object, object], paths: tuple[str, ...]
+    x: jax.Array, w: jax.Array, weights: dict[object, object], all_paths: bool
 ) -> tuple[list[tuple[str, Callable[[], object], str]], dict[str, jax.Array]]:
     """(column, timed callable, path) for every column (and explicit path), and the
     results of one call each for the sanity check."""
@@ -88,7 +95,8 @@ def _variants(
             results[name] = fn(x, wb)
             continue
         qw = weights[spec]
-        column_paths = ("auto",) if act or not paths else ("auto", *paths)
+        explicit = ("int8_dot", "bf16_dot") if act else ("dequant", "dequant_chunked")
+        column_paths = ("auto", *explicit) if all_paths else ("auto",)
         for path in column_paths:
             label = name if path == "auto" else f"{name} [{path}]"
             if act == "pre":
@@ -102,7 +110,7 @@ def _variants(
                     )
                 )
                 operand = x
-            chosen = kernels.choose_path(qw, ACT if act else None)
+            chosen = kernels.choose_path(qw, ACT if act else None, x.shape[0])
             call = lambda fn=fn, a=operand, qw=qw: jax.block_until_ready(fn(a, qw))  # noqa: E731
             out.append((label, call, chosen if path == "auto" else path))
             results[label] = fn(operand, qw)
@@ -111,25 +119,25 @@ def _variants(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="M in {1, 128}, one shape")
-    parser.add_argument("--repeats", type=int, default=None, help="rounds (default 5; 3 quick)")
+    parser.add_argument("--quick", action="store_true", help="M in {1, 8, 128}, one shape")
+    parser.add_argument("--repeats", type=int, default=None, help="rounds (default 7; 5 quick)")
     parser.add_argument(
         "--paths",
         action="store_true",
-        help="also time every explicit weight-only path (dequant, dequant_chunked)",
+        help="also time every explicit path (dequant, dequant_chunked; int8_dot, bf16_dot)",
     )
     parser.add_argument("--ms", default=None, help="rows M, comma-separated (e.g. 1,1024)")
     args = parser.parse_args()
-    ms = (1, 128) if args.quick else (1, 8, 128, 1024)
+    ms = (1, 8, 128) if args.quick else (1, 8, 128, 1024)
     if args.ms:
         ms = tuple(int(m) for m in args.ms.split(","))
     shapes = ((4096, 4096),) if args.quick else ((4096, 4096), (4096, 11008), (11008, 4096))
-    repeats = args.repeats or (3 if args.quick else 5)
-    paths = ("dequant", "dequant_chunked") if args.paths else ()
+    repeats = args.repeats or (5 if args.quick else 7)
     dev = jax.devices()[0]
     print(
         f"# qjax.kernels.matmul vs float32: jax {jax.__version__}, {dev.platform} "
-        f"({dev.device_kind}), median of {repeats} interleaved rounds\n"
+        f"({dev.device_kind}, {os.cpu_count()} cores), fastest of {repeats} interleaved "
+        f"rounds; load average {_load()} at the start\n"
     )
     header = None
     chosen: dict[str, dict[str, list[int]]] = {}
@@ -141,15 +149,18 @@ def main() -> None:
         weights["bfloat16"] = w.astype(jnp.bfloat16)
         for m in ms:
             x = jax.random.normal(jax.random.key(1), (m, k), jnp.float32)
-            variants, results = _variants(x, w, weights, paths)
+            variants, results = _variants(x, w, weights, args.paths)
             _sanity(results, (m, k, n))
-            medians = interleaved_medians([fn for _, fn, _ in variants], repeats)
+            best = interleaved_minima([fn for _, fn, _ in variants], repeats)
             if header is None:
                 header = [name for name, _, _ in variants]
                 print("| M | K x N | float32 ms | " + " | ".join(header[1:]) + " |")
                 print("|---:|---|---:|" + "---:|" * (len(header) - 1))
-            base = medians[0]
-            cells = [_cell(name, t / base, m) for (name, _, _), t in zip(variants[1:], medians[1:])]
+            (base, base_cpu) = best[0]
+            cells = [
+                _cell(name, t / base, c / base_cpu, m)
+                for (name, _, _), (t, c) in zip(variants[1:], best[1:])
+            ]
             print(f"| {m} | {k} x {n} | {base * 1e3:.1f} | " + " | ".join(cells) + " |", flush=True)
             for name, _, path in variants[1:]:
                 chosen.setdefault(name, {}).setdefault(path, []).append(m)
@@ -164,32 +175,44 @@ def main() -> None:
         "M <= 8 (ok / MISSED in the cells)."
     )
     print(WHY)
+    print(f"Load average at the end: {_load()}")
+
+
+def _load() -> str:
+    return ", ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 WHY = """
 Why a cell is slower than float32 (XLA:CPU; read off the HLO and measured):
-- bf16: XLA:CPU has no fast bfloat16 dot; it converts and runs far slower than float32.
+- bf16: x and W in bfloat16 with a bfloat16 result: XLA:CPU runs that dot far slower
+  than float32. (Summed in float32, preferred_element_type=float32, a bfloat16 dot runs
+  at about 0.55-0.6x float32's time from 16 rows up: "bf16_dot" uses it.)
 - Weight-only, M <= 8: the float32 matrix-vector product streams the float weight at
   memory speed. XLA:CPU fuses no conversion into a dot, so every quantized weight is
-  converted to float32 in a loop before its dot (a chunk at a time, in cache): packed int4
-  reads 8x fewer bytes and comes out near or under float32; int8, float8 and mxfp4
-  convert at about the cost of the float32 read itself, or more.
-- Weight-only, M >= 128: the dot is compute-bound and the same; converting the weight is
-  extra work (about 10-30%).
-- int8 paths at M = 1: XLA:CPU turns an int8 matrix-vector dot into an int32 one over a
-  converted weight, so there is no integer speed-up (the weight is contracted a chunk at
-  a time, which keeps it near float32).
-- W8A8 at M >= 128: one int8 x int8 -> int32 dot (a YNNPACK fusion in the HLO); on the
-  2-core test machine it ran at about 1.5x float32's throughput, not more.
-- W4A8 at M >= 128: per-block weight scales need one int32 partial sum per 128-row block
-  of the contraction: 32-86 int8 dots with K = 128 each, which run at lower efficiency
-  than one long one (tiling the rows to keep the float32 sums in cache did not help).
+  converted in a loop before its dot (a chunk at a time, in cache): packed int4 reads 8x
+  fewer bytes and int8 4x, and come out under float32; float8 and mxfp4 decode their
+  float codes with several integer ops per weight, which costs more than reading float32.
+- Any cell whose wall-time ratio is far above its CPU-time one (in brackets): float32's
+  dot got both cores while the quantized variant ran on one. The chunked loops' small
+  dots (M <= 8: [M, 128] x [128, N]) always run on one core, float32's matrix-vector dot
+  on two when they are free; on a machine shared with other jobs any variant may lose
+  a core for a whole round (M = 1024 cells with CPU ratio ~1.0 and wall ratio ~2.0).
+- Weight-only, M >= 128: the dot is compute-bound and the same float32 dot; converting
+  the weight is extra work (about 5-15%; "dequant", the whole weight at once, is slower).
+- W8A8 / W4A8, M = 1: memory-bound; XLA:CPU turns an int8 matrix-vector dot into an int32
+  one over a converted weight and ran slower than the float path with the activation
+  fake-quantized, which "auto" takes (it reads the same bytes); one core (above).
+- W8A8, M >= 16: "bf16_dot": the int8 codes as bfloat16 (exact), bfloat16 dots summed in
+  float32 over chunks of at most 1024 rows (every sum an integer under 2**24: exact), the
+  chunks' sums added as int32: the int8 dot's bits at about 0.8x its time.
+- W4A8, M >= 64: one bfloat16 dot per 128-row scale block (32-86 of them), each exact;
+  dots with K = 128 run at lower efficiency than one long one.
 """
 
 
-def _cell(name: str, ratio: float, rows: int) -> str:
+def _cell(name: str, ratio: float, cpu_ratio: float, rows: int) -> str:
     target = next((t for col, _, _, t in COLUMNS if col == name), None)
-    cell = f"{ratio:.2f}x"
+    cell = f"{ratio:.2f}x ({cpu_ratio:.2f})"
     if target is not None and target[1](rows):
         cell += " ok" if ratio <= target[0] else f" MISSED (<={target[0]}x)"
     return cell

@@ -38,6 +38,7 @@ WEIGHT_SPECS = {
         (K, N),
     ),
     "mxfp4": (qjax.QuantSpec("mxfp4"), (48, 96)),
+    "nvfp4": (qjax.QuantSpec("nvfp4"), (48, 96)),  # e4m3 block scales x a tensor scale
     # Scale blocks of 5 output columns straddle the two nibbles of a byte, and an odd
     # width needs a padding nibble: both unpack whole instead of by position in the byte.
     "int4-straddle": (qjax.QuantSpec("int4", granularity=(BLOCK, 5)), (K, N)),
@@ -112,6 +113,8 @@ def _reference_weight(qa: qjax.QArray) -> np.ndarray:
     codes = _codes(qa)
     if qa.offset is not None:  # zero points
         codes = codes - _expanded(np.asarray(qa.offset, np.int64), qa.shape)
+    if qa.tensor_scale is not None:
+        return codes * _scale(qa) * np.asarray(qa.tensor_scale, np.float64).reshape(())
     return codes * _scale(qa)
 
 
@@ -164,40 +167,107 @@ def _integer_reference(x: jax.Array, w: qjax.QArray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name", INTEGER_SPECS)
-def test_int8_dot_equals_exact_integer_product_rescaled(name):
+def test_integer_paths_equal_exact_integer_product_rescaled(name):
     w = _weight(name)
-    dynamic = jax.jit(lambda x, w: kernels.matmul(x, w, activation=ACT, path="int8_dot"))
-    pre = jax.jit(lambda xq, w: kernels.matmul(xq, w, path="int8_dot"))
     for rows in ROWS:
         x = _x(rows, w.shape[0])
         ref = _integer_reference(x, w)
-        y = dynamic(x, w)
-        np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=2e-6, atol=1e-6)
-        # Pre-quantized codes give the same bits.
-        np.testing.assert_array_equal(pre(qjax.quantize(x, ACT), w), y)
+        results = []
+        for path in ("int8_dot", "bf16_dot"):
+            dynamic = jax.jit(lambda x, w, p=path: kernels.matmul(x, w, activation=ACT, path=p))
+            pre = jax.jit(lambda xq, w, p=path: kernels.matmul(xq, w, path=p))
+            y = dynamic(x, w)
+            np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=2e-6, atol=1e-6)
+            # Pre-quantized codes give the same bits.
+            np.testing.assert_array_equal(pre(qjax.quantize(x, ACT), w), y)
+            results.append(y)
+        # The bfloat16 dots sum the same integers exactly: the same bits.
+        np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_bf16_dot_is_exact_where_sums_pass_two_to_the_24():
+    # Codes near +127 on both sides: a sum over 2304 rows reaches ~3.4e7 > 2**24, where
+    # float32 rounds odd integers. Chunks of at most exact_rows keep every sum exact.
+    k = 2304
+    w = qjax.quantize(
+        jax.random.uniform(jax.random.key(0), (k, 8), minval=0.9, maxval=1.0),
+        qjax.QuantSpec("int8", granularity=qjax.per_channel(-1)),
+    )
+    x = jax.random.uniform(jax.random.key(1), (3, k), minval=0.9, maxval=1.0)
+    assert kernels.exact_rows(w, ACT) == 2**24 // (128 * 128)
+    xq = qjax.quantize(x, ACT)
+    sums = np.asarray(xq.data, np.int64) @ np.asarray(w.data, np.int64)
+    assert sums.min() > 2**24 and np.any(sums % 2 == 1)
+    y = kernels.matmul(x, w, activation=ACT, path="bf16_dot")
+    np.testing.assert_array_equal(y, kernels.matmul(x, w, activation=ACT, path="int8_dot"))
+    expected = sums * np.asarray(xq.scale, np.float64) * np.asarray(w.scale, np.float64)
+    np.testing.assert_allclose(np.asarray(y, np.float64), expected, rtol=2e-6)
+
+
+def test_exact_rows_bound_the_products_of_codes():
+    w8, w4, w2 = (qjax.quantize(jnp.ones((64, 8)), t) for t in ("int8", "int4", "int2"))
+    assert [kernels.exact_rows(w, ACT) for w in (w8, w4, w2)] == [
+        2**24 // (128 * 128),
+        2**24 // (8 * 128),
+        2**24 // (2 * 128),
+    ]
+    four_bit_act = qjax.QuantSpec("int4", granularity=qjax.per_token())
+    assert kernels.exact_rows(w8, four_bit_act) == 2**24 // (128 * 8)
+
+
+def _hlo(path: str, w: qjax.QArray, x: jax.Array, activation=ACT) -> str:
+    fn = jax.jit(lambda x, w: kernels.matmul(x, w, activation=activation, path=path))
+    return fn.lower(x, w).as_text()
+
+
+INTEGER_DOT = r"dot_general.*\(tensor<[0-9x]*xi8>, tensor<[0-9x]*xi8>\) -> tensor<[0-9x]*xi32>"
+BF16_DOT = r"dot_general.*\(tensor<[0-9x]*xbf16>, tensor<[0-9x]*xbf16>\) -> tensor<[0-9x]*xf32>"
 
 
 @pytest.mark.parametrize("name", ["int8-channel", "int4-block"])
-def test_int8_dot_hlo_has_an_integer_dot(name):
+def test_hlo_has_the_dot_each_integer_path_claims(name):
     w, x = _weight(name), _x(17, K)
-    text = jax.jit(lambda x, w: kernels.matmul(x, w, activation=ACT, path="int8_dot"))
-    text = text.lower(x, w).as_text()
-    integer_dot = r"dot_general.*\(tensor<[0-9x]*xi8>, tensor<[0-9x]*xi8>\) -> tensor<[0-9x]*xi32>"
-    assert re.search(integer_dot, text), text[-2000:]
-    float_text = jax.jit(lambda x, w: kernels.matmul(x, w, path="dequant")).lower(x, w).as_text()
-    assert not re.search(integer_dot, float_text)
+    int8_text = _hlo("int8_dot", w, x)
+    assert re.search(INTEGER_DOT, int8_text), int8_text[-2000:]
+    assert not re.search(BF16_DOT, int8_text)
+    bf16_text = _hlo("bf16_dot", w, x)
+    assert re.search(BF16_DOT, bf16_text), bf16_text[-2000:]
+    assert not re.search(INTEGER_DOT, bf16_text)
+    float_text = _hlo("dequant", w, x, activation=None)
+    assert not re.search(INTEGER_DOT, float_text) and not re.search(BF16_DOT, float_text)
 
 
-def test_auto_takes_the_integer_path_and_weight_only_paths():
-    w = _weight("int4-block")
-    assert kernels.choose_path(w, ACT) == "int8_dot"
-    assert kernels.choose_path(w) == "dequant_chunked"
+def test_auto_path_by_weight_activation_and_rows():
+    blocked, channel = _weight("int4-block"), _weight("int8-channel")
+    rules = [
+        (blocked, 1, "dequant_chunked"),
+        (blocked, kernels.DECODE_ROWS, "int8_dot"),
+        (blocked, kernels.BLOCKED_BF16_ROWS - 1, "int8_dot"),
+        (blocked, kernels.BLOCKED_BF16_ROWS, "bf16_dot"),
+        (channel, 1, "dequant_chunked"),
+        (channel, 2, "int8_dot"),
+        (channel, kernels.DECODE_ROWS, "int8_dot"),
+        (channel, kernels.DECODE_ROWS + 1, "bf16_dot"),
+    ]
+    for w, rows, path in rules:
+        assert kernels.choose_path(w, ACT, rows) == path, (w.spec, rows)
+        assert kernels.choose_path(w, None, rows) == "dequant_chunked"
     float8 = _weight("float8-channel")
-    assert kernels.choose_path(float8, ACT) == "dequant_chunked"  # no integer codes
-    x = _x(3, K)
-    np.testing.assert_array_equal(
-        kernels.matmul(x, w, activation=ACT), kernels.matmul(x, w, activation=ACT, path="int8_dot")
-    )
+    assert kernels.choose_path(float8, ACT, 128) == "dequant_chunked"  # no integer codes
+    # Blocks longer than exact_rows rule out bf16_dot.
+    long_blocks = qjax.quantize(jnp.ones((4096, 8)), qjax.QuantSpec("int8", granularity=(2048, 1)))
+    assert kernels.choose_path(long_blocks, ACT, 128) == "int8_dot"
+    # An input size with no divisor near BF16_ROWS (a prime) would run 1-row chunks.
+    prime = qjax.quantize(jnp.ones((1031, 8)), "int8")
+    assert kernels.choose_path(prime, ACT, 128) == "int8_dot"
+    assert kernels.choose_path(qjax.quantize(jnp.ones((1032, 8)), "int8"), ACT, 128) == "bf16_dot"
+    # auto counts the rows of every leading axis of x.
+    for shape, path in [((3, K), "int8_dot"), ((4, 16, K), "bf16_dot")]:
+        x = jax.random.normal(jax.random.key(2), shape)
+        np.testing.assert_array_equal(
+            kernels.matmul(x, blocked, activation=ACT),
+            kernels.matmul(x, blocked, activation=ACT, path=path),
+        )
 
 
 def test_float_paths_fake_quantize_the_activation():
@@ -208,9 +278,9 @@ def test_float_paths_fake_quantize_the_activation():
         _close(kernels.matmul(x, w, activation=ACT, path=path), xq @ ref_w, xq, ref_w, 1e-5)
 
 
-@pytest.mark.parametrize("path", ["dequant", "dequant_chunked", "int8_dot"])
+@pytest.mark.parametrize("path", ["dequant", "dequant_chunked", "int8_dot", "bf16_dot"])
 def test_vmap_over_inputs_and_stacked_weights(path):
-    act = ACT if path == "int8_dot" else None
+    act = ACT if path in ("int8_dot", "bf16_dot") else None
     ws = jax.vmap(
         lambda s: qjax.quantize(
             jax.random.normal(jax.random.key(s), (K, N)), WEIGHT_SPECS["int4-block"][0]
@@ -227,13 +297,13 @@ def test_vmap_over_inputs_and_stacked_weights(path):
     np.testing.assert_allclose(mm(xs, w0), jax.vmap(lambda x: mm(x, w0))(xs), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("path", ["dequant", "dequant_chunked", "int8_dot"])
+@pytest.mark.parametrize("path", ["dequant", "dequant_chunked", "int8_dot", "bf16_dot"])
 def test_channel_scale_multiplies_the_input(path):
     w = _weight("int4-block")
     m = jnp.linspace(0.5, 2.0, K).reshape(K, 1)
     scaled = dataclasses.replace(w, channel_scale=m)
     x = _x(3, K)
-    act = ACT if path == "int8_dot" else None
+    act = ACT if path in ("int8_dot", "bf16_dot") else None
     x_scaled = x * m.reshape(1, K)
     np.testing.assert_array_equal(
         kernels.matmul(x, scaled, activation=act, path=path),
@@ -266,9 +336,19 @@ def test_bfloat16_input_gives_bfloat16():
         ("int4-block", qjax.QuantSpec("uint8"), "the activation spec is not a signed integer"),
     ],
 )
-def test_int8_dot_refuses_specs_it_cannot_run(weight, activation, message):
-    with pytest.raises(ValueError, match=re.escape(message)):
-        kernels.matmul(_x(3, K), _weight(weight), activation=activation, path="int8_dot")
+@pytest.mark.parametrize("path", ["int8_dot", "bf16_dot"])
+def test_integer_paths_refuse_specs_they_cannot_run(weight, activation, message, path):
+    with pytest.raises(ValueError, match=re.escape(message.replace("int8_dot", path))):
+        kernels.matmul(_x(3, K), _weight(weight), activation=activation, path=path)
+
+
+def test_bf16_dot_refuses_blocks_longer_than_its_exact_sums():
+    w = qjax.quantize(jnp.ones((4096, 8)), qjax.QuantSpec("int8", granularity=(2048, 1)))
+    message = "scale blocks of 2048 rows are longer than the 1024 rows"
+    assert message in kernels.why_not("bf16_dot", w, ACT)
+    with pytest.raises(ValueError, match=message):
+        kernels.matmul(_x(1, 4096), w, activation=ACT, path="bf16_dot")
+    assert kernels.why_not("int8_dot", w, ACT) is None
 
 
 def test_clear_errors_for_bad_arguments():
@@ -292,16 +372,17 @@ def test_clear_errors_for_bad_arguments():
         kernels.matmul(x, dataclasses.replace(w, channel_scale=jnp.ones((1, N))))
 
 
-def test_unpack_planes_match_numpy():
+@pytest.mark.parametrize("unpack", [packing.unpack_planes, kernel_module._byte_planes])
+def test_unpack_planes_match_numpy(unpack):
     rng = np.random.default_rng(0)
     for bits in (2, 4):
         codes = rng.integers(-(1 << (bits - 1)), 1 << (bits - 1), (5, 24))
         per = 8 // bits
         packed = packing.pack(jnp.asarray(codes, jnp.int32), bits)
-        for i, plane in enumerate(packing.unpack_planes(packed, bits, signed=True)):
+        for i, plane in enumerate(unpack(packed, bits, signed=True)):
             np.testing.assert_array_equal(plane, codes[:, i::per])
-        unsigned = packing.unpack_planes(packed, bits, signed=False)
-        np.testing.assert_array_equal(unsigned[0], codes[:, 0::per] & ((1 << bits) - 1))
+        for i, plane in enumerate(unpack(packed, bits, signed=False)):
+            np.testing.assert_array_equal(plane, codes[:, i::per] & ((1 << bits) - 1))
 
 
 def test_pack_matches_numpy_bytes_on_odd_lengths():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 import jax
@@ -18,11 +20,21 @@ from qjax.qarray import QArray
 from qjax.qparams import QParams
 from qjax.spec import QuantSpec, SpecLike, as_spec
 
-__all__ = ["CHUNK_BYTES", "DECODE_ROWS", "PATHS", "choose_path", "matmul", "why_not"]
+__all__ = [
+    "BF16_ROWS",
+    "BLOCKED_BF16_ROWS",
+    "CHUNK_BYTES",
+    "DECODE_ROWS",
+    "PATHS",
+    "choose_path",
+    "exact_rows",
+    "matmul",
+    "why_not",
+]
 
-Path = Literal["auto", "dequant", "dequant_chunked", "int8_dot"]
+Path = Literal["auto", "dequant", "dequant_chunked", "int8_dot", "bf16_dot"]
 
-PATHS = ("auto", "dequant", "dequant_chunked", "int8_dot")
+PATHS = ("auto", "dequant", "dequant_chunked", "int8_dot", "bf16_dot")
 """The values ``path`` takes: ``"auto"`` and the named paths (see :mod:`qjax.kernels`)."""
 
 DECODE_ROWS = 8
@@ -31,7 +43,17 @@ at a time (see :func:`_int_sums`)."""
 
 CHUNK_BYTES = 1 << 21
 """Float32 bytes of one dequantized chunk of the weight on ``"dequant_chunked"`` (more
-for many rows of ``x``: see :func:`_chunk_rows`)."""
+for many rows of ``x``: see :func:`_dequant_chunked`)."""
+
+BF16_ROWS = 1024
+"""At most this many rows of the weight per bfloat16 chunk on ``"bf16_dot"`` (fewer where
+:func:`exact_rows` says so; measured: 512 and 1024 run alike, 256 slower)."""
+
+BLOCKED_BF16_ROWS = 64
+"""From this many rows of ``x``, ``path="auto"`` takes ``"bf16_dot"`` for a weight with
+scales per block of the contraction (see :func:`choose_path`)."""
+
+_INTEGER_PATHS = ("int8_dot", "bf16_dot")
 
 
 def matmul(
@@ -52,14 +74,15 @@ def matmul(
       activation: None (weight-only: ``x`` enters as it is), or the spec ``x`` is quantized
         with, per token (dynamic), inside the computation, e.g.
         ``QuantSpec("int8", granularity=per_token())``.
-      path: ``"auto"`` (default: :func:`choose_path`), or a named path: ``"dequant"``,
-        ``"dequant_chunked"``, ``"int8_dot"`` (see :mod:`qjax.kernels`). On the
-        float paths a given ``activation`` is applied with :func:`qjax.fake_quant`.
+      path: ``"auto"`` (default: :func:`choose_path` for the rows of ``x``), or a named
+        path: ``"dequant"``, ``"dequant_chunked"``, ``"int8_dot"``, ``"bf16_dot"`` (see
+        :mod:`qjax.kernels`). On the float paths a given ``activation`` is applied with
+        :func:`qjax.fake_quant`.
 
     Returns:
-      ``[..., out]`` in ``x``'s dtype. The integer path is exact up to its final rescale;
-      the float paths round as float32 dots do (``"dequant_chunked"`` sums in another
-      order than ``"dequant"``).
+      ``[..., out]`` in ``x``'s dtype. The integer paths are exact up to their final
+      rescale, and give the same bits as each other; the float paths round as float32
+      dots do (``"dequant_chunked"`` sums in another order than ``"dequant"``).
 
     Raises:
       TypeError: ``x`` is no floating-point array or ``w`` no QArray.
@@ -73,9 +96,11 @@ def matmul(
       ...                   qjax.QuantSpec("int4", granularity=qjax.per_block(-2, 32)))
       >>> x = jax.random.normal(jax.random.key(1), (3, 64))
       >>> act = qjax.QuantSpec("int8", granularity=qjax.per_token())
-      >>> y = kernels.matmul(x, w, activation=act)  # W4A8: one int8 dot, int32 partial sums
-      >>> y.shape, y.dtype, kernels.choose_path(w, act)
+      >>> y = kernels.matmul(x, w, activation=act)  # W4A8: int8 dots, int32 partial sums
+      >>> y.shape, y.dtype, kernels.choose_path(w, act, rows=3)
       ((3, 48), dtype('float32'), 'int8_dot')
+      >>> bool((kernels.matmul(x, w, activation=act, path="bf16_dot") == y).all())
+      True
       >>> ref = kernels.matmul(x, w, path="dequant")
       >>> bool(jnp.allclose(kernels.matmul(x, w, path="dequant_chunked"), ref, atol=1e-4))
       True
@@ -104,7 +129,7 @@ def matmul(
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     if path == "auto":
-        path = choose_path(w, act)
+        path = choose_path(w, act, math.prod(x.shape[:-1]))
     else:
         reason = why_not(path, w, act)
         if reason is not None:
@@ -131,7 +156,7 @@ def why_not(path: Path, w: QArray, activation: QuantSpec | None = None) -> str |
     """
     if path in ("auto", "dequant", "dequant_chunked"):
         return None
-    if path != "int8_dot":
+    if path not in _INTEGER_PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     if activation is None:
         return (
@@ -151,28 +176,66 @@ def why_not(path: Path, w: QArray, activation: QuantSpec | None = None) -> str |
             f"the activation scales ({activation.granularity}) would vary along the "
             "contracted axis; use per_token() or per_tensor()"
         )
+    block = w.shape[0] // w.scale.shape[0]
+    if path == "bf16_dot" and w.scale.shape[0] > 1 and block > exact_rows(w, activation):
+        return (
+            f"the weight's scale blocks of {block} rows are longer than the "
+            f"{exact_rows(w, activation)} rows whose integer sums float32 holds exactly; "
+            "use path='int8_dot'"
+        )
     return None
 
 
-def choose_path(w: QArray, activation: QuantSpec | None = None) -> str:
-    """The path ``path="auto"`` takes: the fastest on XLA:CPU that can run the specs.
+def choose_path(w: QArray, activation: QuantSpec | None = None, rows: int = 1) -> str:
+    """The path ``path="auto"`` takes for ``rows`` rows of ``x`` (tokens: the product of
+    its leading axes, static under jit): the fastest on XLA:CPU that can run the specs.
 
-    ``"int8_dot"`` where :func:`why_not` allows it (an activation spec with integer codes
-    on both sides), else ``"dequant_chunked"``: measured with
-    ``benchmarks/bench_matmul.py``, at least as fast as ``"dequant"`` at decode and
-    prefill shapes, far faster at decode, and it never holds the whole float32 weight.
+    Measured with ``benchmarks/bench_matmul.py`` (K, N in {4096, 11008}):
+
+    * Weight-only (no ``activation``, or one without integer codes on both sides):
+      ``"dequant_chunked"``; ``"dequant"`` was slower at every ``rows`` on these weights,
+      prefill (1024 rows) included, and holds the whole float32 weight. Except for more
+      than :data:`DECODE_ROWS` rows on a weight of at most :data:`CHUNK_BYTES` in float32
+      (one chunk): ``"dequant"``, which writes that small weight once and runs one dot
+      (``benchmarks/bench_serve.py``: the byte LM's 256-wide layers prefill 1024 tokens
+      1.5-2.3x slower chunked, and decode 8 tokens 1.8x faster).
+    * An integer activation (:func:`why_not` allows ``"int8_dot"``), one row:
+      ``"dequant_chunked"``: XLA:CPU converts an int8 matrix-vector product to int32 and
+      ran it slower than the float one; the activation is fake-quantized, so the result
+      is the integer paths' up to float rounding.
+    * An integer activation, more rows, one weight scale along the contraction (per
+      channel): ``"int8_dot"`` up to :data:`DECODE_ROWS` rows, ``"bf16_dot"`` above
+      (about 0.8x an int8 dot's time) where the input size splits into chunks of 128 to
+      :data:`BF16_ROWS` rows.
+    * With scales per block of the contraction (W4A8 ``per_block(-2, 128)``):
+      ``"int8_dot"`` below :data:`BLOCKED_BF16_ROWS` rows, ``"bf16_dot"`` from there
+      (where its blocks fit :func:`exact_rows`).
 
     Examples:
       >>> import jax.numpy as jnp, qjax
       >>> from qjax import kernels
       >>> w = qjax.quantize(jnp.ones((64, 32)), "int4:per_block:32")
       >>> act = qjax.QuantSpec("int8", granularity=qjax.per_token())
-      >>> kernels.choose_path(w), kernels.choose_path(w, act)
-      ('dequant_chunked', 'int8_dot')
+      >>> [kernels.choose_path(w, act, rows) for rows in (1, 8, 128)]
+      ['dequant_chunked', 'int8_dot', 'bf16_dot']
+      >>> kernels.choose_path(qjax.quantize(jnp.ones((64, 32)), "int8"), act, 2)
+      'int8_dot'
+      >>> kernels.choose_path(w), kernels.choose_path(w, None, 1024)  # a small weight
+      ('dequant_chunked', 'dequant')
     """
-    if activation is not None and why_not("int8_dot", w, activation) is None:
+    if activation is None or why_not("int8_dot", w, activation) is not None:
+        small = 4 * math.prod(w.shape) <= CHUNK_BYTES
+        return "dequant" if small and rows > DECODE_ROWS else "dequant_chunked"
+    if rows == 1:
+        return "dequant_chunked"
+    blocked = w.scale.shape[0] > 1
+    if rows <= DECODE_ROWS or (blocked and rows < BLOCKED_BF16_ROWS):
         return "int8_dot"
-    return "dequant_chunked"
+    if why_not("bf16_dot", w, activation) is not None:
+        return "int8_dot"
+    k = w.shape[0]  # an input size with no divisor near BF16_ROWS: chunks too small
+    chunk = _chunk_rows(k, 1, min(BF16_ROWS, exact_rows(w, activation)))
+    return "bf16_dot" if blocked or chunk >= min(128, k // 2) else "int8_dot"
 
 
 def float_input(x: jax.typing.ArrayLike, what: str = "matmul") -> jax.Array:
@@ -218,7 +281,7 @@ def _matmul(x: jax.Array, w: QArray, act: QuantSpec | None, path: str) -> jax.Ar
         m = w.channel_scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
         x = (x.astype(jnp.float32) * m).astype(x.dtype)
         w = dataclasses.replace(w, channel_scale=None)
-    if path == "int8_dot":
+    if path in _INTEGER_PATHS:
         return _matmul_quantized(quantize(x, act, packed=False), w, path)
     if act is not None:
         x = fake_quant(x, act)
@@ -231,12 +294,12 @@ def _matmul(x: jax.Array, w: QArray, act: QuantSpec | None, path: str) -> jax.Ar
 @functools.partial(jax.jit, static_argnames="path")
 def _matmul_quantized(xq: QArray, w: QArray, path: str) -> jax.Array:
     """The product for an activation already quantized (``w`` has no channel scale)."""
-    if path != "int8_dot":
+    if path not in _INTEGER_PATHS:
         return _matmul(xq.dequantize(), w, None, path)
     k, n = w.shape
     codes = xq.values.astype(jnp.int8).reshape(-1, k)
     scale = xq.scale.astype(jnp.float32).reshape(-1, 1)  # per token, or one per tensor
-    out = _int8_dot(codes, scale, w)
+    out = _integer_dot(codes, scale, w, xq.spec, path)
     return out.astype(xq.float_dtype).reshape(*xq.shape[:-1], n)
 
 
@@ -269,6 +332,8 @@ class _Planes(NamedTuple):
         stored integers (integer targets), exact float32 values (float targets)."""
         target = w.spec.target
         signed = target.is_signed and not target.is_float
+        if self.per > 1 and not target.is_float:
+            return _byte_planes(data, target.bits, signed=signed)
         if self.per > 1:
             codes = packing.unpack_planes(data, target.bits, signed=signed)
         elif w.packed:
@@ -280,6 +345,20 @@ class _Planes(NamedTuple):
         if target.is_float:
             return [packing.float_values(c, target) for c in codes]
         return codes
+
+
+def _byte_planes(packed: jax.Array, bits: int, *, signed: bool) -> list[jax.Array]:
+    """:func:`qjax.packing.unpack_planes` in bytes: int8 (signed) or uint8 codes.
+
+    Shifts on 8-bit lanes: XLA:CPU unpacks four times as many codes per vector op as on
+    int32, and the dots take the bytes (or convert them) as they are.
+    """
+    per = 8 // bits
+    if signed:  # the wanted bits to the top of the byte, then an arithmetic shift back
+        b = packed.astype(jnp.int8)
+        return [(b << (8 - bits * (i + 1))) >> (8 - bits) for i in range(per)]
+    mask = (1 << bits) - 1
+    return [(packed >> (bits * i)) & mask for i in range(per)]
 
 
 def _dequantize(
@@ -330,12 +409,16 @@ def _dequant_chunked(x: jax.Array, w: QArray) -> jax.Array:
     Where the chunk's values all share one scale per output column (formulation
     ``"scale"``, one scale block of rows per chunk, or one for all rows), the scale
     multiplies the chunk's partial product instead of each weight: ``(x @ q) * s``, one
-    multiply per output rather than per weight, and the same up to float rounding.
+    multiply per output rather than per weight, and the same up to float rounding. A
+    tensor scale (NVFP4's second level) multiplies the sum the same way.
     """
     k, n = w.shape
     planes = _Planes.of(w)
     blocks = w.scale.shape[0]  # scale rows: the chunks hold whole ones, or share the one
-    rows = _chunk_rows(k, n, k // blocks if blocks > 1 else 1, x.shape[0])
+    # Each chunk adds its partial product to the float32 [m, n] sum: chunks of at least m
+    # rows keep those additions a small part of the dot's work.
+    unit = k // blocks if blocks > 1 else 1
+    rows = _chunk_rows(k, unit, max(CHUNK_BYTES // (4 * n), x.shape[0]))
     count = k // rows
     xs = x.reshape(-1, count, rows).transpose(1, 0, 2)
     spec = w.spec
@@ -374,6 +457,8 @@ def _dequant_chunked(x: jax.Array, w: QArray) -> jax.Array:
     acc, _ = jax.lax.scan(step, init, chunks)
     if factored and blocks == 1:
         acc = [a * _columns(s, width) for a, s in zip(acc, planes.scales)]
+    if w.tensor_scale is not None:  # NVFP4: one more factor, the same for every weight
+        acc = [a * w.tensor_scale.reshape(1, 1) for a in acc]
     return _interleave(list(acc))
 
 
@@ -391,15 +476,11 @@ def _bytes(leaf: jax.Array | None) -> jax.Array | None:
     return jax.lax.bitcast_convert_type(leaf, jnp.uint8)
 
 
-def _chunk_rows(k: int, n: int, unit: int, m: int) -> int:
+def _chunk_rows(k: int, unit: int, limit: int) -> int:
     """Rows per chunk: the most that are a multiple of ``unit``, divide ``k`` and are at
-    most the larger of :data:`CHUNK_BYTES` of float32 and ``m`` rows (at least ``unit``),
-    and at most ``k / 2`` where that leaves whole units.
-
-    Each chunk adds its partial product to the float32 ``[m, n]`` sum: chunks of at least
-    ``m`` rows keep those additions a small part of the dot's work.
+    most ``limit`` (at least ``unit``), and at most ``k / 2`` where that leaves whole units.
     """
-    limit = max(CHUNK_BYTES // (4 * n), m, unit)
+    limit = max(limit, unit)
     fits = [r for r in range(unit, k + 1, unit) if k % r == 0]
     # At least two chunks where the blocks allow: XLA removes a loop of one iteration, and
     # its scheduler then dequantizes every layer's weight before the first layer runs
@@ -408,60 +489,100 @@ def _chunk_rows(k: int, n: int, unit: int, m: int) -> int:
     return max(split) if split else max(r for r in fits if r <= limit)
 
 
-def _int8_dot(x8: jax.Array, sa: jax.Array, w: QArray) -> jax.Array:
-    """int8 codes ``x8`` [m, k] with scales ``sa`` [m or 1, 1] times ``w``: int8 x int8 ->
-    int32 dots, one per plane of the weight and block of the contraction, each int32 sum
-    rescaled."""
+def _integer_dot(x8: jax.Array, sa: jax.Array, w: QArray, act: QuantSpec, path: str) -> jax.Array:
+    """int8 codes ``x8`` [m, k] with scales ``sa`` [m or 1, 1] times ``w``: exact integer
+    sums of the codes (:func:`_partial`), one per block of the contraction, each rescaled.
+
+    The planes of a packed weight are side by side in one ``[rows, out]`` matrix of codes
+    (plane ``i``'s columns at ``i * out / per``): one dot per chunk, not one per plane.
+    """
     k, n = w.shape
     planes = _Planes.of(w)
     width = n // planes.per
-    sw = [_columns(s, width) for s in planes.scales]
+    sw = jnp.concatenate([_columns(s, width) for s in planes.scales], axis=1)
     blocks = w.scale.shape[0]
 
-    def sums(xc: jax.Array, data: jax.Array) -> list[jax.Array]:
-        """Per plane: the int32 dot over one block of the contraction, as float32."""
-        return [_int_dot(xc, v).astype(jnp.float32) for v in planes.values(data, w)]
+    def codes(data: jax.Array) -> jax.Array:
+        return jnp.concatenate(planes.values(data, w), axis=1)
 
     if blocks == 1:  # one scale along the contraction: as serving's integer dot rescales
-        return _interleave([unfused(a * (sa * s)) for a, s in zip(_int_sums(x8, w), sw)])
+        total = _int_sums(x8, w, codes, path, exact_rows(w, act)).astype(jnp.float32)
+        return _deinterleave(unfused(total * (sa * sw)), planes.per)
     xs = x8.reshape(-1, blocks, k // blocks).transpose(1, 0, 2)
 
-    def step(acc: tuple, chunk: tuple) -> tuple[tuple, None]:
-        xc, data, *scales = chunk
-        parts = [unfused(a * s.reshape(1, -1)) for a, s in zip(sums(xc, data), scales)]
-        return tuple(a + p for a, p in zip(acc, parts, strict=True)), None
+    def step(acc: jax.Array, chunk: tuple) -> tuple[jax.Array, None]:
+        xc, data, s = chunk
+        part = _partial(xc, codes(data), path).astype(jnp.float32)
+        return acc + unfused(part * s.reshape(1, -1)), None
 
-    init = tuple(jnp.zeros((x8.shape[0], width), jnp.float32) for _ in range(planes.per))
-    acc, _ = jax.lax.scan(step, init, (xs, _chunks(w.data, blocks), *sw))
-    return _interleave([unfused(a * sa) for a in acc])
+    init = jnp.zeros((x8.shape[0], n), jnp.float32)
+    acc, _ = jax.lax.scan(step, init, (xs, _chunks(w.data, blocks), sw))
+    return _deinterleave(unfused(acc * sa), planes.per)
 
 
-def _int_dot(x8: jax.Array, values: jax.Array) -> jax.Array:
-    """int8 x int8 -> int32 ``x8 @ values`` (weight values of any integer type)."""
+def _deinterleave(out: jax.Array, per: int) -> jax.Array:
+    """``[rows, n]`` results with the planes side by side as the ``[rows, n]`` result."""
+    return _interleave(jnp.split(out, per, axis=1))
+
+
+def _partial(xc: jax.Array, values: jax.Array, path: str) -> jax.Array:
+    """The integer sums ``xc @ values`` of codes, exact: int32 from an int8 x int8 ->
+    int32 dot (``"int8_dot"``), or float32 from a bfloat16 dot summed in float32
+    (``"bf16_dot"``), which holds the codes exactly and, with every sum an integer under
+    2 ** 24 (at most :func:`exact_rows` rows), adds them exactly in any order."""
     dims = (((1,), (0,)), ((), ()))
-    return jax.lax.dot_general(x8, values.astype(jnp.int8), dims, preferred_element_type=jnp.int32)
+    if path == "bf16_dot":
+        x, v = xc.astype(jnp.bfloat16), values.astype(jnp.bfloat16)
+        return jax.lax.dot_general(x, v, dims, preferred_element_type=jnp.float32)
+    v = values.astype(jnp.int8)
+    return jax.lax.dot_general(xc, v, dims, preferred_element_type=jnp.int32)
 
 
-def _int_sums(x8: jax.Array, w: QArray) -> list[jax.Array]:
-    """The int32 sums of ``x8 @ plane`` over the whole contraction, as float32, per plane.
+def exact_rows(w: QArray, activation: QuantSpec) -> int:
+    """The most rows of the contraction whose integer sums ``"bf16_dot"`` adds exactly in
+    float32: every partial sum of products of codes stays within 2 ** 24.
 
-    Up to :data:`DECODE_ROWS` rows, XLA:CPU turns an int8 dot into an int32 one over a
-    converted copy of the whole weight; there the contraction runs a chunk of rows at a
-    time (the int32 sum is exact, so the result is the same) and only a chunk is
-    converted.
+    Examples:
+      >>> import jax.numpy as jnp, qjax
+      >>> from qjax import kernels
+      >>> act = qjax.QuantSpec("int8", granularity=qjax.per_token())
+      >>> kernels.exact_rows(qjax.quantize(jnp.ones((64, 8)), "int8"), act)  # 2**24 / 128**2
+      1024
+      >>> kernels.exact_rows(qjax.quantize(jnp.ones((64, 8)), "int4"), act)
+      16384
     """
-    planes = _Planes.of(w)
+    largest = [max(-int(s.target.qmin), int(s.target.qmax)) for s in (w.spec, activation)]
+    return (1 << 24) // (largest[0] * largest[1])
+
+
+def _int_sums(x8: jax.Array, w: QArray, codes: Callable, path: str, exact: int) -> jax.Array:
+    """The int32 sums of ``x8 @ codes(w.data)`` over the whole contraction.
+
+    ``"int8_dot"`` contracts the whole weight at once, except up to :data:`DECODE_ROWS`
+    rows on a weight whose int32 copy exceeds :data:`CHUNK_BYTES`: there XLA:CPU turns an
+    int8 dot into an int32 one over a converted copy of the whole weight, so the
+    contraction runs a chunk of rows at a time and only a chunk is converted.
+    ``"bf16_dot"`` runs chunks of at most ``exact`` rows (a bfloat16 copy of each chunk),
+    their exact float32 sums added as int32. The integer sum is exact either way, so the
+    results are the same.
+    """
     k, n = w.shape
-    if x8.shape[0] > DECODE_ROWS:
-        return [_int_dot(x8, v).astype(jnp.float32) for v in planes.values(w.data, w)]
-    count = k // _chunk_rows(k, n, 1, x8.shape[0])
-    xs = x8.reshape(-1, count, k // count).transpose(1, 0, 2)
+    if path == "int8_dot" and (x8.shape[0] > DECODE_ROWS or 4 * k * n <= CHUNK_BYTES):
+        # Many rows, or a weight whose int32 copy is no bigger than a chunk: one dot. (A
+        # loop over a small weight's chunks would gain nothing, and jax 0.8's XLA:CPU
+        # miscompiles a tiny int8 dot inside one.)
+        return _partial(x8, codes(w.data), path)
+    if path == "int8_dot":
+        rows = _chunk_rows(k, 1, max(CHUNK_BYTES // (4 * n), x8.shape[0]))
+    else:
+        rows = _chunk_rows(k, 1, min(BF16_ROWS, exact))  # as in choose_path
+    count = k // rows
+    xs = x8.reshape(-1, count, rows).transpose(1, 0, 2)
 
-    def step(acc: tuple, chunk: tuple) -> tuple[tuple, None]:
+    def step(acc: jax.Array, chunk: tuple) -> tuple[jax.Array, None]:
         xc, data = chunk
-        parts = [_int_dot(xc, v) for v in planes.values(data, w)]
-        return tuple(a + p for a, p in zip(acc, parts, strict=True)), None
+        return acc + _partial(xc, codes(data), path).astype(jnp.int32), None
 
-    init = tuple(jnp.zeros((x8.shape[0], n // planes.per), jnp.int32) for _ in range(planes.per))
+    init = jnp.zeros((x8.shape[0], n), jnp.int32)
     acc, _ = jax.lax.scan(step, init, (xs, _chunks(w.data, count)))
-    return [a.astype(jnp.float32) for a in acc]
+    return acc
