@@ -67,6 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import qjax
+from qjax.flax import linen as qlinen
 from qjax.flax import serve
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -81,7 +82,16 @@ FORMATS = {
     "int4 per-block 128": "int4:per_block:128:axis=-2",
     "int4 per-block 32": "int4:per_block:32:axis=-2",
 }
-MODES = ("dequantizing", "exact", "fast")
+MODES = ("dequantizing", "exact", "fast", "auto")
+ACT_FORMATS = {
+    "W8A8 (int8 per-channel)": "int8:per_channel:axis=-1",
+    "W4A8 (int4 per-block 128)": "int4:per_block:128:axis=-2",
+}
+"""Weights and int8 activations (per token, dynamic): served with the activation quantized
+as QAT's fake quant does (``integer_dots="never"``) or through integer dots (``"auto"``:
+int8 x int8 -> int32, int4 blocks through :func:`qjax.kernels.matmul`)."""
+ACT_MODES = ("fake-quant", "integer")
+ACT = qlinen.ActQuant(qjax.QuantSpec("int8", granularity=qjax.per_token()))
 MiB = 2**20
 
 
@@ -159,8 +169,9 @@ class Variant:
     wrap: Callable[[Callable], Callable]  # model.apply -> the function to jit
 
 
-def quantized(variables: Any, shorthand: str) -> tuple[Any, dict[str, qjax.QuantSpec]]:
-    """The variables with the block kernels quantized, and the serving rules for them."""
+def quantized(variables: Any, shorthand: str, act: bool = False) -> tuple[Any, dict[str, Any]]:
+    """The variables with the block kernels quantized, and the serving rules for them (with
+    int8 per-token activations where ``act``)."""
     tree = jax.block_until_ready(qjax.quantize_tree(variables, {KERNELS: shorthand}))
     spec = qjax.parse_spec(shorthand)
     stored = {
@@ -170,7 +181,7 @@ def quantized(variables: Any, shorthand: str) -> tuple[Any, dict[str, qjax.Quant
     }
     if stored != {spec}:
         raise AssertionError(f"{shorthand}: stored specs {stored}, serving rules give {spec}")
-    return tree, {MODULES: spec}
+    return tree, {MODULES: qlinen.LayerQuant(weight=spec, act=ACT) if act else spec}
 
 
 def wrapper(mode: str, rules: dict | None) -> Callable[[Callable], Callable]:
@@ -178,20 +189,30 @@ def wrapper(mode: str, rules: dict | None) -> Callable[[Callable], Callable]:
         return lambda fn: fn
     if mode == "dequantizing":
         return qjax.dequantizing
+    if mode == "fake-quant":
+        return lambda fn: serve.served(fn, rules, integer_dots="never")
+    if mode == "integer":
+        return lambda fn: serve.served(fn, rules, integer_dots="auto", weight_only="auto")
     return lambda fn: serve.served(fn, rules, weight_only=mode)
 
 
 def variants(
     variables: Any, formats: dict[str, str], modes: tuple[str, ...]
 ) -> tuple[list[Variant], dict[str, int]]:
-    """float32, then every format x mode; and the live-array growth of each format's tree."""
+    """float32, then every format x mode and activation format x :data:`ACT_MODES`; and the
+    live-array growth of each format's tree."""
     out = [Variant("float32", variables, wrapper("float32", None))]
     growth = {}
-    for fmt, shorthand in formats.items():
+    for fmt, shorthand, act in [(*kv, False) for kv in formats.items()] + [
+        (*kv, True) for kv in ACT_FORMATS.items()
+    ]:
         before = live_bytes()
-        tree, rules = quantized(variables, shorthand)
+        tree, rules = quantized(variables, shorthand, act)
         growth[fmt] = live_bytes() - before
-        out += [Variant(f"{fmt}, {mode}", tree, wrapper(mode, rules)) for mode in modes]
+        out += [
+            Variant(f"{fmt}, {mode}", tree, wrapper(mode, rules))
+            for mode in (ACT_MODES if act else modes)
+        ]
     return out, growth
 
 
@@ -320,12 +341,15 @@ def lm_tables(args: argparse.Namespace) -> None:
         own, _, _ = d.generate(prompts, args.steps)
         same[d.variant.name] = float(np.mean(own == ref_tokens))
     logits = {d.variant.name: np.asarray(d.prefill(d.variant.params, full)) for d in decoders}
-    # Served vs qjax.dequantizing of the same tree: exact should be bit-exact, fast close.
-    diff = {
-        name: float(np.max(np.abs(out - logits[name.rsplit(", ", 1)[0] + ", dequantizing"])))
-        for name, out in logits.items()
-        if name.endswith(("exact", "fast"))
-    }
+    # Served vs qjax.dequantizing of the same tree (exact: bit-exact; fast, auto: close),
+    # and the integer dots vs the fake-quant activations (close).
+    reference = {"exact": "dequantizing", "fast": "dequantizing", "auto": "dequantizing"}
+    reference["integer"] = "fake-quant"
+    diff = {}
+    for name, out in logits.items():
+        fmt, _, mode = name.rpartition(", ")
+        if mode in reference:
+            diff[name] = float(np.max(np.abs(out - logits[f"{fmt}, {reference[mode]}"])))
 
     decode_t: list[list[float]] = [[] for _ in decoders]
     prefill_t: list[list[float]] = [[] for _ in decoders]
@@ -372,7 +396,10 @@ def lm_tables(args: argparse.Namespace) -> None:
         "dispatch overhead is the same for every variant. Quantized: the 24 block kernels "
         "(query/key/value/out/up/down); embeddings, norms, biases and head stay float32. "
         "Last column: prefill logits of the served model against qjax.dequantizing of the "
-        "same tree (exact: 0 expected; fast: float rounding)."
+        "same tree (exact: 0 expected; fast, auto: float rounding), and for W8A8 / W4A8 "
+        "the integer dots against fake-quantized activations (float rounding, which can "
+        "move an activation code). 'auto' is weight_only='auto'; 'integer' is "
+        "integer_dots='auto' with weight_only='auto'."
         f" Decode weights M = {args.batch} rows per Dense; prefill M = "
         f"{args.batch * config.context}.\n"
     )
@@ -419,7 +446,7 @@ def lm_tables(args: argparse.Namespace) -> None:
         "tokens and kept outputs). Working buffers beyond float32's, weight_only='fast':"
     )
     for d, (mp, md) in zip(decoders, mems, strict=True):
-        if d.variant.name.endswith("fast"):
+        if d.variant.name.endswith(("fast", "auto", "integer")):
             for what, m, f in (("prefill", mp, f_pre), ("decode", md, f_dec)):
                 line = verdict(f"{d.variant.name} {what}", m.temp - f.temp, layer, blocks)
                 print(f"- {line}")
@@ -452,6 +479,10 @@ def stack_table(args: argparse.Namespace) -> None:
         tree = jax.block_until_ready(qjax.quantize_tree(variables, {r".*kernel": shorthand}))
         rules = {"fc1|fc2": qjax.parse_spec(shorthand)}
         vs += [Variant(f"{fmt}, {mode}", tree, wrapper(mode, rules)) for mode in MODES]
+    for fmt, shorthand in ACT_FORMATS.items():
+        tree = jax.block_until_ready(qjax.quantize_tree(variables, {r".*kernel": shorthand}))
+        rules = {"fc1|fc2": qlinen.LayerQuant(qjax.parse_spec(shorthand), ACT)}
+        vs += [Variant(f"{fmt}, {mode}", tree, wrapper(mode, rules)) for mode in ACT_MODES]
     fns = [jax.jit(v.wrap(model.apply)) for v in vs]
     outs = [np.asarray(fn(v.params, x)) for fn, v in zip(fns, vs, strict=True)]
     ref = outs[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import flax.linen as nn
 import jax
@@ -126,7 +127,8 @@ def test_integer_path_runs_an_int32_accumulating_dot_and_conv(float_variables):
     assert "dot_general[" in jaxpr and "conv_general_dilated[" in jaxpr
     assert jaxpr.count("preferred_element_type=int32") == 2
     hlo = jax.jit(auto).lower(served, X).as_text()
-    assert "tensor<576x10xi8>) -> tensor<4x10xi32>" in hlo
+    # qjax.kernels contracts a decode-sized input a chunk of the 576 rows at a time
+    assert re.search(r"tensor<4x\d+xi8>, tensor<\d+x10xi8>\) -> tensor<4x10xi32>", hlo)
     assert "tensor<3x3x4x16xi8>) -> tensor<4x6x6x16xi32>" in hlo
     never = serve.served(MODEL.apply, INT8_RULES, integer_dots="never")
     assert "preferred_element_type=int32" not in str(jax.make_jaxpr(never)(served, X))
@@ -192,9 +194,21 @@ def test_unservable_integer_rule_falls_back_or_refuses(float_variables):
     }
     variables = calibrated(float_variables, rules)
     served = serve.convert(variables, rules)
-    np.testing.assert_array_equal(served_apply(served, rules), qat_apply(variables, rules))
+    qat = qat_apply(variables, rules)
+    np.testing.assert_array_equal(served_apply(served, rules), qat)
+    # the Dense head's int4 blocks vary along its input: W4A8 through qjax.kernels' int8 dot
+    assert_close_to_output_scale(served_apply(served, rules, integer_dots="require"), qat)
+    zero_point = {
+        ".*": qlinen.LayerQuant(
+            weight=qjax.QuantSpec(
+                "int4", formulation="zero_point", granularity=qjax.per_block(-2, 4)
+            ),
+            act=A8_STATIC,
+        )
+    }
+    served = serve.convert(calibrated(float_variables, zero_point), zero_point)
     with pytest.raises(ValueError, match=r"'head' \(Dense\) cannot use an integer dot.*per_block"):
-        served_apply(served, rules, integer_dots="require")
+        served_apply(served, zero_point, integer_dots="require")
     asym = {
         ".*": qlinen.LayerQuant(
             weight=W8, act=qlinen.ActQuant(qjax.QuantSpec("int8", scheme="asymmetric"))
@@ -294,5 +308,40 @@ def test_fast_weight_only_applies_channel_scales():
 
 
 def test_weight_only_option_is_checked():
-    with pytest.raises(ValueError, match=r"weight_only must be one of \('exact', 'fast'\)"):
+    with pytest.raises(ValueError, match=r"weight_only must be one of \('exact', 'fast', 'auto'\)"):
         serve.served(MLP().apply, {}, weight_only="quick")
+
+
+def test_auto_weight_only_takes_the_kernel_at_decode_and_exact_where_it_wins():
+    model = MLP()
+    x = jax.random.normal(jax.random.key(6), (512, 128))
+    variables = model.init(jax.random.key(7), x)
+    tree = qjax.quantize_tree(variables, {".*kernel": "int4:per_block:32"})
+    core = tree["params"]["up"]["kernel"]
+    rules = {"(up|down)": core.spec}
+    run = {
+        mode: jax.jit(serve.served(model.apply, rules, weight_only=mode))
+        for mode in ("exact", "fast", "auto")
+    }
+    assert qjax.kernels.choose_path(core, rows=1) != "dequant"  # decode reads packed bytes
+    for rows in (x[:1], x):
+        chosen = qjax.kernels.choose_path(core, rows=rows.shape[0])
+        want = run["exact" if chosen == "dequant" else "fast"](tree, rows)
+        np.testing.assert_array_equal(np.asarray(run["auto"](tree, rows)), np.asarray(want))
+
+
+def test_w4a8_with_int4_blocks_serves_through_the_int8_dot():
+    model = MLP()
+    x = jax.random.normal(jax.random.key(8), (6, 128))
+    variables = model.init(jax.random.key(9), x)
+    rules = {
+        "(up|down)": qlinen.LayerQuant(
+            weight=qjax.QuantSpec("int4", granularity=qjax.per_block(-2, 32)), act=A8_TOKEN
+        )
+    }
+    qat = jax.jit(qlinen.intercepted(model.apply, rules))(variables, x)
+    fn = jax.jit(serve.served(model.apply, rules, integer_dots="auto"))
+    tree = serve.convert(variables, rules)
+    assert_close_to_output_scale(fn(tree, x), qat)
+    hlo = fn.lower(tree, x).as_text()
+    assert re.search(r"dot_general.*tensor<[^>]*xi8>.*tensor<[^>]*xi8>.*-> tensor<[^>]*xi32>", hlo)

@@ -2,6 +2,7 @@
 
 from qjax import algorithms as algorithms
 from qjax import capture as capture
+from qjax import lsq as lsq
 from qjax import methods as methods
 from qjax import palettize as palettize
 from qjax.calibration import MovingAverage as MovingAverage
@@ -94,6 +95,7 @@ __all__ = [
     "leaf_specs",
     "load",
     "load_tensors",
+    "lsq",
     "methods",
     "moving_average_init",
     "moving_average_qparams",

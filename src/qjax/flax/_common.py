@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 from collections.abc import Callable, Mapping
 from typing import Any, Union
@@ -15,8 +16,16 @@ from typing import Any, Union
 import jax
 import jax.numpy as jnp
 
+from qjax import granularity as gran
 from qjax.calibration import ema
 from qjax.exact import unfused
+from qjax.lsq import (
+    check_learnable,
+    default_grad_scale,
+    learnable_params,
+    learned_qparams,
+    lsq_fake_quant,
+)
 from qjax.ops import fake_quant
 from qjax.qparams import QParams, block_range, compute_qparams, qparams_from_minmax
 from qjax.resolve import layout_reading, report_unmatched, with_layout_axes
@@ -34,7 +43,11 @@ __all__ = [
     "activation_qparams",
     "as_layer_quant",
     "compile_rules",
+    "learned_activation",
+    "learned_input_init",
+    "learned_input_qparams",
     "quantize_activation",
+    "split_lsq",
     "weight_spec_problem",
 ]
 
@@ -74,11 +87,77 @@ class LayerQuant:
     fake-quant one up to float rounding (bit-exact with :mod:`qjax.flax.serve`'s integer
     path) and the gradients are unchanged. Off by default: fake-quant QAT is bit-exact
     with ``fake_quant`` everywhere.
+
+    ``learn_scale=True`` (shorthand suffix ``:lsq``, e.g. ``"int2:per_channel:lsq"``)
+    trains the scales as parameters, with LSQ's gradients (:func:`qjax.lsq.lsq_fake_quant`):
+    the weight's scale (and for an asymmetric spec its offset, LSQ+) and, with an
+    activation spec, the input's. They start from the usual calibration: the weight's
+    :func:`~qjax.compute_qparams`, the input's dynamic params of the first batch (or its
+    calibrated static range). Linen keeps them in the layer's ``params`` as
+    ``kernel_scale`` / ``kernel_offset`` (``embedding_...`` for an Embed) and
+    ``input_scale`` / ``input_offset``; NNX as :class:`flax.nnx.Param` s of the
+    :class:`~qjax.flax.nnx.QuantOp`. The specs must have integer targets, and a learned
+    input scale needs blocks that span every axis but the last (per tensor, or per
+    channel of the last axis): one value per block whatever the batch.
+
+    Examples:
+      >>> import qjax
+      >>> from qjax.flax.linen import LayerQuant
+      >>> LayerQuant(weight=qjax.QuantSpec("mxfp4"), learn_scale=True)
+      Traceback (most recent call last):
+        ...
+      ValueError: LayerQuant weight: learned scales (LSQ) need an integer target, ...
     """
 
     weight: QuantSpec | None = None
     act: ActQuant | None = None
     integer_dot: bool = False
+    learn_scale: bool = False
+
+    def __post_init__(self):
+        if not self.learn_scale:
+            return
+        if self.weight is None and self.act is None:
+            raise ValueError(
+                "LayerQuant: learn_scale=True needs a weight or an activation spec to learn "
+                "the scales of"
+            )
+        if self.weight is not None:
+            check_learnable(self.weight, "LayerQuant weight")
+        if self.act is not None:
+            check_learnable(self.act.spec, "LayerQuant act")
+            if self.act.spec.granularity.kind == "per_token":
+                raise ValueError(
+                    "LayerQuant act: a learned input scale is one parameter per block, but "
+                    "per_token blocks change with the batch; use per_tensor() or "
+                    "per_channel(-1) activations, or learn_scale=False"
+                )
+
+
+LEARNED_NOTE = "learned scales, LSQ"
+"""The plan note of a weight whose rule learns its scales."""
+
+LSQ_TOKEN = "lsq"
+"""The shorthand token (``"int2:per_channel:lsq"``) that sets ``learn_scale=True``."""
+
+
+def split_lsq(text: str) -> tuple[str, bool]:
+    """Shorthand without its ``lsq`` token, and whether it had one.
+
+    Examples:
+      >>> from qjax.flax._common import split_lsq
+      >>> split_lsq("int2:per_channel:lsq"), split_lsq("int8")
+      (('int2:per_channel', True), ('int8', False))
+    """
+    tokens = [token.strip() for token in text.split(":")]
+    learned = tokens.count(LSQ_TOKEN)
+    if learned > 1:
+        raise ValueError(f"spec {text!r}: token {LSQ_TOKEN!r} is repeated; give it once")
+    if learned and tokens.index(LSQ_TOKEN) == 0:
+        raise ValueError(
+            f"spec {text!r}: {LSQ_TOKEN!r} follows a spec, e.g. 'int2:per_channel:lsq'"
+        )
+    return ":".join(t for t in tokens if t != LSQ_TOKEN), bool(learned)
 
 
 RuleValue = Union[LayerQuant, QuantSpec, str, None]
@@ -92,10 +171,16 @@ def as_layer_quant(value: RuleValue, where: str) -> LayerQuant | None:
         return LayerQuant(weight=value)
     if isinstance(value, str):
         try:
-            spec = parse_spec(value)
+            text, learn = split_lsq(value)
+            spec = parse_spec(text)
+            if spec is None and learn:
+                raise ValueError(
+                    f"spec {value!r} keeps the layer float, so it has no scale to learn: "
+                    f"drop {LSQ_TOKEN!r}"
+                )
+            return None if spec is None else LayerQuant(weight=spec, learn_scale=learn)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-        return None if spec is None else LayerQuant(weight=spec)
     raise TypeError(
         f"{where}: expected a LayerQuant, QuantSpec, shorthand text or None, "
         f"got {type(value).__name__}"
@@ -106,7 +191,7 @@ def _shorthand_template(value: RuleValue) -> LeafRule | None:
     """The parsed shorthand when ``value`` is text whose axes follow the layout, else None."""
     if not isinstance(value, str):
         return None
-    leaf = parse_leaf_rule(value)
+    leaf = parse_leaf_rule(split_lsq(value)[0])
     return leaf if leaf.template else None
 
 
@@ -171,9 +256,7 @@ class Rules:
 
     def __init__(self, rules: Mapping[str, RuleValue], *, collection: str | None = "params"):
         if not isinstance(rules, Mapping):
-            raise TypeError(
-                f"rules must be a mapping {{regex: spec}}, got {type(rules).__name__}"
-            )
+            raise TypeError(f"rules must be a mapping {{regex: spec}}, got {type(rules).__name__}")
         self.rules = [
             Rule(p, q, m, _shorthand_template(value))
             for (m, q, p), value in zip(compile_rules(rules), rules.values())
@@ -299,7 +382,7 @@ class ModelPlan:
             what = str(row.spec) if row.spec is not None else f"float ({row.note})"
             if row.act is not None and row.spec is not None:
                 what += f", input {row.act.spec}{' static' if row.act.static else ''}"
-            elif row.spec is not None and row.note:
+            if row.spec is not None and row.note:
                 what += f" ({row.note})"
             pattern = "-" if row.pattern is None else repr(row.pattern)
             table.append((row.path, str(row.shape), row.layer or "-", pattern, what))
@@ -350,7 +433,7 @@ def plan_row(
     if problem is not None:
         why = cannot_quantize(module_path, layer_name, name, shape, rule.pattern, problem)
         return row(rule.pattern, None, None, "error: " + why)
-    return row(rule.pattern, spec, quant.act)
+    return row(rule.pattern, spec, quant.act, LEARNED_NOTE if quant.learn_scale else "")
 
 
 def rounded(values: jax.Array) -> jax.Array:
@@ -408,6 +491,72 @@ def activation_qparams(
         jnp.where(calibrated, act_min, lo), jnp.where(calibrated, act_max, hi), act.spec
     )
     return jax.tree.map(lambda p: p.reshape(param_shape), qp), (act_min, act_max)
+
+
+def learned_activation(
+    x: jax.Array, act: ActQuant, scale: jax.Array, offset: jax.Array | None
+) -> tuple[jax.Array, QParams]:
+    """Fake-quantizes an activation with its learned scale (and offset), LSQ's gradients.
+
+    The params are stored without the leading unit axes of ``x.shape // block_shape``
+    (``()`` per tensor, ``(features,)`` per channel of the last axis), as static ranges
+    are, so they fit inputs of any rank. The gradient scale counts one example's elements
+    per block (the block without its leading, batch, axis), as LSQ does for activations.
+
+    Returns:
+      ``(fake-quantized x, the learned params as qjax.QParams)``.
+
+    Raises:
+      ValueError: where the spec's blocks do not span every axis but the last.
+    """
+    scale, offset, blocks = _learned_input_params(x, act, scale, offset)
+    per_example = math.prod(blocks[1:]) if len(blocks) > 1 else math.prod(blocks)
+    grad_scale = default_grad_scale(per_example, act.spec)
+    x_q = lsq_fake_quant(x, act.spec, scale, offset, grad_scale=grad_scale)
+    return rounded(x_q), learned_qparams(scale, offset, act.spec)
+
+
+def learned_input_qparams(
+    x: jax.Array, act: ActQuant, scale: jax.Array, offset: jax.Array | None
+) -> QParams:
+    """The :class:`~qjax.QParams` of learned input params (as :func:`learned_activation`
+    stores them) for the input ``x``: what its forward quantizes ``x`` with."""
+    scale, offset, _ = _learned_input_params(x, act, scale, offset)
+    return learned_qparams(scale, offset, act.spec)
+
+
+def _learned_input_params(
+    x: jax.Array, act: ActQuant, scale: jax.Array, offset: jax.Array | None
+) -> tuple[jax.Array, jax.Array | None, tuple[int, ...]]:
+    """Stored learned input params reshaped to ``x``'s param shape, and the block shape."""
+    blocks = gran.block_shape(x.shape, act.spec.granularity)
+    if tuple(blocks[:-1]) != tuple(x.shape[:-1]):
+        raise ValueError(
+            f"a learned input scale needs blocks that span every axis but the last, but "
+            f"{act.spec.granularity} gives blocks {blocks} for input shape {x.shape}; use "
+            "per_tensor() or per_channel(-1) activations"
+        )
+    shape = gran.param_shape(x.shape, blocks)
+    for name, value in (("scale", scale), ("offset", offset)):
+        if value is not None and math.prod(jnp.shape(value)) != math.prod(shape):
+            raise ValueError(
+                f"the learned input {name} has shape {jnp.shape(value)}, which does not fit "
+                f"this input's blocks {_drop_leading_ones(shape)} (input shape {x.shape})"
+            )
+    offset = None if offset is None else jnp.reshape(offset, shape)
+    return jnp.reshape(scale, shape), offset, blocks
+
+
+def learned_input_init(
+    x: jax.Array, act: ActQuant, stats: Stats | None
+) -> tuple[jax.Array, jax.Array | None]:
+    """The values a learned input scale (and offset) start from: the calibrated static
+    range where there is one, else ``x``'s dynamic params; in the stored shape of
+    :func:`learned_activation`."""
+    qp, _ = activation_qparams(x, act, stats, calibrating=False)
+    scale, offset = learnable_params(qp, act.spec)
+    shape = _drop_leading_ones(scale.shape)
+    return scale.reshape(shape), None if offset is None else offset.reshape(shape)
 
 
 def quantize_activation(

@@ -33,13 +33,19 @@ from qjax.flax._common import (
     Rule,
     Rules,
     RuleValue,
+    activation_qparams,
     cannot_quantize,
+    learned_activation,
+    learned_input_init,
     plan_row,
-    quantize_activation,
     refuse_embed_activation,
     rounded,
 )
+from qjax.flax._common import (
+    learned_input_qparams as learned_input_qparams_of,
+)
 from qjax.flax._integer import dense_contraction, dot_scale, qat_dot, spec_reason
+from qjax.lsq import learnable_params, learned_qparams, learns_offset, lsq_fake_quant
 from qjax.ops import fake_quant, quantize
 from qjax.qparams import QParams, compute_qparams
 from qjax.spec import QuantSpec
@@ -59,6 +65,8 @@ __all__ = [
     "intercept",
     "intercepted",
     "layer_rule",
+    "learned_input_qparams",
+    "learned_weight_qparams",
     "plan",
     "quantized_call",
     "swapped_attributes",
@@ -84,12 +92,15 @@ class _QuantizingScope:
 
     The spec is ``spec``, or with a ``rule``, the rule's spec for that weight (shorthand
     templates take their axes from the weight's layout). ``weight_qparams`` holds the
-    params it last used (None until the weight is read).
+    params it last used (None until the weight is read). With ``learn``, the scale (and
+    offset) are parameters next to the weight, ``<name>_scale`` / ``<name>_offset``.
     """
 
-    def __init__(self, module: nn.Module, name: str, spec: QuantSpec, rule: Rule | None):
+    def __init__(
+        self, module: nn.Module, name: str, spec: QuantSpec, rule: Rule | None, learn: bool
+    ):
         self._scope, self._name, self._spec = module.scope, name, spec
-        self._module, self._rule = module, rule
+        self._module, self._rule, self._learn = module, rule, learn
         self.weight_qparams: QParams | None = None
 
     def __getattr__(self, attr: str) -> Any:
@@ -110,18 +121,115 @@ class _QuantizingScope:
             layer = type(self._module).__name__
             why = cannot_quantize(path, layer, name, value.shape, rule, str(e))
             raise ValueError(why) from None
-        return rounded(fake_quant(value, spec, qparams=self.weight_qparams))
+        if not self._learn:
+            return rounded(fake_quant(value, spec, qparams=self.weight_qparams))
+        initial = learnable_params(self.weight_qparams, spec)
+        scale = _learned_param(self._module, f"{name}_scale", lambda: initial[0], self._rule)
+        offset = None
+        if learns_offset(spec):
+            offset = _learned_param(self._module, f"{name}_offset", lambda: initial[1], self._rule)
+        self.weight_qparams = learned_qparams(scale, offset, spec)
+        return rounded(lsq_fake_quant(value, spec, scale, offset))
+
+
+def _learned_param(
+    module: nn.Module, name: str, init: Callable[[], jax.Array], rule: Rule | None
+) -> jax.Array:
+    """The learned scale or offset ``name`` in the module's params, created from ``init()``
+    where it is missing and ``params`` are mutable (``model.init``, or an apply with
+    ``mutable=["params"]``)."""
+    scope = module.scope
+    if not scope.has_variable("params", name) and not scope.is_mutable_collection("params"):
+        path = "/".join(module.path)
+        by = f"rule {rule.pattern!r}" if rule is not None else "its quant"
+        raise ValueError(
+            f"layer {path!r} learns its scales ({by}: learn_scale=True, ':lsq'), but its "
+            f"params hold no {name!r}. Create the learned scales once, from the current "
+            "weights and a batch: `_, new = model.apply(variables, x, mutable=['params'])` "
+            "inside qjax.flax.linen.intercept(rules) (model.init under intercept creates "
+            "them too), then train {**variables, 'params': new['params']}"
+        )
+    return scope.variable("params", name, init).value
+
+
+def learned_input_qparams(module: nn.Module, x: jax.Array, act: ActQuant) -> QParams:
+    """The learned params (``input_scale`` / ``input_offset`` in the module's ``params``)
+    that a layer trained with ``learn_scale=True`` quantizes its input ``x`` with, as
+    :class:`~qjax.QParams` of shape ``x.shape // block_shape`` (for serving's integer path).
+
+    Raises:
+      ValueError: where the module's params hold no learned input scale.
+    """
+    names = ["input_scale"] + (["input_offset"] if learns_offset(act.spec) else [])
+    values = [module.scope.get_variable("params", name) for name in names]
+    for name, value in zip(names, values):
+        if value is None:
+            path = "/".join(module.path)
+            raise ValueError(
+                f"{'/'.join(p for p in ('params', path, name) if p)} is missing: the rule "
+                "learns this layer's input scale (learn_scale=True, ':lsq'), so the variables "
+                "must be those QAT trained, learned scales included"
+            )
+    offset = values[1] if len(values) > 1 else None
+    return learned_input_qparams_of(x, act, values[0], offset)
+
+
+def learned_weight_qparams(
+    params: Mapping[str, Any], module_path: str, weight: str, spec: QuantSpec
+) -> QParams:
+    """The learned params of a weight trained with ``learn_scale=True``, as
+    :class:`~qjax.QParams` for :func:`qjax.quantize` (serving uses exactly these).
+
+    Args:
+      params: the model's (unboxed) ``params`` collection.
+      module_path: the layer's path, ``"Block_0/Dense_1"``.
+      weight: the weight's name, ``"kernel"`` or ``"embedding"``.
+      spec: the weight's spec (the rule's, resolved for the weight's layout).
+
+    Raises:
+      ValueError: where ``params`` hold no ``<module_path>/<weight>_scale`` (or the
+        ``_offset`` an asymmetric spec learns).
+
+    Examples:
+      >>> import flax.linen as nn, jax, jax.numpy as jnp, numpy as np, qjax
+      >>> from qjax.flax import linen as qlinen
+      >>> model, rules = nn.Dense(4), {".*": "int4:per_channel:lsq"}
+      >>> with qlinen.intercept(rules):
+      ...     variables = model.init(jax.random.key(0), jnp.ones((1, 8)))
+      >>> sorted(variables["params"])
+      ['bias', 'kernel', 'kernel_scale']
+      >>> spec = qjax.parse_spec("int4:per_channel")
+      >>> qp = qlinen.learned_weight_qparams(variables["params"], "", "kernel", spec)
+      >>> kernel = variables["params"]["kernel"]
+      >>> bool(np.array_equal(qjax.quantize(kernel, spec, qparams=qp).scale,
+      ...                     qjax.compute_qparams(kernel, spec).scale))  # not trained yet
+      True
+    """
+    layer: Any = params
+    for key in module_path.split("/") if module_path else ():
+        layer = layer.get(key) if isinstance(layer, Mapping) else None
+    names = [f"{weight}_scale"] + ([f"{weight}_offset"] if learns_offset(spec) else [])
+    values = [layer.get(name) if isinstance(layer, Mapping) else None for name in names]
+    for name, value in zip(names, values):
+        if value is None:
+            where = "/".join(p for p in ("params", module_path, name) if p)
+            raise ValueError(
+                f"{where} is missing: the rule learns the scales of "
+                f"{module_path or 'the model'!r} (learn_scale=True, ':lsq'), so the variables "
+                "must be those QAT trained, learned scales included"
+            )
+    return learned_qparams(values[0], values[1] if len(values) > 1 else None, spec)
 
 
 @contextlib.contextmanager
 def _weights_quantized(
-    module: nn.Module, spec: QuantSpec | None, rule: Rule | None
+    module: nn.Module, spec: QuantSpec | None, rule: Rule | None, learn: bool
 ) -> Iterator[_QuantizingScope | None]:
     name = weight_name(module)
     if spec is None or name is None:
         yield None
         return
-    scope = _QuantizingScope(module, name, spec, rule)
+    scope = _QuantizingScope(module, name, spec, rule, learn)
     with swapped_attributes(module, {"scope": scope}):
         yield scope
 
@@ -146,9 +254,10 @@ def weight_name(module: nn.Module | type) -> str | None:
 
 
 def _quantize_activation(
-    module: nn.Module, x: jax.Array, act: ActQuant
+    module: nn.Module, x: jax.Array, act: ActQuant, learn: bool, rule: Rule | None
 ) -> tuple[jax.Array, QParams]:
-    """Fake-quantizes ``x``; static ranges live in the module's ``quant_stats``."""
+    """Fake-quantizes ``x``; static ranges live in the module's ``quant_stats``, learned
+    params (``learn``) in its ``params`` as ``input_scale`` / ``input_offset``."""
     stored = module.has_variable(STATS, "act_min")
     mutable = module.is_mutable_collection(STATS)
     stats = (
@@ -157,11 +266,23 @@ def _quantize_activation(
         else None
     )
     calibrating = mutable and not module.is_initializing()
-    x_q, qparams, stats = quantize_activation(x, act, stats, calibrating)
+    qparams, stats = activation_qparams(x, act, stats, calibrating)
     if stats is not None and mutable:
         module.put_variable(STATS, "act_min", stats[0])
         module.put_variable(STATS, "act_max", stats[1])
-    return x_q, qparams
+    if not learn:
+        return rounded(fake_quant(x, act.spec, qparams=qparams)), qparams
+    initial = functools.cache(lambda: learned_input_init(x, act, stats))
+    scale = _learned_param(module, "input_scale", lambda: initial()[0], rule)
+    offset = None
+    if learns_offset(act.spec):
+        offset = _learned_param(module, "input_offset", lambda: initial()[1], rule)
+    try:
+        return learned_activation(x, act, scale, offset)
+    except ValueError as e:
+        raise ValueError(
+            f"layer {'/'.join(module.path)!r} ({type(module).__name__}): {e}"
+        ) from None
 
 
 def quantized_call(
@@ -180,9 +301,9 @@ def quantized_call(
     contraction = _integer_dot_contraction(module, args, quant) if quant.integer_dot else None
     act_qparams = None
     if quant.act is not None and args and jnp.issubdtype(jnp.asarray(args[0]).dtype, jnp.floating):
-        x_q, act_qparams = _quantize_activation(module, args[0], quant.act)
+        x_q, act_qparams = _quantize_activation(module, args[0], quant.act, quant.learn_scale, rule)
         args = (x_q, *args[1:])
-    with _weights_quantized(module, quant.weight, rule) as scope:
+    with _weights_quantized(module, quant.weight, rule, quant.learn_scale) as scope:
         if contraction is None:
             return fun(*args, **kwargs)
         hooks = {
@@ -293,7 +414,8 @@ def layer_rule(module: nn.Module, rules: Rules, method: str) -> tuple[LayerQuant
     if isinstance(module, nn.Embed) and quant.act is not None:
         raise ValueError(refuse_embed_activation(path, rule.pattern))
     if method == "setup":
-        quant = LayerQuant(weight=quant.weight)
+        learn = quant.learn_scale and quant.weight is not None
+        quant = LayerQuant(weight=quant.weight, learn_scale=learn)
     return quant, rule
 
 
@@ -318,7 +440,11 @@ def intercept(rules: Mapping[str, RuleValue], *, strict: bool = False) -> Iterat
         (``"Block_0/Dense_1/kernel"``): the rule language of :mod:`qjax.flax`, the same
         as :func:`qjax.quantize_tree`'s. A QuantSpec or shorthand quantizes weights
         only. Dense, DenseGeneral, Conv, ConvTranspose, Einsum and Embed are quantized
-        where a rule matches them; other modules run unchanged.
+        where a rule matches them; other modules run unchanged. Shorthand ending in
+        ``:lsq`` (``"int2:per_channel:lsq"``), or ``LayerQuant(learn_scale=True)``,
+        learns the layer's scales (LSQ): ``model.init`` under the context creates them
+        (``kernel_scale``, ``input_scale``, ... in ``params``); for float variables
+        without them, apply once with ``mutable=["params"]`` to add them.
       strict: what happens to a rule that quantized no layer while the context was
         active, checked when the context exits without an error (inside ``jax.jit``: when
         the function is traced, not at each cached call): a

@@ -33,12 +33,16 @@ from qjax.flax._common import (
     Rules,
     RuleValue,
     cannot_quantize,
+    learned_activation,
+    learned_input_init,
     plan_row,
     quantize_activation,
     rounded,
     weight_spec_problem,
 )
+from qjax.lsq import learnable_params, learns_offset, lsq_fake_quant
 from qjax.ops import fake_quant
+from qjax.qparams import compute_qparams
 
 __all__ = [
     "HOOKS",
@@ -101,15 +105,20 @@ class QuantOp(nnx.Module):
 
     :func:`quantize` installs one in place of a layer's ``dot_general``,
     ``conv_general_dilated`` or ``einsum_op``. Its configuration is static (part of the
-    graph definition, so ``nnx.jit`` retraces when it changes); its only state is the
-    :class:`QuantStat` pair ``act_min`` / ``act_max`` when the activation is static.
+    graph definition, so ``nnx.jit`` retraces when it changes); its state is the
+    :class:`QuantStat` pair ``act_min`` / ``act_max`` when the activation is static, and
+    with ``quant.learn_scale`` the learned scales, :class:`flax.nnx.Param` s that an
+    ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` trains: ``weight_scale`` (and
+    ``weight_offset`` for an asymmetric spec), from ``compute_qparams(kernel)``, and
+    ``input_scale`` (``input_offset``), empty until a calibrating call (see
+    :func:`calibrate`) sets them from its batch: create the optimizer after that call.
 
     Attributes:
       op: the original operator, called with the quantized operands.
       quant: the :class:`LayerQuant`.
       input_arg: the position of the input operand (1 for ``einsum_op``, else 0).
       kernel_arg: the position of the kernel operand (2 for ``einsum_op``, else 1).
-      calibrating: whether calls update the static ranges (see :func:`calibrate`).
+      calibrating: whether calls update the static ranges and learned input scales.
 
     Examples:
       >>> import jax, jax.numpy as jnp, qjax
@@ -118,9 +127,21 @@ class QuantOp(nnx.Module):
       >>> # int2 is [-2, 1] with scale 1 / 1.5: the kernel [1.0, 0.2] becomes [2/3, 0].
       >>> op(jnp.ones((1, 2)), jnp.array([[1.0], [0.2]]), (((1,), (0,)), ((), ())))
       Array([[0.6666667]], dtype=float32)
+      >>> lsq = qnnx.LayerQuant(weight=qjax.QuantSpec("int2"), learn_scale=True)
+      >>> op = qnnx.QuantOp(jax.lax.dot_general, lsq, kernel=jnp.array([[1.0], [0.2]]))
+      >>> op.weight_scale[...]  # an nnx.Param, learned from here on
+      Array([[0.6666667]], dtype=float32)
     """
 
-    def __init__(self, op: Callable, quant: LayerQuant, *, input_arg: int = 0, kernel_arg: int = 1):
+    def __init__(
+        self,
+        op: Callable,
+        quant: LayerQuant,
+        *,
+        input_arg: int = 0,
+        kernel_arg: int = 1,
+        kernel: jax.Array | None = None,
+    ):
         self.op = op
         self.quant = quant
         self.input_arg = input_arg
@@ -129,6 +150,22 @@ class QuantOp(nnx.Module):
         if quant.act is not None and quant.act.static:
             self.act_min = QuantStat(jnp.full((), jnp.inf, jnp.float32))
             self.act_max = QuantStat(jnp.full((), -jnp.inf, jnp.float32))
+        if not quant.learn_scale:
+            return
+        if quant.weight is not None:
+            if kernel is None:
+                raise ValueError(
+                    "QuantOp: learn_scale=True with a weight spec needs the layer's kernel "
+                    "(kernel=...) to start the learned scale from"
+                )
+            scale, offset = learnable_params(compute_qparams(kernel, quant.weight), quant.weight)
+            self.weight_scale = nnx.Param(scale)
+            if offset is not None:
+                self.weight_offset = nnx.Param(offset)
+        if quant.act is not None:
+            self.input_scale = nnx.Param(jnp.zeros((0,), jnp.float32))
+            if learns_offset(quant.act.spec):
+                self.input_offset = nnx.Param(jnp.zeros((0,), jnp.float32))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Calls ``op`` with the input and kernel operands fake-quantized."""
@@ -141,8 +178,13 @@ class QuantOp(nnx.Module):
         x, act = args[self.input_arg], self.quant.act
         if act is not None and jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
             args[self.input_arg] = self._quantize_input(x, act)
-        if self.quant.weight is not None:
-            args[self.kernel_arg] = rounded(fake_quant(args[self.kernel_arg], self.quant.weight))
+        weight = self.quant.weight
+        if weight is not None and self.quant.learn_scale:
+            offset = self.weight_offset[...] if learns_offset(weight) else None
+            kernel = lsq_fake_quant(args[self.kernel_arg], weight, self.weight_scale[...], offset)
+            args[self.kernel_arg] = rounded(kernel)
+        elif weight is not None:
+            args[self.kernel_arg] = rounded(fake_quant(args[self.kernel_arg], weight))
         return self.op(*args, **kwargs)
 
     def _quantize_input(self, x: jax.Array, act: ActQuant) -> jax.Array:
@@ -151,7 +193,23 @@ class QuantOp(nnx.Module):
         if stats is not None and self.calibrating:
             self.act_min.set_value(stats[0])
             self.act_max.set_value(stats[1])
-        return x_q
+        if not self.quant.learn_scale:
+            return x_q
+        offset = learns_offset(act.spec)
+        if self.calibrating:
+            scale_value, offset_value = learned_input_init(x, act, stats)
+            self.input_scale.set_value(scale_value)
+            if offset:
+                self.input_offset.set_value(offset_value)
+        elif self.input_scale.get_value().shape == (0,):
+            raise ValueError(
+                "this layer learns its input scale (learn_scale=True, ':lsq'), which is not "
+                "set yet: call the model once on a batch under qjax.flax.nnx.calibrate(model) "
+                "(then calibrate(model, False)) before training, and create the optimizer "
+                "after that call"
+            )
+        learned_offset = self.input_offset[...] if offset else None
+        return learned_activation(x, act, self.input_scale[...], learned_offset)[0]
 
     def set_view(self, calibrating: bool | None = None) -> None:
         """Lets ``nnx.view(model, calibrating=True)`` give a calibrating view of a model."""
@@ -168,8 +226,8 @@ def _hook_of(module: nnx.Module) -> Hook | None:
 
 def _plan(
     module: nnx.Module, path: str, rules: Rules
-) -> tuple[nnx.Module, Hook, LayerQuant | None] | None:
-    """What :func:`quantize` does to ``module``: None, or (module, hook, quant)."""
+) -> tuple[nnx.Module, Hook, LayerQuant | None, jax.Array | None] | None:
+    """What :func:`quantize` does to ``module``: None, or (module, hook, quant, kernel)."""
     hook, name = _hook_of(module), weight_name(module)
     if name is None:
         return None
@@ -202,16 +260,21 @@ def _plan(
             layer = type(module).__name__
             raise ValueError(cannot_quantize(path, layer, name, shape, pattern, problem))
         quant = dataclasses.replace(quant, weight=spec)
-    return module, hook, quant
+        return module, hook, quant, kernel
+    return module, hook, quant, None
 
 
-def _install(module: nnx.Module, hook: Hook, quant: LayerQuant | None) -> None:
+def _install(
+    module: nnx.Module, hook: Hook, quant: LayerQuant | None, kernel: jax.Array | None
+) -> None:
     current = getattr(module, hook.attr)
     original = current.op if isinstance(current, QuantOp) else (current or hook.default)
     if quant is None:
         setattr(module, hook.attr, nnx.static(original))
         return
-    op = QuantOp(original, quant, input_arg=hook.input_arg, kernel_arg=hook.kernel_arg)
+    op = QuantOp(
+        original, quant, input_arg=hook.input_arg, kernel_arg=hook.kernel_arg, kernel=kernel
+    )
     setattr(module, hook.attr, nnx.data(op))
 
 
@@ -235,7 +298,10 @@ def quantize(model: M, rules: Mapping[str, RuleValue], *, strict: bool = False) 
         on each layer's path (``"blocks/0/linear"``; the model itself is ``""``) or its
         weight's path (``"blocks/0/linear/kernel"``, as in ``nnx.state(model)``): the rule
         language of :mod:`qjax.flax`. A QuantSpec or shorthand quantizes weights only; a
-        :class:`LayerQuant` may add an :class:`ActQuant`.
+        :class:`LayerQuant` may add an :class:`ActQuant`. Shorthand ending in ``:lsq``
+        (or ``LayerQuant(learn_scale=True)``) learns the scales: ``nnx.Param`` s of the
+        :class:`QuantOp` (a learned input scale is set by a first call under
+        :func:`calibrate`).
       strict: a rule that matches no layer is a :class:`~qjax.resolve.QjaxRuleWarning`
         naming it, or with ``strict=True`` a ``ValueError`` (the model is then left as it
         was).

@@ -62,6 +62,8 @@ from qjax.flax.linen import (
     LayerQuant,
     RuleValue,
     layer_rule,
+    learned_input_qparams,
+    learned_weight_qparams,
     quantized_call,
     swapped_attributes,
     weight_name,
@@ -74,13 +76,18 @@ from qjax.tree import dequantizing, path_str
 
 __all__ = ["IntegerDots", "WeightOnly", "convert", "dequantizing", "served", "serving"]
 
-WeightOnly = Literal["exact", "fast"]
+WeightOnly = Literal["exact", "fast", "auto"]
 """How :func:`serving` runs a Dense layer with a quantized weight and no activation spec:
 ``"exact"`` (default) dequantizes the whole weight where it is read, as QAT's fake quant
-did (bit-exact); ``"fast"`` calls :func:`qjax.kernels.matmul`, which dequantizes a chunk
-of input rows at a time into the dot (equal up to float rounding; at decode batch sizes
-it reads the packed weight, never a float copy, and is several times faster)."""
-WEIGHT_ONLY = ("exact", "fast")
+did (bit-exact with the QAT / PTQ model); ``"fast"`` calls :func:`qjax.kernels.matmul`,
+which dequantizes a chunk of input rows at a time into the dot (equal up to float
+rounding; at decode batch sizes it reads the packed weight, never a float copy, and is
+several times faster); ``"auto"`` takes, per call shape, whichever of the two
+:func:`qjax.kernels.choose_path` measured faster for that many rows (``"fast"`` at
+decode, ``"exact"`` where materialising the float weight once wins, as at long
+prefills). The default stays ``"exact"`` so that serving reproduces training bit for bit
+through any depth; ``"auto"`` is the fastest choice within float rounding."""
+WEIGHT_ONLY = ("exact", "fast", "auto")
 
 IntegerDots = Literal["as_trained", "auto", "require", "never"]
 """Where :func:`serving` uses integer dots: ``"as_trained"`` (default) where the rule says
@@ -148,7 +155,10 @@ def convert(
         spec = rule.weight_spec(name, np.shape(leaf))
         if spec is None:
             return leaf
-        return _quantize_weight(leaf, spec, f"params/{name}", rule.pattern)
+        qparams = None
+        if rule.quant.learn_scale:  # LSQ: the scales QAT learned, not fresh ones
+            qparams = learned_weight_qparams(params, module_path, leaf_name, spec)
+        return _quantize_weight(leaf, spec, f"params/{name}", rule.pattern, qparams)
 
     converted = jax.tree_util.tree_map_with_path(convert_leaf, params, is_leaf=_is_qarray)
     compiled.check(strict=strict, where="qjax.flax.serve.convert")
@@ -177,8 +187,8 @@ def serving(
         weights elsewhere; ``"require"``: as ``"auto"``, and a layer whose rule has an
         activation spec and that cannot use an integer dot is a ``ValueError`` saying
         why; ``"never"``: dequantize every weight.
-      weight_only: ``"exact"`` (default) or ``"fast"``: how a Dense layer with a
-        quantized weight and no activation spec runs (see :data:`WeightOnly`).
+      weight_only: ``"exact"`` (default), ``"fast"`` or ``"auto"``: how a Dense layer
+        with a quantized weight and no activation spec runs (see :data:`WeightOnly`).
       strict: a rule that quantized no layer while the context was active (checked on
         exit, as :func:`~qjax.flax.linen.intercept` does) is a
         :class:`~qjax.resolve.QjaxRuleWarning`, or with ``strict=True`` a ``ValueError``.
@@ -188,7 +198,15 @@ def serving(
     and zero point 0 (``symmetric`` or ``symmetric_with_clipping``, formulation
     ``scale`` or ``zero_point``); scales constant along the contracted axes: weights per
     tensor or per output channel (``per_channel(-1)``); activations per tensor (dynamic or
-    static), or per token (dynamic) for Dense / DenseGeneral.
+    static), or per token (dynamic) for Dense / DenseGeneral. With ``"auto"`` and
+    ``"require"``, a ``nn.Dense`` with a 2-D weight runs through
+    :func:`qjax.kernels.matmul`'s ``"int8_dot"`` path wherever it can (formulation
+    ``scale``, activations per tensor or per token): it also takes weights whose scales
+    vary along the input axis (``per_block(-2, B)``, e.g. W4A8 with int4 blocks: one int32
+    partial sum per block, scaled by that block's weight scales), and contracts
+    decode-sized inputs a chunk of the weight at a time. Its result equals the QAT
+    model's up to float rounding; a layer trained with ``integer_dot=True`` keeps QAT's
+    own integer dot, bit for bit.
 
     Enter the context inside the function you jit, or wrap it with :func:`served`: Linen's
     interceptors are Python state that JAX's jit cache does not see.
@@ -264,7 +282,9 @@ def _check_options(integer_dots: Any, weight_only: Any) -> None:
 # Rules and the converted tree -------------------------------------------------------------
 
 
-def _quantize_weight(leaf: Any, spec: QuantSpec, name: str, rule: str) -> QArray:
+def _quantize_weight(
+    leaf: Any, spec: QuantSpec, name: str, rule: str, qparams: QParams | None = None
+) -> QArray:
     if not isinstance(leaf, jax.core.Tracer):
         bad = int(np.size(leaf) - np.count_nonzero(np.isfinite(np.asarray(leaf))))
         if bad:
@@ -274,7 +294,7 @@ def _quantize_weight(leaf: Any, spec: QuantSpec, name: str, rule: str) -> QArray
                 "rule mapping its module path to None"
             )
     try:
-        return quantize(leaf, spec)
+        return quantize(leaf, spec, qparams=qparams)
     except (ValueError, TypeError) as e:
         module_path = name.removeprefix("params/").rpartition("/")[0]
         raise type(e)(
@@ -287,7 +307,7 @@ def _quantize_weight(leaf: Any, spec: QuantSpec, name: str, rule: str) -> QArray
 def _check_calibrated(variables: Mapping[str, Any], param_path: str, quant: LayerQuant) -> None:
     """A kernel's module with static activation ranges needs its ``quant_stats`` entry."""
     module_path, _, leaf = param_path.rpartition("/")
-    if leaf != "kernel" or quant.act is None or not quant.act.static:
+    if leaf != "kernel" or quant.act is None or not quant.act.static or quant.learn_scale:
         return
     node: Any = variables.get(STATS, {})
     for key in module_path.split("/") if module_path else ():
@@ -393,16 +413,16 @@ def _served_call(
         args = (_scaled_input(module, args, weight), *args[1:])
         read_float = _dequantized_core
     required = integer_dots == "require" or (integer_dots == "as_trained" and quant.integer_dot)
+    qat_dot = quant.integer_dot or integer_dots == "as_trained"
     if act is not None and (required or integer_dots == "auto"):
         if isinstance(weight, QArray):
-            plan = _integer_plan(module, args, act, weight)
+            plan = _integer_plan(
+                module, args, act, weight, as_trained=qat_dot, learned=quant.learn_scale
+            )
         else:
             plan = "its rule has no weight spec, so the weight stays float"
-        if not isinstance(plan, str):
-            qparams, hooks = plan
-            codes = quantize(args[0], act.spec, qparams=qparams, packed=False).codes()
-            with _weight_read(module, name, _codes_as_float), swapped_attributes(module, hooks):
-                return fun(codes.astype(args[0].dtype), *args[1:], **kwargs)
+        if callable(plan):
+            return plan(fun, args, kwargs)
         if required:
             raise ValueError(
                 f"layer {'/'.join(module.path)!r} ({type(module).__name__}) cannot use an "
@@ -410,15 +430,16 @@ def _served_call(
                 f"{quant.integer_dot}): {plan}. Change its rule accordingly, or serve with "
                 "integer_dots='never' to dequantize its weight on the fly"
             )
-    if isinstance(weight, QArray) and act is None and weight_only == "fast":
+    if isinstance(weight, QArray) and act is None and weight_only != "exact":
         if isinstance(module, nn.Dense) and weight.ndim == 2:
             core = dataclasses.replace(weight, channel_scale=None)
-            hooks = {"dot_general": _kernel_dot_general(core), "dot_general_cls": None}
-            with _weight_read(module, name, _placeholder), swapped_attributes(module, hooks):
-                return fun(*args, **kwargs)
+            rows = math.prod(np.shape(args[0])[:-1]) if args else 1
+            if weight_only == "fast" or kernels.choose_path(core, rows=rows) != "dequant":
+                return _kernel_call(module, fun, args, kwargs, core)
     if isinstance(weight, QArray):
         with _weight_read(module, name, read_float):
-            return quantized_call(module, fun, args, kwargs, LayerQuant(act=act))
+            act_only = LayerQuant(act=act, learn_scale=quant.learn_scale and act is not None)
+            return quantized_call(module, fun, args, kwargs, act_only)
     return quantized_call(module, fun, args, kwargs, quant)
 
 
@@ -498,15 +519,26 @@ def _placeholder(weight: QArray) -> jax.Array:
     return jnp.zeros(weight.shape, weight.float_dtype)
 
 
-def _kernel_dot_general(weight: QArray) -> Callable:
-    """A Dense layer's ``dot_general`` computed by :func:`qjax.kernels.matmul`."""
+def _kernel_dot_general(
+    weight: QArray, act: QuantSpec | None = None, act_qparams: QParams | None = None
+) -> Callable:
+    """A Dense layer's ``dot_general`` computed by :func:`qjax.kernels.matmul`: weight-only
+    (``act`` None, the path :func:`~qjax.kernels.choose_path` picks) or, with ``act``, on
+    the input quantized with ``act_qparams`` through an integer path (``"int8_dot"`` or
+    ``"bf16_dot"``, whichever is faster for the rows: the same exact integer sums)."""
 
     def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
         del rhs, precision, kw  # the product comes from the QArray
         (lhs_contract, rhs_contract), batch = dimension_numbers
         if tuple(rhs_contract) != (0,) or tuple(lhs_contract) != (lhs.ndim - 1,) or any(batch):
             raise RuntimeError(f"expected a Dense contraction, got {dimension_numbers}")
-        out = kernels.matmul(lhs, weight)
+        if act is None:
+            out = kernels.matmul(lhs, weight)
+        else:
+            xq = quantize(lhs, act, qparams=act_qparams, packed=False)
+            path = kernels.choose_path(weight, act, math.prod(lhs.shape[:-1]))
+            integer = path if path in ("int8_dot", "bf16_dot") else "int8_dot"  # same sums
+            out = kernels.matmul(xq, weight, path=integer).astype(lhs.dtype)
         return out if preferred_element_type is None else out.astype(preferred_element_type)
 
     return dot_general
@@ -522,9 +554,19 @@ def _codes_as_float(weight: QArray) -> jax.Array:
 
 
 def _integer_plan(
-    module: nn.Module, args: tuple, act: ActQuant, weight: QArray
-) -> tuple[QParams, dict[str, Any]] | str:
-    """Activation params and the module attributes of an integer dot, or why there is none."""
+    module: nn.Module,
+    args: tuple,
+    act: ActQuant,
+    weight: QArray,
+    as_trained: bool,
+    learned: bool = False,
+) -> Callable[[Callable, tuple, dict], Any] | str:
+    """How to run the layer on an integer dot (a function of the layer's ``fun, args,
+    kwargs``), or why it cannot.
+
+    ``as_trained``: the dot QAT's ``integer_dot=True`` ran (bit-exact with it); else a 2-D
+    Dense kernel goes through :func:`qjax.kernels.matmul` wherever its ``"int8_dot"`` path
+    runs the specs (the same integer sums, and faster at decode shapes)."""
     reason = spec_reason("activation", act.spec) or spec_reason("weight", weight.spec)
     if reason:
         return reason
@@ -535,21 +577,72 @@ def _integer_plan(
         contracted = dense_contraction(module, x.ndim)
         if isinstance(contracted, str):
             return contracted
-        qparams = _activation_qparams(module, x, act)
+        qparams = _activation_qparams(module, x, act, learned)
+        kernel = None if as_trained else _kernel_integer_plan(module, weight, act, qparams)
         scale = dot_scale(qparams.scale, weight.scale, *contracted)
-        if isinstance(scale, str):
-            return scale
-        return qparams, {"dot_general": _integer_dot_general(scale), "dot_general_cls": None}
+        if kernel is not None or isinstance(scale, str):
+            return kernel or scale
+        hooks = {"dot_general": _integer_dot_general(scale), "dot_general_cls": None}
+        return _codes_plan(module, act, qparams, hooks)
     if isinstance(module, nn.Conv):
         if module.mask is not None:
             return "a Conv with a mask multiplies the kernel by arbitrary floats"
-        qparams = _activation_qparams(module, x, act)
+        qparams = _activation_qparams(module, x, act, learned)
         scale = _conv_scale(qparams.scale, weight.scale)
         if isinstance(scale, str):
             return scale
         hooks = {"conv_general_dilated": _integer_conv(scale), "conv_general_dilated_cls": None}
-        return qparams, hooks
+        return _codes_plan(module, act, qparams, hooks)
     return f"integer dots are wired for Dense, DenseGeneral and Conv, not {type(module).__name__}"
+
+
+def _codes_plan(
+    module: nn.Module, act: ActQuant, qparams: QParams, hooks: dict[str, Any]
+) -> Callable:
+    """Runs the layer on the activation's integer codes (as exact floats) and the weight's,
+    with ``hooks`` (an integer ``dot_general`` / ``conv_general_dilated``) swapped in."""
+    name = weight_name(module)
+
+    def run(fun: Callable, args: tuple, kwargs: dict) -> Any:
+        codes = quantize(args[0], act.spec, qparams=qparams, packed=False).codes()
+        with _weight_read(module, name, _codes_as_float), swapped_attributes(module, hooks):
+            return fun(codes.astype(args[0].dtype), *args[1:], **kwargs)
+
+    return run
+
+
+def _kernel_integer_plan(
+    module: nn.Module, weight: QArray, act: ActQuant, qparams: QParams
+) -> Callable | None:
+    """W8A8 / W4A8 on a 2-D Dense kernel (any weight scales, per-block too): the layer's
+    product from :func:`qjax.kernels.matmul`'s ``"int8_dot"`` path, or None where it
+    cannot run."""
+    core = dataclasses.replace(weight, channel_scale=None)
+    if not isinstance(module, nn.Dense) or weight.ndim != 2:
+        return None
+    if kernels.why_not("int8_dot", core, act.spec) is not None:
+        return None
+
+    def run(fun: Callable, args: tuple, kwargs: dict) -> Any:
+        return _kernel_call(module, fun, args, kwargs, core, act.spec, qparams)
+
+    return run
+
+
+def _kernel_call(
+    module: nn.Module,
+    fun: Callable,
+    args: tuple,
+    kwargs: dict,
+    weight: QArray,
+    act: QuantSpec | None = None,
+    act_qparams: QParams | None = None,
+) -> Any:
+    """Runs a Dense layer with its product computed by :func:`qjax.kernels.matmul` from the
+    QArray ``weight`` (no channel scale), the input quantized with ``act`` if given."""
+    hooks = {"dot_general": _kernel_dot_general(weight, act, act_qparams), "dot_general_cls": None}
+    with _weight_read(module, weight_name(module), _placeholder), swapped_attributes(module, hooks):
+        return fun(*args, **kwargs)
 
 
 def _conv_scale(act_scale: jax.Array, weight_scale: jax.Array) -> jax.Array | str:
@@ -568,12 +661,17 @@ def _conv_scale(act_scale: jax.Array, weight_scale: jax.Array) -> jax.Array | st
     return act_scale.astype(jnp.float32).reshape(()) * sw
 
 
-def _activation_qparams(module: nn.Module, x: jax.Array, act: ActQuant) -> QParams:
+def _activation_qparams(
+    module: nn.Module, x: jax.Array, act: ActQuant, learned: bool = False
+) -> QParams:
     """The activation's params, as :func:`qjax.flax.linen.intercept` computes them.
 
-    Dynamic: from ``x``. Static: from the calibrated ``quant_stats`` range (frozen: never
-    updated here); an uncalibrated (infinite) range falls back to ``x``'s, as in QAT.
+    Learned (LSQ): the layer's ``input_scale`` / ``input_offset`` params. Dynamic: from
+    ``x``. Static: from the calibrated ``quant_stats`` range (frozen: never updated here);
+    an uncalibrated (infinite) range falls back to ``x``'s, as in QAT.
     """
+    if learned:
+        return learned_input_qparams(module, x, act)
     if not act.static:
         return activation_qparams(x, act, None, calibrating=False)[0]
     act_min, act_max = (module.get_variable(STATS, name) for name in ("act_min", "act_max"))
