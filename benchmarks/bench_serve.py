@@ -82,7 +82,7 @@ FORMATS = {
     "int4 per-block 128": "int4:per_block:128:axis=-2",
     "int4 per-block 32": "int4:per_block:32:axis=-2",
 }
-MODES = ("dequantizing", "exact", "fast", "auto")
+MODES = ("dequantizing", "exact", "fast")
 ACT_FORMATS = {
     "W8A8 (int8 per-channel)": "int8:per_channel:axis=-1",
     "W4A8 (int4 per-block 128)": "int4:per_block:128:axis=-2",
@@ -192,7 +192,7 @@ def wrapper(mode: str, rules: dict | None) -> Callable[[Callable], Callable]:
     if mode == "fake-quant":
         return lambda fn: serve.served(fn, rules, integer_dots="never")
     if mode == "integer":
-        return lambda fn: serve.served(fn, rules, integer_dots="auto", weight_only="auto")
+        return lambda fn: serve.served(fn, rules, integer_dots="auto", weight_only="fast")
     return lambda fn: serve.served(fn, rules, weight_only=mode)
 
 
@@ -341,9 +341,9 @@ def lm_tables(args: argparse.Namespace) -> None:
         own, _, _ = d.generate(prompts, args.steps)
         same[d.variant.name] = float(np.mean(own == ref_tokens))
     logits = {d.variant.name: np.asarray(d.prefill(d.variant.params, full)) for d in decoders}
-    # Served vs qjax.dequantizing of the same tree (exact: bit-exact; fast, auto: close),
+    # Served vs qjax.dequantizing of the same tree (exact: bit-exact; fast: close),
     # and the integer dots vs the fake-quant activations (close).
-    reference = {"exact": "dequantizing", "fast": "dequantizing", "auto": "dequantizing"}
+    reference = {"exact": "dequantizing", "fast": "dequantizing"}
     reference["integer"] = "fake-quant"
     diff = {}
     for name, out in logits.items():
@@ -396,10 +396,10 @@ def lm_tables(args: argparse.Namespace) -> None:
         "dispatch overhead is the same for every variant. Quantized: the 24 block kernels "
         "(query/key/value/out/up/down); embeddings, norms, biases and head stay float32. "
         "Last column: prefill logits of the served model against qjax.dequantizing of the "
-        "same tree (exact: 0 expected; fast, auto: float rounding), and for W8A8 / W4A8 "
-        "the integer dots against fake-quantized activations (float rounding, which can "
-        "move an activation code). 'auto' is weight_only='auto'; 'integer' is "
-        "integer_dots='auto' with weight_only='auto'."
+        "same tree (exact: 0 expected; fast: float rounding, 0 where it dequantizes the "
+        "small weight once), and for W8A8 / W4A8 the integer dots against fake-quantized "
+        "activations (float rounding, which can move an activation code). 'integer' is "
+        "integer_dots='auto' with weight_only='fast'."
         f" Decode weights M = {args.batch} rows per Dense; prefill M = "
         f"{args.batch * config.context}.\n"
     )
@@ -446,7 +446,7 @@ def lm_tables(args: argparse.Namespace) -> None:
         "tokens and kept outputs). Working buffers beyond float32's, weight_only='fast':"
     )
     for d, (mp, md) in zip(decoders, mems, strict=True):
-        if d.variant.name.endswith(("fast", "auto", "integer")):
+        if d.variant.name.endswith(("fast", "integer")):
             for what, m, f in (("prefill", mp, f_pre), ("decode", md, f_dec)):
                 line = verdict(f"{d.variant.name} {what}", m.temp - f.temp, layer, blocks)
                 print(f"- {line}")

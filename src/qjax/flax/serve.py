@@ -76,18 +76,15 @@ from qjax.tree import dequantizing, path_str
 
 __all__ = ["IntegerDots", "WeightOnly", "convert", "dequantizing", "served", "serving"]
 
-WeightOnly = Literal["exact", "fast", "auto"]
+WeightOnly = Literal["exact", "fast"]
 """How :func:`serving` runs a Dense layer with a quantized weight and no activation spec:
 ``"exact"`` (default) dequantizes the whole weight where it is read, as QAT's fake quant
-did (bit-exact with the QAT / PTQ model); ``"fast"`` calls :func:`qjax.kernels.matmul`,
-which dequantizes a chunk of input rows at a time into the dot (equal up to float
-rounding; at decode batch sizes it reads the packed weight, never a float copy, and is
-several times faster); ``"auto"`` takes, per call shape, whichever of the two
-:func:`qjax.kernels.choose_path` measured faster for that many rows (``"fast"`` at
-decode, ``"exact"`` where materialising the float weight once wins, as at long
-prefills). The default stays ``"exact"`` so that serving reproduces training bit for bit
-through any depth; ``"auto"`` is the fastest choice within float rounding."""
-WEIGHT_ONLY = ("exact", "fast", "auto")
+did (bit-exact with the QAT / PTQ model through any depth); ``"fast"`` calls
+:func:`qjax.kernels.matmul`, whose :func:`~qjax.kernels.choose_path` picks per call shape:
+at decode sizes it dequantizes a chunk of input rows at a time into the dot, reading the
+packed weight and never a float copy (several times faster; equal up to float rounding),
+and where materialising a small weight once wins (long prefills) it does that."""
+WEIGHT_ONLY = ("exact", "fast")
 
 IntegerDots = Literal["as_trained", "auto", "require", "never"]
 """Where :func:`serving` uses integer dots: ``"as_trained"`` (default) where the rule says
@@ -187,8 +184,8 @@ def serving(
         weights elsewhere; ``"require"``: as ``"auto"``, and a layer whose rule has an
         activation spec and that cannot use an integer dot is a ``ValueError`` saying
         why; ``"never"``: dequantize every weight.
-      weight_only: ``"exact"`` (default), ``"fast"`` or ``"auto"``: how a Dense layer
-        with a quantized weight and no activation spec runs (see :data:`WeightOnly`).
+      weight_only: ``"exact"`` (default) or ``"fast"``: how a Dense layer with a
+        quantized weight and no activation spec runs (see :data:`WeightOnly`).
       strict: a rule that quantized no layer while the context was active (checked on
         exit, as :func:`~qjax.flax.linen.intercept` does) is a
         :class:`~qjax.resolve.QjaxRuleWarning`, or with ``strict=True`` a ``ValueError``.
@@ -430,12 +427,10 @@ def _served_call(
                 f"{quant.integer_dot}): {plan}. Change its rule accordingly, or serve with "
                 "integer_dots='never' to dequantize its weight on the fly"
             )
-    if isinstance(weight, QArray) and act is None and weight_only != "exact":
+    if isinstance(weight, QArray) and act is None and weight_only == "fast":
         if isinstance(module, nn.Dense) and weight.ndim == 2:
             core = dataclasses.replace(weight, channel_scale=None)
-            rows = math.prod(np.shape(args[0])[:-1]) if args else 1
-            if weight_only == "fast" or kernels.choose_path(core, rows=rows) != "dequant":
-                return _kernel_call(module, fun, args, kwargs, core)
+            return _kernel_call(module, fun, args, kwargs, core)
     if isinstance(weight, QArray):
         with _weight_read(module, name, read_float):
             act_only = LayerQuant(act=act, learn_scale=quant.learn_scale and act is not None)
