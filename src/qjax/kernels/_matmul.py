@@ -41,6 +41,10 @@ DECODE_ROWS = 8
 """Up to this many rows of ``x`` (tokens), ``"int8_dot"`` contracts a chunk of the weight
 at a time (see :func:`_int_sums`)."""
 
+TINY_DOT = 256
+"""An integer-path dot contracting ``k`` rows into ``n`` columns with ``k * n`` below this
+runs on int32 operands (a block of a few rows: no speed to lose, a miscompile to avoid)."""
+
 CHUNK_BYTES = 1 << 21
 """Float32 bytes of one dequantized chunk of the weight on ``"dequant_chunked"`` (more
 for many rows of ``x``: see :func:`_dequant_chunked`)."""
@@ -531,6 +535,11 @@ def _partial(xc: jax.Array, values: jax.Array, path: str) -> jax.Array:
     (``"bf16_dot"``), which holds the codes exactly and, with every sum an integer under
     2 ** 24 (at most :func:`exact_rows` rows), adds them exactly in any order."""
     dims = (((1,), (0,)), ((), ()))
+    if xc.shape[-1] * values.shape[-1] < TINY_DOT:
+        # jax 0.8's XLA:CPU emits invalid LLVM IR for such a dot of int8 or bfloat16
+        # operands inside a loop; int32 operands give the same exact sums.
+        sums = jax.lax.dot_general(xc.astype(jnp.int32), values.astype(jnp.int32), dims)
+        return sums if path == "int8_dot" else sums.astype(jnp.float32)
     if path == "bf16_dot":
         x, v = xc.astype(jnp.bfloat16), values.astype(jnp.bfloat16)
         return jax.lax.dot_general(x, v, dims, preferred_element_type=jnp.float32)
