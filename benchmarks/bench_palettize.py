@@ -16,9 +16,12 @@ One command, one table per part::
      blocks along -2).
 
    A model whose file is missing is skipped with a line saying how to get it.
-2. **Speed.** A 4096x4096 float32 array: ``nf4`` quantize, NF4 dequantize and the
-   dequantize of 4-bit palettized indices, each jitted, against ``np.copy`` of the same
-   array (interleaved, median of ``--repeats``), with the dequantize of qjax's packed int4
+2. **Speed.** A 4096x4096 float32 array: ``nf4`` quantize, NF4 dequantize, and the
+   quantize (nearest entries of a given 16-entry table) and dequantize of 4-bit
+   palettized indices, each jitted, against ``np.copy`` of the same
+   array and against XLA's own copy (:mod:`memory_env`: on many Linux machines XLA's large
+   buffers cost 4x NumPy's unless ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` is set;
+   interleaved, median of ``--repeats``), with the dequantize of qjax's packed int4
    per-block 64 QArray for reference; then the k-means table (16 entries, one
    table) of the same array: the wall time of one call after compilation, and the
    iterations it ran.
@@ -38,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import qjax
+from memory_env import describe, xla_copy
 from qjax import palettize as lut
 
 CACHE = Path.home() / ".cache" / "qjax-bench"
@@ -126,14 +130,17 @@ def speed(repeats: int) -> None:
     dequantize = jax.jit(lambda a: a.dequantize())
     nf4_array = quantize_nf4(x)
     table, _ = lut.kmeans_table(x, 4)
-    palettized = lut.quantize_to_table(x, table)
+    quantize_to_table = jax.jit(lut.quantize_to_table)
+    palettized = quantize_to_table(x, table)
     int4_spec = qjax.QuantSpec("int4", granularity=qjax.per_block(-2, 64))
     int4_array = qjax.quantize(x, int4_spec)
     cases = {
         "copy (np.copy)": lambda: np.copy(x_host),
+        "XLA copy (jitted negation)": lambda: xla_copy(x),
         "int4 per-block 64 dequantize (qjax.QArray, for reference)": lambda: dequantize(int4_array),
         "nf4 quantize": lambda: quantize_nf4(x),
         "nf4 dequantize": lambda: dequantize(nf4_array),
+        "palettized 4-bit quantize (given its table)": lambda: quantize_to_table(x, table),
         "palettized 4-bit dequantize": lambda: dequantize(palettized),
     }
     for fn in cases.values():
@@ -144,14 +151,16 @@ def speed(repeats: int) -> None:
             times[name].append(_seconds(fn))
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     copy = medians["copy (np.copy)"]
+    xla = medians["XLA copy (jitted negation)"]
     print(f"\n### Speed: {SIZE}x{SIZE} float32, median of {repeats} interleaved runs\n")
-    print("| operation | ms | / copy (target <= 2x) |")
-    print("|---|---:|---|")
+    print(describe() + "\n")
+    print("| operation | ms | / np.copy (target <= 2x) | / XLA copy |")
+    print("|---|---:|---|---:|")
     for name, t in medians.items():
         ratio = t / copy
-        targeted = not name.startswith(("copy", "int4"))
+        targeted = not name.startswith(("copy", "XLA", "int4"))
         verdict = (" ok" if ratio <= 2 else " MISSED") if targeted else ""
-        print(f"| {name} | {1e3 * t:.1f} | {ratio:.2f}x{verdict} |")
+        print(f"| {name} | {1e3 * t:.1f} | {ratio:.2f}x{verdict} | {t / xla:.2f}x |")
 
     first = _seconds(lambda: lut.kmeans_table(x, 4)[0])
     runs = [_seconds(lambda: lut.kmeans_table(x, 4)[0]) for _ in range(3)]

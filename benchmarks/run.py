@@ -5,10 +5,12 @@ so the ratios compare like with like.
 
 1. **Quantize.** For a 4096x4096 float32 array (random normal, fixed seed, placed on the
    device once), each row times the jitted ``qjax.quantize`` of one spec and, interleaved
-   with it so that machine noise hits all alike, ``np.copy`` of the host array and,
-   when ``qwix`` is importable, the jitted ``qwix.quantize`` with the same dtype and
-   granularity. Prints the medians, the ratios
-   qjax / copy and qjax / Qwix, and the targets where there are ones.
+   with it so that machine noise hits all alike, ``np.copy`` of the host array, XLA's own
+   copy of it (a jitted negation: see ``memory_env``, XLA's large buffers can cost 4x
+   NumPy's) and, when ``qwix`` is importable, the jitted ``qwix.quantize`` with the same
+   dtype and granularity (nvfp4 has no Qwix column: Qwix's ``"nvfp4"`` keeps float32
+   block scales and no tensor scale, another format). Prints the medians, the ratios
+   qjax / copy, qjax / XLA copy and qjax / Qwix, and the targets where there are ones.
 2. **PTQ of a whole tree** (:mod:`bench_tree_ptq`): about 100M float32 parameters of a
    scan-stacked transformer, int8 per channel and int4 per block 128, qjax's
    ``quantize_tree`` against Qwix's ``quantize_params``: time, and peak memory against
@@ -66,6 +68,7 @@ import numpy as np
 import bench_qat_step
 import bench_tree_ptq
 import qjax
+from memory_env import describe, xla_copy
 
 try:
     import qwix
@@ -115,6 +118,7 @@ CASES: list[tuple[str, qjax.QuantSpec, dict | None, tuple[float | None, float | 
         {"qtype": "mxfp4", "channelwise_axes": (0,), "tiled_axes": {1: 32}},
         (None, None),
     ),
+    ("nvfp4", qjax.QuantSpec("nvfp4"), None, (None, None)),
     (
         "asym uint4 minval block(128)",
         qjax.QuantSpec(
@@ -171,14 +175,17 @@ def bench_quantize(repeats: int, use_qwix: bool) -> None:
 
     print(f"## 1. Quantize: {SIZE}x{SIZE} float32, median of {repeats} interleaved runs\n")
     print(
-        "| spec | qjax ms | copy ms | Qwix ms | qjax/copy (target) | qjax/Qwix (target) |\n"
-        "|---|---:|---:|---:|---|---|"
+        f"{describe()}\n\n"
+        "| spec | qjax ms | copy ms | Qwix ms | qjax/copy (target) | qjax/XLA copy "
+        "| qjax/Qwix (target) |\n"
+        "|---|---:|---:|---:|---|---:|---|"
     )
     for name, spec, qwix_kwargs, (copy_target, qwix_target) in CASES:
         quantize = jax.jit(lambda x, spec=spec: qjax.quantize(x, spec))
         fns: list[Callable[[], object]] = [
             lambda quantize=quantize: jax.block_until_ready(quantize(x_dev)),
             lambda: np.copy(x_host),
+            lambda: jax.block_until_ready(xla_copy(x_dev)),
         ]
         if use_qwix and qwix_kwargs is not None:
             kwargs = dict(qwix_kwargs)
@@ -190,12 +197,12 @@ def bench_quantize(repeats: int, use_qwix: bool) -> None:
                 lambda qwix_quantize=qwix_quantize: jax.block_until_ready(qwix_quantize(x_dev))
             )
         medians = interleaved_medians(fns, repeats)
-        q, c = medians[0], medians[1]
-        w = medians[2] if len(medians) > 2 else None
+        q, c, xla = medians[0], medians[1], medians[2]
+        w = medians[3] if len(medians) > 3 else None
         qwix_ms = f"{w * 1e3:.2f}" if w is not None else "-"
         print(
             f"| {name} | {q * 1e3:.2f} | {c * 1e3:.2f} | {qwix_ms} "
-            f"| {_ratio_cell(q / c, copy_target)} "
+            f"| {_ratio_cell(q / c, copy_target)} | {q / xla:.2f}x "
             f"| {_ratio_cell(q / w if w else None, qwix_target)} |",
             flush=True,
         )
