@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import qjax
+from memory_env import describe
 from qjax import kernels
 
 ACT = qjax.QuantSpec("int8", granularity=qjax.per_token())
@@ -137,7 +138,7 @@ def main() -> None:
     print(
         f"# qjax.kernels.matmul vs float32: jax {jax.__version__}, {dev.platform} "
         f"({dev.device_kind}, {os.cpu_count()} cores), fastest of {repeats} interleaved "
-        f"rounds; load average {_load()} at the start\n"
+        f"rounds; load average {_load()} at the start\n{describe()}\n"
     )
     header = None
     chosen: dict[str, dict[str, list[int]]] = {}

@@ -72,6 +72,7 @@ from qjax.flax import serve
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lm_example as lm
+from memory_env import describe
 
 KERNELS = r".*block_\d+/(query|key|value|out|up|down)/kernel"
 """The leaves quantized (``quantize_tree`` paths)."""
@@ -545,7 +546,7 @@ def main() -> None:
     print(
         f"# Served quantized inference: jax {jax.__version__}, qjax {qjax.__version__}, "
         f"{dev.platform} ({dev.device_kind}), {os.cpu_count()} CPUs, load average "
-        f"{os.getloadavg()[0]:.2f} at start\n"
+        f"{os.getloadavg()[0]:.2f} at start\n{describe()}\n"
     )
     lm_tables(args)
     stack_table(args)
