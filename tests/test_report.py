@@ -207,7 +207,7 @@ def test_lookup_table_leaves_get_rows_with_their_real_bytes_and_error():
     w = np.random.default_rng(3).normal(size=(128, 64)).astype(np.float32)
     la = nf4(w)  # 4-bit codes + one float32 absmax per 64 values: 4.5 bits per weight
     (row,) = qjax.report({"w": w}, {"w": la}).rows
-    assert row["quantized"] and row["spec"] == "lut4:tables=1:scaled"
+    assert row["quantized"] and row["spec"] == "nf4:per_block:64:axis=-2"
     assert row["bytes_after"] == 128 * 64 // 2 + 4 * (128 // 64) * 64 + 16 * 4
     error = w - np.asarray(la.dequantize(), np.float64)
     expected_sqnr = 10 * np.log10(np.sum(w.astype(np.float64) ** 2) / np.sum(error**2))

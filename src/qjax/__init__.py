@@ -32,6 +32,7 @@ from qjax.ops import fake_quant as fake_quant
 from qjax.ops import quantize as quantize
 from qjax.ops import straight_through as straight_through
 from qjax.palettize import LUTArray as LUTArray
+from qjax.palettize import TableFormat as TableFormat
 from qjax.qarray import QArray as QArray
 from qjax.qparams import QParams as QParams
 from qjax.qparams import compute_qparams as compute_qparams
@@ -79,6 +80,7 @@ __all__ = [
     "Resolution",
     "RulePlan",
     "SmoothQuant",
+    "TableFormat",
     "TargetDType",
     "algorithms",
     "block_shape",

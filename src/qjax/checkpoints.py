@@ -39,11 +39,12 @@ from qjax.methods import (
     calibrated_leaf,
     shared_awq_scales,
 )
+from qjax.palettize import LUTArray, TableFormat
 from qjax.qarray import QArray
 from qjax.report import leaf_row, stored_row
 from qjax.resolve import Plan, PlanRow, Resolution, RulePlan, report_unmatched
 from qjax.rules import DEFAULT_MIN_SIZE, RulesLike
-from qjax.tree import nonfinite_in_float32, quantize_leaf
+from qjax.tree import nonfinite_in_float32, quantize_leaf, table_method_error
 
 __all__ = [
     "CheckpointPlan",
@@ -217,7 +218,7 @@ def quantize_checkpoint(
         else:
             q = x if row.spec is None else _quantize_tensor(t, x, row)
         rows.append(leaf_row(t.name, x, q))
-        if isinstance(q, QArray) and q.float_dtype != x.dtype.name:
+        if isinstance(q, QArray | LUTArray) and q.float_dtype != x.dtype.name:
             q = dataclasses.replace(q, float_dtype=x.dtype.name)  # float64 without x64
         path = tensor_path(t.name)
         _insert(tree, path, q)
@@ -269,7 +270,7 @@ def dequantize_checkpoint(
     def produce(name: str, dtype: np.dtype) -> np.ndarray:
         progress(name, 0)
         leaf = leaves.pop(name)
-        if isinstance(leaf, QArray):
+        if isinstance(leaf, QArray | LUTArray):
             # float64 without x64: dequantize in float32, then cast (JAX would warn)
             canonical = jax.dtypes.canonicalize_dtype(np.dtype(leaf.float_dtype)).name
             leaf = dataclasses.replace(leaf, float_dtype=canonical).dequantize()
@@ -327,6 +328,8 @@ def _calibrated_tensors(
         if t.name not in plan.dropped:
             tensors[t.name] = reader.read(t.name)
     for t, row in chosen:
+        if isinstance(row.spec, TableFormat):
+            raise ValueError(table_method_error(t.name, row.pattern, row.spec, method, "tensor"))
         if row.calibration is not None:
             raise ValueError(
                 f"tensor {t.name!r}: calibration {row.calibration.method!r} is round to "

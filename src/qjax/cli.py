@@ -41,10 +41,13 @@ from safetensors import SafetensorError
 import qjax
 from qjax import checkpoints, files
 from qjax.files import write_safetensors as write_safetensors  # benchmarks import it from here
+from qjax.methods import as_method
+from qjax.palettize import NF4_BLOCK_SIZE, TableFormat
 from qjax.report import Report, format_bytes
 from qjax.resolve import LAYOUTS
-from qjax.rules import parse_leaf_rule
+from qjax.rules import TABLES, parse_leaf_rule
 from qjax.spec import FORMULATIONS, PRESETS, SCHEMES
+from qjax.tree import table_method_error
 
 __all__ = ["EXIT_ERROR", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "main"]
 
@@ -80,7 +83,10 @@ _RULES_EPILOG = """which tensors get which spec (all go through qjax.RulePlan, a
      as it is (float). Both repeatable; --drop wins over --keep, both over rules.
   2. --rule REGEX=SPEC, in the order given: the first match wins. SPEC is shorthand
      such as int8, int4:per_block:32, uint8:asymmetric:per_channel:axis=0, mxfp4,
-     int4:per_block:32:mse (a calibration: minmax, absmax, mse, percentile=P), or
+     int4:per_block:32:mse (a calibration: minmax, absmax, mse, percentile=P), a
+     lookup table: nf4 (QLoRA NF4, absmax per block of 64 inputs; nf4:per_block:128),
+     lut4 (a k-means table per tensor; lut1, lut2, lut3, lut6, lut8; per_tensor or
+     per_grouped_channel:16 output channels, scaled for per-channel scales), or
      "keep" to leave the tensor float. A rule names its tensors: it quantizes them
      whatever their size and rank.
   3. Otherwise the catch-all rule from --dtype, --granularity, --block-size, --axis,
@@ -115,6 +121,8 @@ axes: without --axis (or axis= in a rule), each tensor's layout decides them
 examples:
   qjax quantize model.safetensors model-int8.safetensors
   qjax quantize model.safetensors model-int4.safetensors --dtype int4 --block-size 32
+  qjax quantize model.safetensors model-nf4.safetensors --dtype nf4
+  qjax quantize model.safetensors q.safetensors --rule '.*mlp.*=lut4:per_grouped_channel:16'
   qjax quantize model.npz q.safetensors --rule '.*attention.*=int8' --keep '.*head.*'
   qjax plan model.safetensors --dtype int4 --block-size 32
   qjax quantize model.safetensors q.safetensors --dtype int4 --block-size 128 \
@@ -269,11 +277,12 @@ def _add_rule_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",
         default="int8",
-        choices=[*qjax.TARGET_DTYPES, *PRESETS, "keep"],
+        choices=[*qjax.TARGET_DTYPES, *PRESETS, *TABLES, "keep"],
         metavar="DTYPE",
         help="target of the catch-all rule: int8 (default), uint8, int4, uint4, int3, "
         "uint3, int2, uint2, float8_e4m3fn, float8_e5m2, float4_e2m1fn, mxfp8, mxfp4, nvfp4, "
-        "or keep (none)",
+        "lookup tables nf4 (with --block-size, default 64), lut1, lut2, lut3, lut4, lut6, "
+        "lut8 (a k-means table per tensor), or keep (none)",
     )
     parser.add_argument(
         "--granularity",
@@ -281,7 +290,10 @@ def _add_rule_flags(parser: argparse.ArgumentParser) -> None:
         help="default: per_block if --block-size is given, else per_channel",
     )
     parser.add_argument(
-        "--block-size", type=_positive, metavar="N", help="per_block block length (default 32)"
+        "--block-size",
+        type=_positive,
+        metavar="N",
+        help=f"per_block block length (default 32; {NF4_BLOCK_SIZE} for nf4)",
     )
     parser.add_argument(
         "--axis",
@@ -438,6 +450,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     """``qjax quantize IN OUT``: plans every tensor, then quantizes them one at a time."""
     _check_report_path(args.report)
     plan = _plan(args)
+    if args.method != "rtn":
+        _refuse_tables(plan, args.method)
     total = sum(t.nbytes for t in plan.tensors if t.name not in plan.dropped)
     start = time.perf_counter()
     model, batches = _calibration(args)
@@ -458,6 +472,15 @@ def run_quantize(args: argparse.Namespace) -> int:
         if plan.dropped:
             print(f"dropped ({len(plan.dropped)}): {_names(sorted(plan.dropped))}")
     return 0
+
+
+def _refuse_tables(plan: checkpoints.CheckpointPlan, method: str) -> None:
+    """A CLIError for the first tensor a lookup-table rule gives to a calibrated --method."""
+    for row in plan.rows:
+        if isinstance(row.spec, TableFormat) and row.path not in plan.dropped:
+            raise CLIError(
+                table_method_error(row.path, row.pattern, row.spec, as_method(method), "tensor")
+            )
 
 
 def _calibration(args: argparse.Namespace) -> tuple[Callable | None, list | None]:
@@ -490,20 +513,28 @@ def run_plan(args: argparse.Namespace) -> int:
 def catch_all_rule(args: argparse.Namespace) -> str | None:
     """The catch-all rule's shorthand from the flags (None for ``--dtype keep``).
 
-    Without ``--axis`` it is a template: each tensor's layout decides its axes.
+    Without ``--axis`` it is a template: each tensor's layout decides its axes. A lookup
+    table (``--dtype nf4``, ``lut4``, ...) takes its own defaults: NF4 blocks of 64
+    (``--block-size`` sets them), a k-means table per tensor.
 
     Examples:
       >>> from qjax.cli import build_parser, catch_all_rule
       >>> argv = ["plan", "m.npz", "--dtype", "int4", "--block-size", "32"]
       >>> catch_all_rule(build_parser().parse_args(argv))
       'int4:per_block:32'
+      >>> catch_all_rule(build_parser().parse_args(["plan", "m.npz", "--dtype", "nf4"]))
+      'nf4'
+      >>> catch_all_rule(build_parser().parse_args(["plan", "m.npz", "--dtype", "lut4"]))
+      'lut4'
     """
     flags = (args.granularity, args.block_size, args.axis)
     if args.dtype == "keep":
         if any(f is not None for f in (*flags, args.scheme, args.formulation, args.calibration)):
             raise CLIError("--dtype keep turns the catch-all rule off; drop its other flags")
         return None
-    g = args.granularity or ("per_block" if args.block_size is not None else "per_channel")
+    table = args.dtype in TABLES
+    default = None if table else "per_channel"  # a table has its own default
+    g = args.granularity or ("per_block" if args.block_size is not None else default)
     if args.dtype in PRESETS and any(flag is not None for flag in flags):
         raise CLIError(
             f"--dtype {args.dtype} sets its own blocks ({PRESETS[args.dtype].block_size} along "
@@ -517,7 +548,8 @@ def catch_all_rule(args: argparse.Namespace) -> str | None:
     tokens += [args.scheme] if args.scheme else []
     tokens += [args.formulation] if args.formulation else []
     if args.dtype not in PRESETS:
-        tokens += [g] + ([str(args.block_size or 32)] if g == "per_block" else [])
+        block = args.block_size or (NF4_BLOCK_SIZE if table else 32)
+        tokens += [] if g is None else [g] + ([str(block)] if g == "per_block" else [])
         tokens += [] if args.axis is None else [f"axis={args.axis}"]
     tokens += [args.calibration] if args.calibration else []
     text = ":".join(tokens)

@@ -50,6 +50,7 @@ __all__ = [
     "NF4_LEVELS",
     "GroupedChannel",
     "LUTArray",
+    "TableFormat",
     "fake_nf4",
     "fake_palettize",
     "kmeans_table",
@@ -609,6 +610,214 @@ def _fake_palettize(
     if scale is not None:
         values = (layout.blockify(values) * layout.expand(scale)).reshape(x.shape)
     return _straight_through(x, values).astype(dtype)
+
+
+TABLE_KINDS = ("nf4", "kmeans")
+"""What builds the table: QLoRA's fixed NF4 levels (:func:`nf4`) or k-means (:func:`palettize`)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TableFormat:
+    """A lookup-table format as a value: what :func:`nf4` or :func:`palettize` is called with.
+
+    Rules (:func:`qjax.quantize_tree`, :func:`qjax.plan`, ``qjax quantize``) carry one
+    where others carry a :class:`~qjax.QuantSpec`; ``str()`` gives the rule shorthand
+    that :func:`qjax.rules.parse_leaf_rule` reads back: ``nf4:per_block:64:axis=-2``,
+    ``lut4:per_tensor``, ``lut4:per_grouped_channel:16:axis=-1:scaled``.
+
+    Attributes:
+      kind: ``"nf4"`` (QLoRA's 16 fixed levels, absmax per block) or ``"kmeans"`` (a table
+        of ``2**bits`` entries fitted by k-means: :func:`palettize`).
+      bits: the index width: 4 for NF4; 1, 2, 3, 4, 6 or 8 for k-means.
+      block_size: NF4: values per absmax block along ``axis`` (default 64); None for k-means.
+      group_size: k-means: ``group_size`` consecutive output channels along ``axis`` share
+        one table (coremltools' ``per_grouped_channel``); None: one table for the tensor.
+      scaled: k-means: each output channel along ``axis`` is first divided by its absmax
+        (``palettize(..., per_channel_scale=axis)``, coremltools'
+        ``enable_per_channel_scale``).
+      axis: NF4: the blocked (contraction) axis, default -2 (a Flax kernel ``[in, out]``);
+        k-means with groups or ``scaled``: the output-channel axis, default -1; None (and
+        nothing else) for a k-means table per tensor without scales.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from qjax.palettize import TableFormat
+      >>> fmt = TableFormat("kmeans", bits=2, group_size=2)
+      >>> print(fmt)
+      lut2:per_grouped_channel:2:axis=-1
+      >>> fmt.quantize(jnp.arange(32.0).reshape(8, 4)).table.shape  # 2 tables of 4 entries
+      (1, 2, 4)
+      >>> print(TableFormat("nf4", block_size=32))
+      nf4:per_block:32:axis=-2
+    """
+
+    kind: str = "nf4"
+    bits: int = 4
+    block_size: int | None = None
+    group_size: int | None = None
+    scaled: bool = False
+    axis: int | None = None
+
+    def __post_init__(self):
+        if self.kind not in TABLE_KINDS:
+            raise ValueError(f"TableFormat kind must be one of {TABLE_KINDS}, got {self.kind!r}")
+        for name in ("bits", "block_size", "group_size", "axis"):
+            value = getattr(self, name)
+            if value is not None and (
+                not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_))
+            ):
+                raise TypeError(f"TableFormat {name} must be an int, got {value!r}")
+        if not isinstance(self.scaled, bool):
+            raise TypeError(f"TableFormat scaled must be True or False, got {self.scaled!r}")
+        if self.kind == "nf4":
+            if self.bits != 4 or self.group_size is not None or self.scaled:
+                raise ValueError(
+                    "TableFormat nf4 has 4-bit codes and scales every block by its absmax: "
+                    "bits=4, no group_size and scaled=False (those are k-means options)"
+                )
+            self._set("block_size", NF4_BLOCK_SIZE if self.block_size is None else self.block_size)
+            self._set("axis", -2 if self.axis is None else self.axis)
+        else:
+            if self.bits not in packing.CODE_BITS:
+                raise ValueError(
+                    f"TableFormat bits must be one of {packing.CODE_BITS}, got {self.bits!r}"
+                )
+            if self.block_size is not None:
+                raise ValueError(
+                    "TableFormat block_size is NF4's (absmax blocks); a k-means table "
+                    "covers the tensor or group_size output channels"
+                )
+            uses_axis = self.group_size is not None or self.scaled
+            if self.axis is not None and not uses_axis:
+                raise ValueError(
+                    f"TableFormat axis={self.axis} has no meaning for one k-means table per "
+                    "tensor without scales: give group_size or scaled=True, or drop the axis"
+                )
+            self._set("axis", -1 if uses_axis and self.axis is None else self.axis)
+        for name in ("block_size", "group_size"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"TableFormat {name} must be a positive integer, got {value}")
+
+    def _set(self, name: str, value: int | None) -> None:
+        object.__setattr__(self, name, None if value is None else int(value))
+
+    def shorthand(self, axis: bool = True) -> str:
+        """The rule shorthand; ``axis=False`` leaves ``axis=`` out (a layout template).
+
+        Examples:
+          >>> from qjax.palettize import TableFormat
+          >>> TableFormat("kmeans", bits=3, scaled=True).shorthand(axis=False)
+          'lut3:per_tensor:scaled'
+        """
+        if self.kind == "nf4":
+            parts = ["nf4", "per_block", str(self.block_size)]
+        else:
+            parts = [f"lut{self.bits}"]
+            grouped = ["per_grouped_channel", str(self.group_size)]
+            parts += ["per_tensor"] if self.group_size is None else grouped
+        parts += [f"axis={self.axis}"] if axis and self.axis is not None else []
+        return ":".join(parts + (["scaled"] if self.scaled else []))
+
+    def __str__(self) -> str:
+        return self.shorthand()
+
+    def check(self, shape: Sequence[int]) -> None:
+        """Checks that the format fits an array of ``shape``, without computing anything.
+
+        Raises:
+          ValueError: for a 0-d shape, an axis out of range, or a block or group size
+            that does not divide its axis, naming them.
+
+        Examples:
+          >>> from qjax.palettize import TableFormat
+          >>> TableFormat("nf4").check((48, 32))
+          Traceback (most recent call last):
+            ...
+          ValueError: nf4 block_size 64 does not divide axis -2 of size 48 (shape (48, 32)); ...
+        """
+        shape = tuple(int(d) for d in shape)
+        if self.kind == "nf4":
+            _nf4_blocks(shape, self.axis, self.block_size)
+            return
+        if not shape:
+            raise ValueError("palettize needs an array with at least one axis, got a 0-d array")
+        _table_blocks(shape, self.bits, self._granularity())
+        if self.scaled:
+            _channel_blocks(shape, self.axis)
+
+    def quantize(self, w: jax.typing.ArrayLike) -> LUTArray:
+        """``nf4(w, axis, block_size)``, or ``palettize(w, bits, granularity,
+        per_channel_scale=...)`` with this format's options."""
+        if self.kind == "nf4":
+            return nf4(w, self.axis, self.block_size)
+        scale_axis = self.axis if self.scaled else None
+        return palettize(w, self.bits, self._granularity(), per_channel_scale=scale_axis)
+
+    def _granularity(self) -> GroupedChannel | None:
+        return None if self.group_size is None else per_grouped_channel(self.axis, self.group_size)
+
+    @classmethod
+    def of(cls, la: LUTArray) -> TableFormat | None:
+        """The format that builds a LUTArray like ``la``, its axis counted from the end; None
+        where none does (e.g. tables of :func:`quantize_to_table` with fewer entries).
+
+        NF4 is told by its table (:data:`NF4_LEVELS`) and its absmax blocks, k-means by
+        the table groups and the per-channel scales.
+
+        Examples:
+          >>> import jax, jax.numpy as jnp
+          >>> from qjax.palettize import TableFormat, nf4, palettize, per_grouped_channel
+          >>> w = jax.random.normal(jax.random.key(0), (128, 32))
+          >>> print(TableFormat.of(nf4(w)), TableFormat.of(nf4(w.T, axis=1)))
+          nf4:per_block:64:axis=-2 nf4:per_block:64:axis=-1
+          >>> print(TableFormat.of(palettize(w, 2, per_grouped_channel(-1, 8))))
+          lut2:per_grouped_channel:8:axis=-1
+        """
+        shape, ndim = la.shape, la.ndim
+        groups, entries = tuple(la.table.shape[:-1]), la.table.shape[-1]
+        scale = None if la.scale is None else tuple(la.scale.shape)
+        if scale is not None and _has_nf4_table(la):
+            blocks = [d // s for d, s in zip(shape, scale)]
+            long = [i for i, b in enumerate(blocks) if b > 1] or [ndim - 1]
+            if len(long) > 1:
+                return None
+            return cls("nf4", block_size=blocks[long[0]], axis=long[0] - ndim)
+        if entries != 2**la.bits:
+            return None
+        split = [i for i, g in enumerate(groups) if g > 1]
+        if len(split) > 1:
+            return None
+        per_channel = [
+            i
+            for i in range(ndim)
+            if scale == tuple(d if j == i else 1 for j, d in enumerate(shape))
+        ]
+        if scale is not None and not per_channel:
+            return None
+        if not split:
+            axis = None if scale is None else per_channel[-1] - ndim
+            return cls("kmeans", la.bits, scaled=scale is not None, axis=axis)
+        axis = split[0]
+        if scale is not None and axis not in per_channel:
+            return None
+        return cls(
+            "kmeans",
+            la.bits,
+            group_size=shape[axis] // groups[axis],
+            scaled=scale is not None,
+            axis=axis - ndim,
+        )
+
+
+def _has_nf4_table(la: LUTArray) -> bool:
+    """True when ``la`` has one table, :data:`NF4_LEVELS` (concrete values only)."""
+    table = la.table
+    if la.bits != 4 or table.shape[-1] != 16 or math.prod(table.shape[:-1]) != 1:
+        return False
+    if isinstance(table, jax.core.Tracer):
+        return False
+    return bool(np.array_equal(np.asarray(table).reshape(16), NF4_LEVELS))
 
 
 # --- internals ---------------------------------------------------------------------------

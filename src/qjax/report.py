@@ -35,7 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 from qjax.granularity import per_block
-from qjax.palettize import LUTArray
+from qjax.palettize import LUTArray, TableFormat
 from qjax.qarray import QArray
 from qjax.spec import PRESETS, QuantSpec
 from qjax.tree import path_str
@@ -341,10 +341,14 @@ def _quantized(leaf: Any) -> bool:
 
 
 def _spec_text(q: QArray | LUTArray) -> str:
-    """The spec of a QArray; for a lookup-table array its index bits, table count and
-    whether blocks are scaled (NF4), e.g. ``"lut4:tables=1:scaled"``."""
+    """The spec of a QArray; for a lookup-table array the rule shorthand that builds it
+    (:meth:`qjax.palettize.TableFormat.of`, e.g. ``"nf4:per_block:64:axis=-2"``), else its
+    index bits, table count and whether it is scaled, e.g. ``"lut2:tables=1"``."""
     if isinstance(q, QArray):
         return str(q.spec)
+    fmt = TableFormat.of(q)
+    if fmt is not None:
+        return str(fmt)
     tables = math.prod(q.table.shape[:-1])
     return f"lut{q.bits}:tables={tables}" + (":scaled" if q.scale is not None else "")
 

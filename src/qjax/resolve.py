@@ -16,11 +16,12 @@ import numbers
 import re
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Union
 
 import jax.numpy as jnp
 
 from qjax.granularity import Granularity, block_shape, per_block, per_channel, per_tensor
+from qjax.palettize import TableFormat
 from qjax.rules import (
     DEFAULT_MIN_SIZE,
     Calibration,
@@ -33,6 +34,7 @@ from qjax.spec import QuantSpec
 
 __all__ = [
     "LAYOUTS",
+    "Format",
     "LayoutReading",
     "Plan",
     "PlanRow",
@@ -90,8 +92,18 @@ def layout_reading(parts: Sequence[str], ndim: int, layout: str) -> LayoutReadin
     return LayoutReading(layout, -1, -2, "[..., in, out]")
 
 
-def with_layout_axes(spec: QuantSpec, reading: LayoutReading, ndim: int) -> QuantSpec:
-    """A template spec with the axes of ``reading``."""
+Format = Union[QuantSpec, TableFormat]
+"""What a rule gives a tensor: a QuantSpec, or a lookup-table format (LUTArray leaves)."""
+
+
+def with_layout_axes(spec: Format, reading: LayoutReading, ndim: int) -> Format:
+    """A template spec with the axes of ``reading``: a lookup table's NF4 blocks along the
+    contraction axis, its k-means groups and scales along the output channels."""
+    if isinstance(spec, TableFormat):
+        if spec.axis is None:  # one k-means table per tensor: no axis
+            return spec
+        axis = reading.contraction if spec.kind == "nf4" else reading.channel
+        return dataclasses.replace(spec, axis=axis)
     g = spec.granularity
     if g.kind == "per_channel":
         new = per_channel(reading.channel)
@@ -125,7 +137,8 @@ class Resolution:
     """What the rules give one tensor.
 
     Attributes:
-      spec: the spec it gets, with its axes resolved for its layout; None: it stays float.
+      spec: the spec it gets, with its axes resolved for its layout: a QuantSpec, or a
+        :class:`~qjax.palettize.TableFormat` (it becomes a LUTArray); None: it stays float.
       pattern: the rule pattern that matched, or None (no rule, or the built-in defaults).
       layout: ``"flax"``, ``"torch"`` or ``"other"``: how the tensor was read.
       note: why it stays float or what was changed, e.g. ``"1-D"``,
@@ -134,7 +147,7 @@ class Resolution:
       calibration: how PTQ computes its params (None: min-max, as :func:`~qjax.quantize`).
     """
 
-    spec: QuantSpec | None
+    spec: Format | None
     pattern: str | None
     layout: str
     note: str = ""
@@ -155,14 +168,16 @@ class RulePlan:
         ``Conv1D`` weights are ``[in, out]``); other names as Flax kernels, reported as
         ``"other"``. ``"flax"`` or ``"torch"`` reads every tensor in that layout.
         Shorthand without ``axis=`` is a template: per_channel takes the output channel
-        (row) axis, per_block and the MX presets block along the contraction (input or
-        feature) axis. Explicit ``axis=`` and QuantSpec objects are used as given.
+        (row) axis, per_block, the MX presets and NF4 block along the contraction (input
+        or feature) axis, k-means tables group (and ``scaled`` scales) output channels.
+        Explicit ``axis=``, QuantSpec and TableFormat objects are used as given.
       min_size: catch-all rules (a pattern that matches any path, such as ``.*``) and the
         default rules leave float the tensors with fewer elements (default 1024) and those
         with fewer than two dimensions (biases, norm scales). A rule that names a tensor
         (any other pattern) quantizes it whatever its size and rank.
       fallback: ``"per_channel"`` (default): a tensor whose blocked axis the block size
-        does not divide is quantized per channel instead, with a note saying so.
+        does not divide is quantized per channel instead, with a note saying so (NF4: one
+        block over the whole axis; k-means groups: one table per channel).
         None: that is a ``ValueError`` naming the tensor (and an axis that would fit).
 
     Examples:
@@ -177,6 +192,16 @@ class RulePlan:
       fallback per_channel(axis=0): block 32 does not divide axis 1 (size 3)
       >>> plan.resolve("dense.bias", (384,), "float32").note
       '1-D'
+
+      Lookup tables follow the layouts too: NF4 blocks of 64 along the inputs.
+
+      >>> plan = RulePlan({".*": "nf4"})
+      >>> print(plan.resolve("Dense_0/kernel", (128, 64), "float32").spec)
+      nf4:per_block:64:axis=-2
+      >>> print(plan.resolve("fc.weight", (64, 128), "float32").spec)
+      nf4:per_block:64:axis=1
+      >>> plan.resolve("fc2.weight", (64, 96), "float32").note
+      'fallback nf4:per_block:96:axis=1: block 64 does not divide axis 1 (size 96)'
     """
 
     def __init__(
@@ -249,38 +274,45 @@ class RulePlan:
         return Resolution(spec, shown, reading.layout, note, rule.calibration)
 
     def _fit(
-        self, path: str, shape: tuple[int, ...], spec: QuantSpec, reading: LayoutReading
-    ) -> tuple[QuantSpec, str]:
+        self, path: str, shape: tuple[int, ...], spec: Format, reading: LayoutReading
+    ) -> tuple[Format, str]:
         """The spec (or its fallback) once checked against the shape, and a note."""
-        g = spec.granularity
         try:
-            block_shape(shape, g)
+            _check_fits(shape, spec)
             return spec, ""
         except ValueError as e:
-            if not _misfit_block(shape, g):
+            misfit = _misfit(shape, spec)
+            if misfit is None:
                 raise ValueError(f"{path!r} (shape {shape}): {e}") from None
-        axis = g.axis % len(shape)
-        reason = f"block {g.block_size} does not divide axis {axis} (size {shape[axis]})"
+        axis, size = misfit
+        table = isinstance(spec, TableFormat)
+        unit = "group" if table and spec.kind == "kmeans" else "block"
+        reason = f"{unit} {size} does not divide axis {axis} (size {shape[axis]})"
+        fallback = _table_fallback(spec, shape[axis]) if table else None
         if self.fallback is None:
-            fits = [i for i, d in enumerate(shape) if i != axis and d % g.block_size == 0]
+            fits = [i for i, d in enumerate(shape) if i != axis and d % size == 0]
+            role = "output channel" if unit == "group" else "input"
             hint = (
-                f"; it divides axis {fits[0]} (size {shape[fits[0]]}): if that is the input "
+                f"; it divides axis {fits[0]} (size {shape[fits[0]]}): if that is the {role} "
                 f"axis, give axis={fits[0]} or the right layout"
                 if fits
                 else ""
             )
+            instead = f"{fallback} with a rule" if table else "per_channel with a rule"
             raise ValueError(
                 f"{path!r} (shape {shape}, read as {reading.layout} {reading.what}): {reason}"
-                f"{hint}; or choose a block size that divides {shape[axis]}, quantize it "
-                "per_channel with a rule, or pass fallback='per_channel'"
+                f"{hint}; or choose a {unit} size that divides {shape[axis]}, quantize it "
+                f"{instead}, or pass fallback='per_channel'"
             )
-        channel = g.channel_axis
+        if isinstance(spec, TableFormat):
+            return fallback, f"fallback {fallback}: {reason}"
+        channel = spec.granularity.channel_axis
         if channel in ("all", "auto"):  # the layout's channel axis, written as it writes it
             auto = _auto_channel(axis, len(shape))
             same = channel == "all" or auto == reading.channel % len(shape)
             channel = reading.channel if same else auto
-        fallback: Granularity = per_tensor() if channel is None else per_channel(channel)
-        return dataclasses.replace(spec, granularity=fallback), f"fallback {fallback}: {reason}"
+        g: Granularity = per_tensor() if channel is None else per_channel(channel)
+        return dataclasses.replace(spec, granularity=g), f"fallback {g}: {reason}"
 
     def unmatched(self) -> list[str]:
         """The patterns of the given rules that no resolved tensor used so far.
@@ -312,11 +344,34 @@ class RulePlan:
         )
 
 
-def _misfit_block(shape: tuple[int, ...], g: Granularity) -> bool:
-    """True when ``g`` is per_block with an axis in range that its block does not divide."""
-    if g.kind != "per_block" or not -len(shape) <= g.axis < len(shape):
-        return False
-    return shape[g.axis] % g.block_size != 0
+def _check_fits(shape: tuple[int, ...], spec: Format) -> None:
+    """A ValueError when ``spec`` cannot quantize a tensor of ``shape``."""
+    if isinstance(spec, TableFormat):
+        spec.check(shape)
+    else:
+        block_shape(shape, spec.granularity)
+
+
+def _misfit(shape: tuple[int, ...], spec: Format) -> tuple[int, int] | None:
+    """``(axis, size)`` where ``spec`` has blocks (or table groups) of ``size`` along an axis in
+    range that they do not divide (the axis counted from 0); else None."""
+    if isinstance(spec, TableFormat):
+        axis, size = spec.axis, spec.block_size or spec.group_size
+    elif spec.granularity.kind == "per_block":
+        axis, size = spec.granularity.axis, spec.granularity.block_size
+    else:
+        return None
+    if axis is None or size is None or not -len(shape) <= axis < len(shape):
+        return None
+    return (axis % len(shape), size) if shape[axis] % size else None
+
+
+def _table_fallback(spec: TableFormat, length: int) -> TableFormat:
+    """A table format that fits where ``spec``'s blocks or groups do not divide the axis of
+    ``length``: NF4 with one block over the whole axis, k-means with a table per channel."""
+    if spec.kind == "nf4":
+        return dataclasses.replace(spec, block_size=length)
+    return dataclasses.replace(spec, group_size=1)
 
 
 def report_unmatched(
@@ -372,7 +427,7 @@ class PlanRow:
     path: str
     shape: tuple[int, ...]
     dtype: str
-    spec: QuantSpec | None
+    spec: Format | None
     pattern: str | None
     layout: str
     note: str = ""
@@ -428,8 +483,10 @@ class Plan:
         )
 
 
-def _spec_text(spec: QuantSpec, calibration: Calibration | None) -> str:
+def _spec_text(spec: Format, calibration: Calibration | None) -> str:
     """The spec as :func:`parse_spec` shorthand without defaults, and its calibration."""
+    if isinstance(spec, TableFormat):
+        return str(spec)
     from qjax.report import short_spec  # qjax.report imports the tree layer, which imports this
 
     text = short_spec(str(spec))

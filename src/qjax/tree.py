@@ -15,9 +15,9 @@ from qjax.calibration import calibrate
 from qjax.exact import unfused
 from qjax.methods import AWQ, Method, MethodLike, as_method, calibrated_leaf, shared_awq_scales
 from qjax.ops import quantize
-from qjax.palettize import LUTArray
+from qjax.palettize import LUTArray, TableFormat
 from qjax.qarray import QArray
-from qjax.resolve import Plan, PlanRow, Resolution, RulePlan
+from qjax.resolve import Format, Plan, PlanRow, Resolution, RulePlan
 from qjax.rules import DEFAULT_MIN_SIZE, RulesLike
 from qjax.spec import QuantSpec
 
@@ -33,6 +33,7 @@ __all__ = [
     "plan",
     "quantize_leaf",
     "quantize_tree",
+    "table_method_error",
 ]
 
 
@@ -88,7 +89,7 @@ def plan(
 
 def _plan_rows(params: Any, rule_plan: RulePlan) -> Plan:
     rows = []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_qarray)[0]:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_quantized)[0]:
         name = path_str(path)
         resolution = _resolve(rule_plan, name, leaf)
         dtype = getattr(leaf, "dtype", None)
@@ -105,16 +106,20 @@ def leaf_specs(
     min_size: int = DEFAULT_MIN_SIZE,
     fallback: str | None = "per_channel",
     strict: bool = False,
-) -> dict[str, QuantSpec | None]:
+) -> dict[str, Format | None]:
     """Which spec each leaf gets: ``{path: spec or None}``, without quantizing anything.
 
     The arguments are those of :func:`quantize_tree`; :func:`plan` gives the reasons too.
+    A spec is a :class:`~qjax.QuantSpec`, or a :class:`~qjax.palettize.TableFormat` for a
+    lookup-table rule.
 
     Examples:
       >>> import jax.numpy as jnp, qjax
       >>> params = {"Dense_0": {"kernel": jnp.ones((64, 32)), "bias": jnp.ones(32)}}
       >>> {p: str(s) for p, s in qjax.leaf_specs(params, min_size=0).items()}
       {'Dense_0/bias': 'None', 'Dense_0/kernel': 'int8:symmetric:scale:per_channel(axis=-1)'}
+      >>> str(qjax.leaf_specs(params, {".*kernel": "lut2:scaled"})["Dense_0/kernel"])
+      'lut2:per_tensor:axis=-1:scaled'
     """
     rule_plan = RulePlan(rules, layout=layout, min_size=min_size, fallback=fallback)
     rows = _plan_rows(params, rule_plan)
@@ -143,7 +148,9 @@ def quantize_tree(
         ``(regex, spec)`` pairs or ``"REGEX=SPEC"`` strings; a spec is a
         :class:`~qjax.QuantSpec`, shorthand such as ``"int4:per_block:32"`` (optionally
         with a calibration: ``"int4:per_block:32:mse"``, ``":percentile=99.99"``,
-        ``":minmax"``), or None to keep the leaf float. Regexes are matched with
+        ``":minmax"``), a lookup table (``"nf4"``, ``"lut4:per_grouped_channel:16"``, a
+        :class:`~qjax.palettize.TableFormat`: see :func:`~qjax.rules.parse_leaf_rule`),
+        or None to keep the leaf float. Regexes are matched with
         ``re.fullmatch`` against the leaf's path joined with ``/`` (and its ``.``-separated
         names with ``.`` read as ``/``). Default: :func:`~qjax.default_rules` (int8 per
         output channel for Flax ``kernel`` / ``embedding`` and PyTorch ``weight`` leaves).
@@ -171,10 +178,13 @@ def quantize_tree(
         ``{path: InputStats}`` from :func:`qjax.capture.accumulate` run on calibration
         batches. Every leaf the rules quantize needs an entry (a ``ValueError`` names
         those without, e.g. embeddings, which no dot reads: give them their own rule).
-        Stacked (scan) leaves get one result per layer.
+        Stacked (scan) leaves get one result per layer. Lookup tables take no method:
+        a rule that gives one is a ``ValueError``.
 
     Returns:
-      A pytree of the same structure, with :class:`~qjax.QArray` leaves where quantized.
+      A pytree of the same structure, with :class:`~qjax.QArray` leaves where quantized
+      (:class:`~qjax.palettize.LUTArray` leaves for lookup-table rules). QArray and
+      LUTArray leaves of ``params`` stay as they are.
 
     Examples:
       >>> import jax, jax.numpy as jnp, qjax
@@ -198,6 +208,16 @@ def quantize_tree(
       >>> qs = jax.vmap(lambda p: qjax.quantize_tree(p))(stacked)
       >>> qs["layers"]["kernel"].scale.shape
       (2, 1, 64)
+
+      Lookup tables: NF4 (absmax per 64 inputs) or k-means tables (here one per 16
+      output channels), as :func:`qjax.palettize.nf4` and :func:`~qjax.palettize.palettize`
+      would give with the axes of each leaf's layout.
+
+      >>> w = jax.random.normal(jax.random.key(0), (128, 64))
+      >>> q = qjax.quantize_tree({"a": {"kernel": w}, "b.weight": w.T},
+      ...                        {".*kernel": "nf4", ".*": "lut4:per_grouped_channel:16"})
+      >>> q["a"]["kernel"].scale.shape, q["b.weight"].table.shape
+      ((2, 64), (4, 1, 16))
     """
     _check_bool("check_finite", check_finite)
     rule_plan = RulePlan(rules, layout=layout, min_size=min_size, fallback=fallback)
@@ -211,7 +231,7 @@ def quantize_tree(
         name = path_str(path)
         return quantize_leaf(name, leaf, _resolve(rule_plan, name, leaf), check_finite=check_finite)
 
-    out = jax.tree_util.tree_map_with_path(quantize_one, params, is_leaf=_is_qarray)
+    out = jax.tree_util.tree_map_with_path(quantize_one, params, is_leaf=_is_quantized)
     rule_plan.check_unmatched(strict=strict, where="quantize_tree")
     return out
 
@@ -226,9 +246,11 @@ def quantize_leaf(
 ) -> Any:
     """Quantizes one tensor as its :class:`~qjax.Resolution` says (PTQ of one leaf).
 
-    The leaf as it is where ``resolution.spec`` is None; else :func:`~qjax.quantize` with
-    the resolution's spec, with params from :func:`~qjax.calibrate` where the rule chose
-    a calibration. Errors name the leaf.
+    The leaf as it is where ``resolution.spec`` is None; a
+    :class:`~qjax.palettize.LUTArray` where it is a :class:`~qjax.palettize.TableFormat`
+    (:meth:`~qjax.palettize.TableFormat.quantize`); else :func:`~qjax.quantize` with the
+    resolution's spec, with params from :func:`~qjax.calibrate` where the rule chose a
+    calibration. Errors name the leaf.
 
     Args:
       name: the leaf's path or name, for error messages.
@@ -252,6 +274,8 @@ def quantize_leaf(
         _check_finite(name, leaf)
     calibration = resolution.calibration
     try:
+        if isinstance(resolution.spec, TableFormat):
+            return resolution.spec.quantize(leaf)
         qparams = None
         if calibration is not None:
             qparams = calibrate(
@@ -283,7 +307,7 @@ def _quantize_calibrated(
             f"method {type(method).__name__} needs statistics={{path: InputStats}} from "
             f"qjax.capture.accumulate on calibration batches, got {type(statistics).__name__}"
         )
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_qarray)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_quantized)
     chosen: dict[str, tuple[Any, QuantSpec, Any]] = {}
     for path, leaf in flat:
         name = path_str(path)
@@ -294,11 +318,13 @@ def _quantize_calibrated(
                 f"got {type(stats).__name__}"
             )
         layer = leaf
-        if stats is not None and hasattr(leaf, "shape") and not isinstance(leaf, QArray):
+        if stats is not None and hasattr(leaf, "shape") and not _is_quantized(leaf):
             layer = jax.ShapeDtypeStruct(tuple(leaf.shape)[stats.stacked :], leaf.dtype)
         resolution = _resolve(rule_plan, name, layer)
         if resolution.spec is None:
             continue
+        if isinstance(resolution.spec, TableFormat):
+            raise ValueError(table_method_error(name, resolution.pattern, resolution.spec, method))
         if stats is None:
             raise ValueError(
                 f"parameter {name!r} matches rule {resolution.pattern!r} "
@@ -327,6 +353,29 @@ def _quantize_calibrated(
             leaf = calibrated_leaf(name, leaf, spec, stats, method, shared.get(name))
         leaves.append(leaf)
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def table_method_error(
+    name: str, pattern: str | None, spec: TableFormat, method: Method, what: str = "parameter"
+) -> str:
+    """The message for a lookup-table rule that reaches a calibrated method (GPTQ, AWQ,
+    SmoothQuant), which computes integer params, not tables.
+
+    Examples:
+      >>> import qjax
+      >>> from qjax.palettize import TableFormat
+      >>> from qjax.tree import table_method_error
+      >>> print(table_method_error("fc.weight", ".*", TableFormat("nf4"), qjax.GPTQ()))
+      parameter 'fc.weight': rule '.*' gives the lookup table nf4:per_block:64:axis=-2, but GPTQ ...
+    """
+    rule = "the default rule" if pattern is None else f"rule {pattern!r}"
+    kind = type(method).__name__
+    return (
+        f"{what} {name!r}: {rule} gives the lookup table {spec}, but {kind} computes "
+        f"integer params, not tables: quantize the tables apart with method='rtn' (their "
+        f"own quantize_tree call, or --method rtn), or give this {what} an integer spec for "
+        f"{kind}, e.g. 'int4:per_block:64'"
+    )
 
 
 def dequantize_tree(tree: Any) -> Any:
@@ -408,17 +457,13 @@ def count_nonfinite(params: Any) -> Any:
     return jax.tree.map(count, params)
 
 
-def _is_qarray(x: Any) -> bool:
-    return isinstance(x, QArray)
-
-
 def _is_quantized(x: Any) -> bool:
     return isinstance(x, QArray | LUTArray)
 
 
 def _resolve(rule_plan: RulePlan, name: str, leaf: Any) -> Resolution:
-    """The leaf's resolution; QArrays and leaves without a dtype stay as they are."""
-    if isinstance(leaf, QArray):
+    """The leaf's resolution; QArrays, LUTArrays and leaves without a dtype stay as they are."""
+    if _is_quantized(leaf):
         return Resolution(None, None, "other", "already quantized")
     if not hasattr(leaf, "dtype") or not hasattr(leaf, "shape"):
         return Resolution(None, None, "other", "not an array")
