@@ -83,6 +83,12 @@ PTQ_CONFIGS: list[tuple[str, list[str]]] = [
         "int8 embeddings + int4/32 MSE linears",
         ["--rule", ".*embeddings.*=int8:per_channel", "--rule", ".*=int4:per_block:32:mse"],
     ),
+    ("NF4 (blocks of 64)", ["--dtype", "nf4"]),
+    ("4-bit k-means table per tensor", ["--dtype", "lut4"]),
+    (
+        "4-bit k-means, a table per 16 rows, scaled",
+        ["--rule", ".*=lut4:per_grouped_channel:16:scaled"],
+    ),
 ]
 
 TINY_PTQ = "int4 block 32, MSE clipping"  # the one --tiny runs
