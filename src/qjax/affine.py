@@ -30,9 +30,9 @@ def quantize_blocks(xb: jax.Array, qp: QParams, spec: QuantSpec) -> tuple[jax.Ar
       integer targets; not yet cast for float targets, whose rounding is the cast), and
       ``in_range`` is True where no clamping happened (the straight-through mask).
     """
-    scale = float_scale(qp)
+    scale = float_scale(qp, once_per_block=True)
     if spec.power_of_two_scale:
-        v = times_power_of_two(xb, qp.scale, -1)
+        v = times_power_of_two(xb, qp.scale, -1, once_per_block=True)
     elif spec.is_float:
         v = exact_divide(xb, scale)
     elif spec.formulation == "minval":
@@ -59,7 +59,9 @@ def _divide_offset(x: jax.Array, minval: jax.Array, scale: jax.Array) -> jax.Arr
     return exact_divide(jnp.where(wide, halved, difference), jnp.where(wide, scale * 0.5, scale))
 
 
-def times_power_of_two(v: jax.Array, scale: jax.Array, sign: int) -> jax.Array:
+def times_power_of_two(
+    v: jax.Array, scale: jax.Array, sign: int, *, once_per_block: bool = False
+) -> jax.Array:
     """``v * scale ** sign`` for float8_e8m0fnu scales, exact, in float32.
 
     The exponent comes from the scale's bits and is applied in two halves, so no factor
@@ -67,12 +69,42 @@ def times_power_of_two(v: jax.Array, scale: jax.Array, sign: int) -> jax.Array:
     none overflows. Each factor is built from its bits: a few integer ops, where
     ``ldexp`` costs dozens that XLA:CPU would redo for every element. Multiplying by an
     exact power of two equals dividing by its inverse. A NaN scale (bits 255) gives NaN.
+
+    ``once_per_block=True`` takes the factors from :func:`power_of_two_factors`, computed
+    once per block instead of in the loop over the values; XLA paths use it, while Pallas
+    kernels, which cannot lower its division, build the factors inline.
     """
+    if once_per_block:
+        low, high = power_of_two_factors(scale, sign)
+    else:
+        low, high = _factor_bits(scale, sign)
+    return jnp.where(jnp.isnan(low), jnp.float32(jnp.nan), v * low * high)
+
+
+def power_of_two_factors(scale: jax.Array, sign: int) -> tuple[jax.Array, jax.Array]:
+    """The two float32 factors whose product is ``scale ** sign``, shaped like ``scale``.
+
+    Each lies in ``[2**-64, 2**64]``; the first is NaN for a NaN scale (bits 255). Each
+    comes out of a division of 1 by its inverse, exact for powers of two
+    (:func:`qjax.exact.exact_divide`): XLA never copies a division into the fusions
+    that read its result, so the factors, and the block scales they come from (a
+    block's amax, its exponent bits), are computed once per block. Built inline, XLA:CPU
+    recomputes them for every value of the block, in every loop that reads them (the
+    fake-quantized forward and, in training, the straight-through mask of the backward
+    pass), which made mxfp4's fake-quant several times slower than a copy.
+    """
+    low, high = _factor_bits(scale, -sign)
+    return exact_divide(jnp.ones_like(low), low), exact_divide(jnp.ones_like(high), high)
+
+
+def _factor_bits(scale: jax.Array, sign: int) -> tuple[jax.Array, jax.Array]:
+    """``scale ** sign`` as two float32 powers of two built from the scale's bits, the
+    first NaN for a NaN scale (bits 255)."""
     biased = jax.lax.bitcast_convert_type(scale, jnp.uint8).astype(jnp.int32)
     exponent = sign * (biased - 127)
     half = exponent >> 1  # floor(exponent / 2); both halves lie in [-64, 64]
-    out = v * _power_of_two(half) * _power_of_two(exponent - half)
-    return jnp.where(biased == 255, jnp.float32(jnp.nan), out)
+    low = jnp.where(biased == 255, jnp.float32(jnp.nan), _power_of_two(half))
+    return low, _power_of_two(exponent - half)
 
 
 def _power_of_two(exponent: jax.Array) -> jax.Array:
@@ -87,11 +119,11 @@ def dequantize_stored(
 
     Casting first gives exactly what ``dequantize(quantize(x))`` gives: float targets are
     rounded by their cast, and an integer 0 never carries the sign of ``round(-0.0)``.
-    The result is in ``dtype``, saturated as in :func:`dequantize_blocks`.
+    The result is in ``dtype``, saturated as in :func:`dequantize_blocks`. e8m0 scales
+    are applied through factors computed once per block, as in :func:`quantize_blocks`.
     """
-    if spec.is_float:
-        return dequantize_blocks(round_to_float_grid(q, spec.target), qp, spec, dtype)
-    return dequantize_blocks(q.astype(jnp.int32), qp, spec, dtype)
+    stored = round_to_float_grid(q, spec.target) if spec.is_float else q.astype(jnp.int32)
+    return dequantize_blocks(stored, qp, spec, dtype, once_per_block=True)
 
 
 def round_to_float_grid(v: jax.Array, target: TargetDType) -> jax.Array:
@@ -104,7 +136,12 @@ def round_to_float_grid(v: jax.Array, target: TargetDType) -> jax.Array:
 
 
 def dequantize_blocks(
-    q: jax.Array, qp: QParams, spec: QuantSpec, dtype: jax.typing.DTypeLike = jnp.float32
+    q: jax.Array,
+    qp: QParams,
+    spec: QuantSpec,
+    dtype: jax.typing.DTypeLike = jnp.float32,
+    *,
+    once_per_block: bool = False,
 ) -> jax.Array:
     """Maps quantized values (any real dtype) back to floats, computed in float32.
 
@@ -113,6 +150,8 @@ def dequantize_blocks(
     to ``qmin``, one step past ``amax`` (``-128 / 127.5 * amax`` for int8), which
     overflows for ``amax`` near the dtype's largest value (65504 in float16); that code
     dequantizes to ``-finfo(dtype).max`` instead. The codes are unchanged. NaN stays NaN.
+    ``once_per_block`` computes the scales' factors once per block, as
+    :func:`times_power_of_two` and :func:`float_scale` describe.
 
     Examples:
       >>> import jax.numpy as jnp, qjax
@@ -123,27 +162,34 @@ def dequantize_blocks(
     """
     q = q.astype(jnp.float32)
     if spec.power_of_two_scale:
-        y = times_power_of_two(q, qp.scale, 1)
+        y = times_power_of_two(q, qp.scale, 1, once_per_block=once_per_block)
     elif spec.formulation == "zero_point":
         y = qp.scale.astype(jnp.float32) * (q - qp.zero_point.astype(jnp.float32))
     elif spec.formulation == "minval":
         y = _scale_plus_minval(q - spec.qmin, qp.scale.astype(jnp.float32), qp.minval)
     else:
-        y = float_scale(qp) * q
+        y = float_scale(qp, once_per_block=once_per_block) * q
     return saturate(y, dtype).astype(dtype)
 
 
-def float_scale(qp: QParams) -> jax.Array:
+def float_scale(qp: QParams, *, once_per_block: bool = False) -> jax.Array:
     """The step of each block in float32: ``scale``, or ``tensor_scale * scale`` (NVFP4's
-    two levels, one rounding: torchao's ``per_tensor_scale * scale_e4m3``)."""
+    two levels, one rounding: torchao's ``per_tensor_scale * scale_e4m3``).
+
+    ``once_per_block=True`` (XLA paths) computes a float8_e4m3fn scale's step once per
+    block, not in the loop over the values: it comes out of an exact division by 1
+    (:func:`qjax.exact.exact_divide`, subnormals kept), and XLA never copies a division
+    into the fusions that read it (see :func:`power_of_two_factors`). Pallas kernels,
+    which cannot lower that division, leave it False.
+    """
     if qp.scale.dtype != jnp.float8_e4m3fn:
         return qp.scale.astype(jnp.float32)
-    # Read off the bits: XLA fuses this into the loop over the values, where its emulated
-    # float8 convert would cost more than the rest of the loop.
+    # Read off the bits: XLA:CPU's emulated float8 convert costs several times as much.
     scale = packing.float_values(
         jax.lax.bitcast_convert_type(qp.scale, jnp.uint8).astype(jnp.int32), E4M3
     )
-    return scale if qp.tensor_scale is None else qp.tensor_scale * scale
+    step = scale if qp.tensor_scale is None else qp.tensor_scale * scale
+    return exact_divide(step, jnp.ones_like(step)) if once_per_block else step
 
 
 def _scale_plus_minval(steps: jax.Array, scale: jax.Array, minval: jax.Array) -> jax.Array:
