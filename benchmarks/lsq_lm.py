@@ -22,11 +22,23 @@ For each row, from the cached float LM, on the same training batches (seeded by 
   rows of :mod:`bench_lsq` do (SGD, momentum 0.9, at ``scale_lr``), ``"adam:scale_lr"``
   on Adam at ``scale_lr``. On this LM, SGD at 1e-2 barely moves the scales: their
   LSQ-scaled gradients are ~5e-5 to 2e-4 (of scales ~0.1), under 1% of a scale in 60 steps.
+  ``"weights"``: LSQ on the weight scales only: ``kernel_scale`` / ``kernel_offset`` on
+  Adam at ``scale_lr``, the input scales (still parameters, as ``learn_scale=True``
+  makes them) frozen at their calibration (``optax.set_to_zero``). ``"weights:relative"``:
+  the same with each Adam step multiplied by the scale's magnitude (relative steps, about
+  Adam on the log of the scale): a fixed-size Adam step is large next to small scales.
+
+``scales`` may name several of these: each is its own LSQ column, from the same STE run.
 
 Both are evaluated the same way, as trained (the model under ``intercept``), on the
 held-out windows of :func:`lm_example.eval_windows` (256 windows of 128 predicted bytes
 from files never seen in training): next-byte loss (bits per byte in the table) and
 top-1 accuracy. "recovered" is ``(STE loss - LSQ loss) / (STE loss - float loss)``.
+``--lm-eval validation`` evaluates instead on 256 evenly spaced windows of the
+*training* files (:func:`validation_windows`), never the test windows: for choosing
+``scale_lr``. The float LM was pretrained on those files, so its validation loss is
+lower than on the test windows; a window may overlap one of the fine-tuning batches'
+random windows (480 of 129 bytes in a 10 MB corpus: ~1% of windows).
 
 Run: ``python benchmarks/bench_lsq.py --sections lm`` (or ``python benchmarks/lsq_lm.py``).
 """
@@ -73,9 +85,10 @@ class Setup:
     steps: int = 60
     batch_size: int = 8
     lr: float = 1e-4
-    scales: str = "adam"
+    scales: tuple[str, ...] = ("adam",)
     scale_lr: float = 1e-3
     eval_windows: int = 256
+    eval_split: str = "test"
 
 
 def rules(weight: qjax.QuantSpec, learn: bool) -> dict[str, LayerQuant]:
@@ -90,6 +103,14 @@ def train_batches(steps: int, batch_size: int, context: int, seed: int) -> Itera
     for _ in range(steps):
         starts = rng.integers(0, len(text) - context - 1, batch_size)
         yield np.stack([text[s : s + context + 1] for s in starts]).astype(np.int32)
+
+
+def validation_windows(context: int, n: int = 256) -> np.ndarray:
+    """``n`` evenly spaced windows of ``context + 1`` *training* bytes, int32: for choosing
+    hyperparameters without looking at :func:`lm_example.eval_windows`."""
+    text = lm_example.corpus("train")
+    starts = np.linspace(0, len(text) - context - 1, n).astype(np.int64)
+    return np.stack([text[s : s + context + 1] for s in starts]).astype(np.int32)
 
 
 @functools.cache
@@ -134,21 +155,49 @@ def with_learned_scales(model: Any, params: Any, lsq_rules: Any, batch: np.ndarr
     return new["params"]
 
 
-def optimizer(setup: Setup, params: Any) -> optax.GradientTransformation:
+def weight_scale_labels(params: Any) -> Any:
+    """:func:`qjax.lsq.param_labels` with the learned *input* scales and offsets relabelled
+    ``"frozen"``: ``"lsq"`` (weight scales), ``"frozen"`` or ``"other"`` per leaf."""
+
+    def label(path: tuple, lsq_label: str) -> str:
+        name = getattr(path[-1], "key", None)
+        return "frozen" if lsq_label == "lsq" and str(name).startswith("input_") else lsq_label
+
+    return jax.tree_util.tree_map_with_path(label, param_labels(params))
+
+
+def relative_steps() -> optax.GradientTransformation:
+    """Multiplies each update by its parameter's magnitude."""
+
+    def update(updates: Any, state: Any, params: Any) -> tuple[Any, Any]:
+        return jax.tree.map(lambda u, p: u * jnp.abs(p), updates, params), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def optimizer(setup: Setup, scales: str, params: Any) -> optax.GradientTransformation:
     """Adam at ``setup.lr`` for the weights; learned scales (if any) on Adam at the same
-    learning rate (``scales="adam"``), on Adam at ``setup.scale_lr`` (``"adam:scale_lr"``)
-    or on SGD with momentum 0.9 at ``setup.scale_lr`` (``"sgd"``)."""
-    if setup.scales not in ("adam", "adam:scale_lr", "sgd"):
-        raise ValueError(f"scales must be 'adam', 'adam:scale_lr' or 'sgd', got {setup.scales!r}")
-    if setup.scales == "adam":
+    learning rate (``scales="adam"``), on Adam at ``setup.scale_lr`` (``"adam:scale_lr"``),
+    on SGD with momentum 0.9 at ``setup.scale_lr`` (``"sgd"``), or the weight scales on
+    Adam at ``setup.scale_lr`` and the input scales frozen (``"weights"``; in relative
+    steps: ``"weights:relative"``)."""
+    if scales not in SCALES:
+        raise ValueError(f"scales must be one of {sorted(SCALES)}, got {scales!r}")
+    if scales == "adam":
         return optax.adam(setup.lr)
-    if setup.scales == "adam:scale_lr":
-        scale_tx = optax.adam(setup.scale_lr)
+    transforms = {"other": optax.adam(setup.lr)}
+    labels = param_labels(params)
+    if scales == "adam:scale_lr":
+        transforms["lsq"] = optax.adam(setup.scale_lr)
+    elif scales == "sgd":
+        transforms["lsq"] = optax.sgd(setup.scale_lr, momentum=0.9)
     else:
-        scale_tx = optax.sgd(setup.scale_lr, momentum=0.9)
-    return optax.multi_transform(
-        {"other": optax.adam(setup.lr), "lsq": scale_tx}, param_labels(params)
-    )
+        scale_tx = optax.adam(setup.scale_lr)
+        if scales == "weights:relative":
+            scale_tx = optax.chain(scale_tx, relative_steps())
+        transforms |= {"lsq": scale_tx, "frozen": optax.set_to_zero()}
+        labels = weight_scale_labels(params)
+    return optax.multi_transform(transforms, labels)
 
 
 @functools.cache
@@ -168,9 +217,12 @@ def _train_step(model: Any, quant: tuple, tx: optax.GradientTransformation) -> C
     return step
 
 
-def fine_tune(model: Any, params: Any, quant_rules: Any, setup: Setup, seed: int) -> Any:
-    """``setup.steps`` of QAT from ``params`` on the batches of ``seed``; the trained params."""
-    tx = _optimizer(setup, jax.tree.structure(params))
+def fine_tune(
+    model: Any, params: Any, quant_rules: Any, setup: Setup, seed: int, scales: str = "adam"
+) -> Any:
+    """``setup.steps`` of QAT from ``params`` on the batches of ``seed``, learned scales
+    (if any) trained as ``scales`` says (:func:`optimizer`); the trained params."""
+    tx = _optimizer(setup, scales, jax.tree.structure(params))
     step = _train_step(model, _key(quant_rules), tx)
     params = jax.tree.map(jnp.array, params)  # a copy: the step donates its buffers
     state = tx.init(params)
@@ -181,9 +233,9 @@ def fine_tune(model: Any, params: Any, quant_rules: Any, setup: Setup, seed: int
 
 
 @functools.cache
-def _optimizer(setup: Setup, structure: Any) -> optax.GradientTransformation:
+def _optimizer(setup: Setup, scales: str, structure: Any) -> optax.GradientTransformation:
     """One optimizer object per setup and tree structure, so the jitted steps are reused."""
-    return optimizer(setup, jax.tree.unflatten(structure, range(structure.num_leaves)))
+    return optimizer(setup, scales, jax.tree.unflatten(structure, range(structure.num_leaves)))
 
 
 def run(
@@ -192,12 +244,15 @@ def run(
     rows: list[str] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """``{"float": (loss, acc), row: [(PTQ, STE, LSQ) per seed, each (loss, acc)]}`` for
-    ``rows`` (keys of :data:`WEIGHTS`, default all)."""
+    """``{"float": (loss, acc), row: [(PTQ, STE, LSQ...) per seed, each (loss, acc)]}``
+    for ``rows`` (keys of :data:`WEIGHTS`, default all): one LSQ per ``setup.scales``."""
     config = lm_example.DEFAULT
     model = lm_example.make_model(config)
     params = lm_example.load_or_train(config, log=log)["params"]
-    windows = lm_example.eval_windows(config.context, setup.eval_windows)
+    if setup.eval_split not in ("test", "validation"):
+        raise ValueError(f"eval_split must be 'test' or 'validation', got {setup.eval_split!r}")
+    pick = lm_example.eval_windows if setup.eval_split == "test" else validation_windows
+    windows = pick(config.context, setup.eval_windows)
     out: dict[str, Any] = {"float": evaluate(model, {"params": params}, None, windows)}
     calib = next(train_batches(1, setup.batch_size, config.context, seed=-1))
     for name in rows or list(WEIGHTS):
@@ -210,47 +265,65 @@ def run(
             start = time.perf_counter()
             ste = fine_tune(model, params, ste_rules, setup, seed)
             ste_eval = evaluate(model, {"params": ste}, ste_rules, windows)
-            lsq = fine_tune(model, lsq_start, lsq_rules, setup, seed)
-            lsq_eval = evaluate(model, {"params": lsq}, lsq_rules, windows)
-            out[name].append((ptq, ste_eval, lsq_eval))
+            lsq_evals = [
+                evaluate(model, {"params": lsq}, lsq_rules, windows)
+                for lsq in (
+                    fine_tune(model, lsq_start, lsq_rules, setup, seed, scales)
+                    for scales in setup.scales
+                )
+            ]
+            out[name].append((ptq, ste_eval, *lsq_evals))
             log(
-                f"{name}, seed {seed} (nats/byte, top-1): float {out['float']}, PTQ {ptq}, "
-                f"STE {ste_eval}, LSQ {lsq_eval} ({time.perf_counter() - start:.0f} s)"
+                f"{name}, seed {seed} ({setup.eval_split}, nats/byte, top-1): float "
+                f"{out['float']}, PTQ {ptq}, STE {ste_eval}, LSQ {setup.scales} {lsq_evals} "
+                f"({time.perf_counter() - start:.0f} s)"
             )
     return out
 
 
 SCALES = {
-    "adam": "on the same Adam",
-    "adam:scale_lr": "on Adam at {1:g}",
-    "sgd": "on SGD (momentum 0.9) at {1:g}",
+    "adam": "all scales on the same Adam",
+    "adam:scale_lr": "all scales on Adam at {1:g}",
+    "sgd": "all scales on SGD (momentum 0.9) at {1:g}",
+    "weights": "weight scales on Adam at {1:g}, input scales frozen at calibration",
+    "weights:relative": "weight scales on Adam at {1:g} in relative steps, input scales frozen",
 }
 
 
 def markdown(results: dict, setup: Setup, seeds: list[int]) -> str:
     """The README table: mean over seeds, the spread (min-max) of the recovered share."""
     float_loss, float_acc = results["float"]
+    columns = [f"LSQ {i + 1}" if len(setup.scales) > 1 else "LSQ" for i in range(len(setup.scales))]
+    kinds = "; ".join(
+        f"{column}: {SCALES[scales].format(setup.lr, setup.scale_lr)}"
+        for column, scales in zip(columns, setup.scales, strict=True)
+    )
+    split = "held-out" if setup.eval_split == "test" else "VALIDATION (training files)"
     lines = [
         f"byte LM ({lm_example.DEFAULT.n_layers} blocks, width {lm_example.DEFAULT.d_model}), "
         f"int8 inputs (per tensor, dynamic); QAT {setup.steps} steps of {setup.batch_size} x "
-        f"{lm_example.DEFAULT.context} bytes, weights on Adam at {setup.lr:g}, learned "
-        f"scales {SCALES[setup.scales].format(setup.lr, setup.scale_lr)}; mean over seeds "
-        f"{seeds}; held-out loss in bits per byte (top-1 accuracy)",
+        f"{lm_example.DEFAULT.context} bytes, weights on Adam at {setup.lr:g}; learned "
+        f"scales ({kinds}); mean over seeds {seeds}; {split} loss in bits per byte "
+        "(top-1 accuracy)",
         "",
-        "| weights | float | PTQ | STE QAT | LSQ | recovered (per seed) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| weights | float | PTQ | STE QAT | "
+        + " | ".join(columns)
+        + " | "
+        + " | ".join(f"{column} recovered (per seed)" for column in columns)
+        + " |",
+        "|---|" + "---:|" * (3 + 2 * len(columns)),
     ]
     bits = 1 / math.log(2)
     for name in (name for name in WEIGHTS if name in results):
-        rows = np.array(results[name])  # [seed, (ptq, ste, lsq), (loss, acc)]
+        rows = np.array(results[name])  # [seed, (ptq, ste, lsq...), (loss, acc)]
         mean = rows.mean(axis=0)
-        per_seed = (rows[:, 1, 0] - rows[:, 2, 0]) / (rows[:, 1, 0] - float_loss)
-        recovered = (mean[1, 0] - mean[2, 0]) / (mean[1, 0] - float_loss)
         cells = [f"{bits * loss:.3f} ({acc:.1%})" for loss, acc in mean]
-        spread = ", ".join(f"{r:.0%}" for r in per_seed)
+        for lsq in range(2, rows.shape[1]):
+            per_seed = (rows[:, 1, 0] - rows[:, lsq, 0]) / (rows[:, 1, 0] - float_loss)
+            recovered = (mean[1, 0] - mean[lsq, 0]) / (mean[1, 0] - float_loss)
+            cells.append(f"{recovered:.0%} ({', '.join(f'{r:.0%}' for r in per_seed)})")
         lines.append(
-            f"| {name} | {bits * float_loss:.3f} ({float_acc:.1%}) | {' | '.join(cells)} "
-            f"| {recovered:.0%} ({spread}) |"
+            f"| {name} | {bits * float_loss:.3f} ({float_acc:.1%}) | {' | '.join(cells)} |"
         )
     return "\n".join(lines)
 
@@ -272,13 +345,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lm-steps", type=int, default=default.steps)
     parser.add_argument("--lm-batch", type=int, default=default.batch_size)
     parser.add_argument("--lm-lr", type=float, default=default.lr)
-    parser.add_argument("--lm-scales", choices=sorted(SCALES), default=default.scales)
+    parser.add_argument(
+        "--lm-scales", nargs="+", choices=sorted(SCALES), default=list(default.scales)
+    )
     parser.add_argument("--lm-scale-lr", type=float, default=default.scale_lr)
     parser.add_argument("--lm-rows", nargs="+", choices=list(WEIGHTS), default=list(WEIGHTS))
+    parser.add_argument("--lm-eval", choices=["test", "validation"], default=default.eval_split)
 
 
 def from_arguments(args: argparse.Namespace) -> tuple[Setup, list[int]]:
-    setup = Setup(args.lm_steps, args.lm_batch, args.lm_lr, args.lm_scales, args.lm_scale_lr)
+    setup = Setup(
+        args.lm_steps,
+        args.lm_batch,
+        args.lm_lr,
+        tuple(args.lm_scales),
+        args.lm_scale_lr,
+        eval_split=args.lm_eval,
+    )
     return setup, args.lm_seeds
 
 
