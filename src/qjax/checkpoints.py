@@ -53,6 +53,7 @@ __all__ = [
     "inspect_checkpoint",
     "plan_checkpoint",
     "quantize_checkpoint",
+    "refuse_tables",
 ]
 
 CLI_LISTING = "qjax plan FILE"
@@ -297,6 +298,15 @@ def inspect_checkpoint(path: PathLike) -> list[dict[str, Any]]:
     return [stored_row(name, leaf) for name, leaf in qio.load_tensors(path).items()]
 
 
+def refuse_tables(plan: CheckpointPlan, method: Method) -> None:
+    """A ValueError naming the first kept tensor that a lookup-table rule gives to a
+    calibrated ``method`` (GPTQ, AWQ, SmoothQuant compute integer params, not tables),
+    raised before any tensor is read or the model run."""
+    for t, row in zip(plan.tensors, plan.rows):
+        if isinstance(row.spec, TableFormat) and t.name not in plan.dropped:
+            raise ValueError(table_method_error(t.name, row.pattern, row.spec, method, "tensor"))
+
+
 def _calibrated_tensors(
     plan: CheckpointPlan,
     reader: Any,
@@ -313,6 +323,7 @@ def _calibrated_tensors(
                 "pass method='gptq', 'awq' or 'smoothquant'"
             )
         return {}
+    refuse_tables(plan, method)
     if model is None or not callable(model) or batches is None:
         raise ValueError(
             f"method {type(method).__name__} runs the model on calibration batches: pass "
@@ -328,8 +339,6 @@ def _calibrated_tensors(
         if t.name not in plan.dropped:
             tensors[t.name] = reader.read(t.name)
     for t, row in chosen:
-        if isinstance(row.spec, TableFormat):
-            raise ValueError(table_method_error(t.name, row.pattern, row.spec, method, "tensor"))
         if row.calibration is not None:
             raise ValueError(
                 f"tensor {t.name!r}: calibration {row.calibration.method!r} is round to "

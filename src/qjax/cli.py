@@ -42,12 +42,11 @@ import qjax
 from qjax import checkpoints, files
 from qjax.files import write_safetensors as write_safetensors  # benchmarks import it from here
 from qjax.methods import as_method
-from qjax.palettize import NF4_BLOCK_SIZE, TableFormat
+from qjax.palettize import NF4_BLOCK_SIZE
 from qjax.report import Report, format_bytes
 from qjax.resolve import LAYOUTS
 from qjax.rules import TABLES, parse_leaf_rule
 from qjax.spec import FORMULATIONS, PRESETS, SCHEMES
-from qjax.tree import table_method_error
 
 __all__ = ["EXIT_ERROR", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "main"]
 
@@ -450,8 +449,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     """``qjax quantize IN OUT``: plans every tensor, then quantizes them one at a time."""
     _check_report_path(args.report)
     plan = _plan(args)
-    if args.method != "rtn":
-        _refuse_tables(plan, args.method)
+    if args.method != "rtn":  # before the model and batches are asked for
+        checkpoints.refuse_tables(plan, as_method(args.method))
     total = sum(t.nbytes for t in plan.tensors if t.name not in plan.dropped)
     start = time.perf_counter()
     model, batches = _calibration(args)
@@ -472,15 +471,6 @@ def run_quantize(args: argparse.Namespace) -> int:
         if plan.dropped:
             print(f"dropped ({len(plan.dropped)}): {_names(sorted(plan.dropped))}")
     return 0
-
-
-def _refuse_tables(plan: checkpoints.CheckpointPlan, method: str) -> None:
-    """A CLIError for the first tensor a lookup-table rule gives to a calibrated --method."""
-    for row in plan.rows:
-        if isinstance(row.spec, TableFormat) and row.path not in plan.dropped:
-            raise CLIError(
-                table_method_error(row.path, row.pattern, row.spec, as_method(method), "tensor")
-            )
 
 
 def _calibration(args: argparse.Namespace) -> tuple[Callable | None, list | None]:
