@@ -30,9 +30,9 @@ def quantize_blocks(xb: jax.Array, qp: QParams, spec: QuantSpec) -> tuple[jax.Ar
       integer targets; not yet cast for float targets, whose rounding is the cast), and
       ``in_range`` is True where no clamping happened (the straight-through mask).
     """
-    scale = float_scale(qp, once_per_block=True)
+    scale = float_scale(qp)
     if spec.power_of_two_scale:
-        v = times_power_of_two(xb, qp.scale, -1, once_per_block=True)
+        v = times_power_of_two(xb, qp.scale, -1)
     elif spec.is_float:
         v = exact_divide(xb, scale)
     elif spec.formulation == "minval":
@@ -60,7 +60,7 @@ def _divide_offset(x: jax.Array, minval: jax.Array, scale: jax.Array) -> jax.Arr
 
 
 def times_power_of_two(
-    v: jax.Array, scale: jax.Array, sign: int, *, once_per_block: bool = False
+    v: jax.Array, scale: jax.Array, sign: int, *, once_per_block: bool = True
 ) -> jax.Array:
     """``v * scale ** sign`` for float8_e8m0fnu scales, exact, in float32.
 
@@ -70,9 +70,10 @@ def times_power_of_two(
     ``ldexp`` costs dozens that XLA:CPU would redo for every element. Multiplying by an
     exact power of two equals dividing by its inverse. A NaN scale (bits 255) gives NaN.
 
-    ``once_per_block=True`` takes the factors from :func:`power_of_two_factors`, computed
-    once per block instead of in the loop over the values; XLA paths use it, while Pallas
-    kernels, which cannot lower its division, build the factors inline.
+    ``once_per_block=True`` (the default) takes the factors from
+    :func:`power_of_two_factors`, computed once per block instead of in the loop over the
+    values; Pallas kernels, which cannot lower its division, pass False and build the
+    factors inline.
     """
     if once_per_block:
         low, high = power_of_two_factors(scale, sign)
@@ -123,7 +124,7 @@ def dequantize_stored(
     are applied through factors computed once per block, as in :func:`quantize_blocks`.
     """
     stored = round_to_float_grid(q, spec.target) if spec.is_float else q.astype(jnp.int32)
-    return dequantize_blocks(stored, qp, spec, dtype, once_per_block=True)
+    return dequantize_blocks(stored, qp, spec, dtype)
 
 
 def round_to_float_grid(v: jax.Array, target: TargetDType) -> jax.Array:
@@ -141,7 +142,7 @@ def dequantize_blocks(
     spec: QuantSpec,
     dtype: jax.typing.DTypeLike = jnp.float32,
     *,
-    once_per_block: bool = False,
+    once_per_block: bool = True,
 ) -> jax.Array:
     """Maps quantized values (any real dtype) back to floats, computed in float32.
 
@@ -150,8 +151,8 @@ def dequantize_blocks(
     to ``qmin``, one step past ``amax`` (``-128 / 127.5 * amax`` for int8), which
     overflows for ``amax`` near the dtype's largest value (65504 in float16); that code
     dequantizes to ``-finfo(dtype).max`` instead. The codes are unchanged. NaN stays NaN.
-    ``once_per_block`` computes the scales' factors once per block, as
-    :func:`times_power_of_two` and :func:`float_scale` describe.
+    ``once_per_block`` (default True; False in Pallas kernels) computes the scales'
+    factors once per block, as :func:`times_power_of_two` and :func:`float_scale` describe.
 
     Examples:
       >>> import jax.numpy as jnp, qjax
@@ -172,15 +173,15 @@ def dequantize_blocks(
     return saturate(y, dtype).astype(dtype)
 
 
-def float_scale(qp: QParams, *, once_per_block: bool = False) -> jax.Array:
+def float_scale(qp: QParams, *, once_per_block: bool = True) -> jax.Array:
     """The step of each block in float32: ``scale``, or ``tensor_scale * scale`` (NVFP4's
     two levels, one rounding: torchao's ``per_tensor_scale * scale_e4m3``).
 
-    ``once_per_block=True`` (XLA paths) computes a float8_e4m3fn scale's step once per
+    ``once_per_block=True`` (the default) computes a float8_e4m3fn scale's step once per
     block, not in the loop over the values: it comes out of an exact division by 1
     (:func:`qjax.exact.exact_divide`, subnormals kept), and XLA never copies a division
     into the fusions that read it (see :func:`power_of_two_factors`). Pallas kernels,
-    which cannot lower that division, leave it False.
+    which cannot lower that division, pass False.
     """
     if qp.scale.dtype != jnp.float8_e4m3fn:
         return qp.scale.astype(jnp.float32)

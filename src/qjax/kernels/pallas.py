@@ -414,7 +414,8 @@ def _int4_matmul(x: jax.Array, w: QArray, blocks: _Blocks, interpret: bool) -> j
             row = part * span + i * bk
             q = _weight_tile(w_ref[pl.ds(row, bk), :], w)
             scale = s_ref[pl.ds(row // group, 1), :]
-            tile = dequantize_blocks(q, QParams(scale, None, None), w.spec, jnp.float32)
+            qp = QParams(scale, None, None)  # factors inline: Triton cannot lower the division
+            tile = dequantize_blocks(q, qp, w.spec, jnp.float32, once_per_block=False)
             xt = x_ref[:, pl.ds(row, bk)]
             return acc + jnp.dot(xt, tile.astype(x.dtype), preferred_element_type=jnp.float32)
 
