@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import memory_env
 import qjax
 from memory_env import describe
 from qjax import kernels
@@ -128,7 +129,9 @@ def main() -> None:
         help="also time every explicit path (dequant, dequant_chunked; int8_dot, bf16_dot)",
     )
     parser.add_argument("--ms", default=None, help="rows M, comma-separated (e.g. 1,1024)")
+    memory_env.add_argument(parser)
     args = parser.parse_args()
+    memory_env.apply(args)
     ms = (1, 8, 128) if args.quick else (1, 8, 128, 1024)
     if args.ms:
         ms = tuple(int(m) for m in args.ms.split(","))

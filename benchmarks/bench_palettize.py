@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import memory_env
 import qjax
 from memory_env import describe, xla_copy
 from qjax import palettize as lut
@@ -177,7 +178,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
+    memory_env.add_argument(parser)
     args = parser.parse_args(argv)
+    memory_env.apply(args)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}")
     if not args.skip_quality:
         quality("all-MiniLM-L6-v2 Linear weights [out, in]", list(minilm_weights()), 0, -1)

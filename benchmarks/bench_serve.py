@@ -72,6 +72,7 @@ from qjax.flax import serve
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lm_example as lm
+import memory_env
 from memory_env import describe
 
 KERNELS = r".*block_\d+/(query|key|value|out|up|down)/kernel"
@@ -537,7 +538,9 @@ def main() -> None:
     parser.add_argument(
         "--stack-repeats", type=int, default=None, help="4096-stack rounds (default 21)"
     )
+    memory_env.add_argument(parser)
     args = parser.parse_args()
+    memory_env.apply(args)
     args.steps = args.steps or (16 if args.quick else 96)
     args.repeats = args.repeats or (2 if args.quick else 7)
     args.stack_repeats = args.stack_repeats or (3 if args.quick else 21)

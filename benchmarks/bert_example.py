@@ -465,7 +465,6 @@ def plan_excerpt(tensors: Mapping[str, np.ndarray], rules: Mapping[str, str]) ->
     return str(qjax.plan({name: tensors[name] for name in PLAN_EXCERPT}, rules))
 
 
-
 def table(setup: Setup, float_bytes: int, rows: list[PTQRow], q: QATResult, n_eval: int) -> str:
     c = setup.config
     lines = [

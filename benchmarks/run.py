@@ -67,6 +67,7 @@ import numpy as np
 
 import bench_qat_step
 import bench_tree_ptq
+import memory_env
 import qjax
 from memory_env import describe, xla_copy
 
@@ -297,7 +298,9 @@ def main() -> None:
     parser.add_argument(
         "--qat-repeats", type=int, default=100, help="timed runs of each QAT step (100)"
     )
+    memory_env.add_argument(parser)
     args = parser.parse_args()
+    memory_env.apply(args)
 
     use_qwix = qwix is not None and not args.no_qwix
     qwix_note = f"qwix {qwix.__version__}" if qwix is not None else "qwix not installed"

@@ -2,6 +2,7 @@
 
 from qjax import algorithms as algorithms
 from qjax import capture as capture
+from qjax import host_memory as host_memory
 from qjax import lsq as lsq
 from qjax import methods as methods
 from qjax import palettize as palettize
@@ -94,6 +95,7 @@ __all__ = [
     "dequantizing",
     "fake_quant",
     "fold_channel_scales",
+    "host_memory",
     "leaf_specs",
     "load",
     "load_tensors",
