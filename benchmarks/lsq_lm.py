@@ -28,7 +28,15 @@ For each row, from the cached float LM, on the same training batches (seeded by 
   the same with each Adam step multiplied by the scale's magnitude (relative steps, about
   Adam on the log of the scale): a fixed-size Adam step is large next to small scales.
 
-``scales`` may name several of these: each is its own LSQ column, from the same STE run.
+Where the learned weight scales start (``inits``, ``--lm-inits``): ``"minmax"``, the
+weight's min-max params (what STE QAT uses), or ``"mse"``, :func:`qjax.calibrate`'s
+MSE-optimal clipping (``LayerQuant(calibration=qjax.Calibration("mse"))``, shorthand
+``"int2:per_channel:mse:lsq"``). At 2 and 3 bits min-max scales leave most of the grid
+empty, and 60 steps of LSQ barely move them; from the MSE start, LSQ keeps the better
+grid and trains it.
+
+``scales`` and ``inits`` may name several: each pair is its own LSQ column, from the same
+STE run.
 
 Both are evaluated the same way, as trained (the model under ``intercept``), on the
 held-out windows of :func:`lm_example.eval_windows` (256 windows of 128 predicted bytes
@@ -80,20 +88,32 @@ WEIGHTS = {
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
-    """The fine-tuning run, the same for STE QAT and LSQ (``scales``: see :func:`optimizer`)."""
+    """The fine-tuning run, the same for STE QAT and LSQ (``scales``: see :func:`optimizer`;
+    ``inits``: where the learned weight scales start, see :func:`rules`). Each pair of a
+    ``scales`` and an ``inits`` entry is one LSQ column."""
 
     steps: int = 60
     batch_size: int = 8
     lr: float = 1e-4
     scales: tuple[str, ...] = ("adam",)
     scale_lr: float = 1e-3
+    inits: tuple[str, ...] = ("minmax", "mse")
     eval_windows: int = 256
     eval_split: str = "test"
 
 
-def rules(weight: qjax.QuantSpec, learn: bool) -> dict[str, LayerQuant]:
-    """The blocks' projections: ``weight`` weights, int8 inputs; learned scales where ``learn``."""
-    return {LAYERS: LayerQuant(weight=weight, act=ACT, learn_scale=learn)}
+INITS = {
+    "minmax": "min-max start",
+    "mse": "MSE-calibrated start",
+}
+"""Where the learned weight scales start: ``LayerQuant.calibration`` (None for min-max)."""
+
+
+def rules(weight: qjax.QuantSpec, learn: bool, init: str = "minmax") -> dict[str, LayerQuant]:
+    """The blocks' projections: ``weight`` weights, int8 inputs; learned scales where
+    ``learn``, the weight's starting from ``init`` (a key of :data:`INITS`)."""
+    calibration = None if init == "minmax" else qjax.Calibration(init)
+    return {LAYERS: LayerQuant(weight=weight, act=ACT, learn_scale=learn, calibration=calibration)}
 
 
 def train_batches(steps: int, batch_size: int, context: int, seed: int) -> Iterator[np.ndarray]:
@@ -257,28 +277,33 @@ def run(
     calib = next(train_batches(1, setup.batch_size, config.context, seed=-1))
     for name in rows or list(WEIGHTS):
         weight = WEIGHTS[name]
-        ste_rules, lsq_rules = rules(weight, False), rules(weight, True)
+        ste_rules = rules(weight, False)
         ptq = evaluate(model, {"params": params}, ste_rules, windows)
-        lsq_start = with_learned_scales(model, params, lsq_rules, calib)
+        lsq_rules = {init: rules(weight, True, init) for init in setup.inits}
+        lsq_starts = {
+            init: with_learned_scales(model, params, lsq_rules[init], calib) for init in setup.inits
+        }
         out[name] = []
         for seed in seeds:
             start = time.perf_counter()
             ste = fine_tune(model, params, ste_rules, setup, seed)
             ste_eval = evaluate(model, {"params": ste}, ste_rules, windows)
-            lsq_evals = [
-                evaluate(model, {"params": lsq}, lsq_rules, windows)
-                for lsq in (
-                    fine_tune(model, lsq_start, lsq_rules, setup, seed, scales)
-                    for scales in setup.scales
-                )
-            ]
+            lsq_evals = []
+            for scales, init in lsq_columns(setup):
+                lsq = fine_tune(model, lsq_starts[init], lsq_rules[init], setup, seed, scales)
+                lsq_evals.append(evaluate(model, {"params": lsq}, lsq_rules[init], windows))
             out[name].append((ptq, ste_eval, *lsq_evals))
             log(
                 f"{name}, seed {seed} ({setup.eval_split}, nats/byte, top-1): float "
-                f"{out['float']}, PTQ {ptq}, STE {ste_eval}, LSQ {setup.scales} {lsq_evals} "
+                f"{out['float']}, PTQ {ptq}, STE {ste_eval}, LSQ {lsq_columns(setup)} {lsq_evals} "
                 f"({time.perf_counter() - start:.0f} s)"
             )
     return out
+
+
+def lsq_columns(setup: Setup) -> list[tuple[str, str]]:
+    """The ``(scales, init)`` of each LSQ column, in table order."""
+    return [(scales, init) for init in setup.inits for scales in setup.scales]
 
 
 SCALES = {
@@ -293,10 +318,11 @@ SCALES = {
 def markdown(results: dict, setup: Setup, seeds: list[int]) -> str:
     """The README table: mean over seeds, the spread (min-max) of the recovered share."""
     float_loss, float_acc = results["float"]
-    columns = [f"LSQ {i + 1}" if len(setup.scales) > 1 else "LSQ" for i in range(len(setup.scales))]
+    pairs = lsq_columns(setup)
+    columns = [f"LSQ {i + 1}" if len(pairs) > 1 else "LSQ" for i in range(len(pairs))]
     kinds = "; ".join(
-        f"{column}: {SCALES[scales].format(setup.lr, setup.scale_lr)}"
-        for column, scales in zip(columns, setup.scales, strict=True)
+        f"{column}: {SCALES[scales].format(setup.lr, setup.scale_lr)}, {INITS[init]}"
+        for column, (scales, init) in zip(columns, pairs, strict=True)
     )
     split = "held-out" if setup.eval_split == "test" else "VALIDATION (training files)"
     lines = [
@@ -349,6 +375,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--lm-scales", nargs="+", choices=sorted(SCALES), default=list(default.scales)
     )
     parser.add_argument("--lm-scale-lr", type=float, default=default.scale_lr)
+    parser.add_argument("--lm-inits", nargs="+", choices=sorted(INITS), default=list(default.inits))
     parser.add_argument("--lm-rows", nargs="+", choices=list(WEIGHTS), default=list(WEIGHTS))
     parser.add_argument("--lm-eval", choices=["test", "validation"], default=default.eval_split)
 
@@ -360,6 +387,7 @@ def from_arguments(args: argparse.Namespace) -> tuple[Setup, list[int]]:
         args.lm_lr,
         tuple(args.lm_scales),
         args.lm_scale_lr,
+        tuple(args.lm_inits),
         eval_split=args.lm_eval,
     )
     return setup, args.lm_seeds

@@ -601,3 +601,104 @@ def test_served_integer_dots_use_the_learned_input_scale():
     fn = serve.served(model.apply, rules, integer_dots="require")
     got = jax.jit(fn)(serve.convert(variables, rules), X)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+# Calibrated starts --------------------------------------------------------------------------
+
+UINT2_ASYM = qjax.QuantSpec("uint2", "asymmetric", "minval", granularity=qjax.per_channel(-1))
+
+
+@pytest.mark.parametrize(
+    "rule, spec, method",
+    [
+        ("int2:per_channel:mse:lsq", INT2, "mse"),
+        ("int2:per_channel:lsq:mse", INT2, "mse"),  # the tokens in either order
+        ("int2:per_channel:percentile=90:lsq", INT2, "percentile"),
+        (
+            qlinen.LayerQuant(
+                weight=UINT2_ASYM, learn_scale=True, calibration=qjax.Calibration("mse")
+            ),
+            UINT2_ASYM,
+            "mse",
+        ),
+    ],
+    ids=["mse", "mse-after-lsq", "percentile", "LayerQuant-asymmetric-lsq+"],
+)
+def test_linen_learned_weight_scale_starts_from_the_rules_calibration(rule, spec, method):
+    model = _mlp()
+    variables = _init(model, {"layers_0": rule})
+    layer = variables["params"]["layers_0"]
+    kernel = layer["kernel"]
+    expected = qjax.calibrate(kernel, spec, method, percentile=90.0)
+    np.testing.assert_array_equal(layer["kernel_scale"], expected.scale)
+    if spec.scheme == "asymmetric":  # LSQ+: the offset starts from the calibration too
+        np.testing.assert_array_equal(layer["kernel_offset"], expected.minval)
+    # Not the min-max start: at two bits the calibrated scales clip.
+    assert np.all(np.asarray(layer["kernel_scale"]) <= qjax.compute_qparams(kernel, spec).scale)
+    assert np.any(np.asarray(layer["kernel_scale"]) < qjax.compute_qparams(kernel, spec).scale)
+    # Before training, the layer computes fake_quant with the calibrated params.
+    dense = nn.Dense(6)
+    learned = qlinen.intercepted(dense.apply, {".*": rule})
+    y = jax.jit(learned)({"params": layer}, X)
+    w_q = qjax.fake_quant(kernel, spec, qparams=expected)
+    expected_y = X @ np.asarray(w_q) + np.asarray(layer["bias"])
+    np.testing.assert_allclose(y, expected_y, rtol=1e-6, atol=1e-6)
+
+
+def test_nnx_learned_weight_scale_starts_from_the_rules_calibration():
+    model = qnnx.quantize(_nnx_mlp(), {"layers/0": "int2:per_channel:mse:lsq"}, strict=True)
+    kernel = model.layers[0].kernel[...]
+    np.testing.assert_array_equal(
+        model.layers[0].dot_general.weight_scale[...], qjax.calibrate(kernel, INT2, "mse").scale
+    )
+
+
+def test_plan_names_the_calibrated_start():
+    plan = qlinen.plan(_mlp(), X, rules={"layers_0": "int2:per_channel:mse:lsq", ".*": None})
+    assert [row.note for row in plan.rows if row.spec is not None] == [
+        "learned scales, LSQ, from mse"
+    ]
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (
+            lambda: qlinen.LayerQuant(weight=INT2, calibration=qjax.Calibration("mse")),
+            ValueError,
+            "sets where a learned weight scale starts.*learn_scale=True",
+        ),
+        (
+            lambda: qlinen.LayerQuant(
+                act=qlinen.ActQuant(qjax.QuantSpec("int8")),
+                learn_scale=True,
+                calibration=qjax.Calibration("mse"),
+            ),
+            ValueError,
+            "needs a weight spec",
+        ),
+        (
+            lambda: qlinen.LayerQuant(weight=INT2, learn_scale=True, calibration="mse"),
+            TypeError,
+            "must be a qjax.Calibration",
+        ),
+        (
+            lambda: _init(_mlp(), {"layers_0": "int2:per_channel:mse"}),
+            ValueError,
+            "rule 'layers_0'.*'mse' is a calibration method",
+        ),
+        (
+            lambda: _init(_mlp(), {"layers_0": "nf4:lsq"}),
+            ValueError,
+            "rule 'layers_0'.*lookup-table format",
+        ),
+        (
+            lambda: _init(_mlp(), {"layers_0": "int2:mse:minmax:lsq"}),
+            ValueError,
+            "rule 'layers_0'",
+        ),
+    ],
+)
+def test_calibrated_starts_that_cannot_apply_are_refused(make, error, match):
+    with pytest.raises(error, match=match):
+        make()

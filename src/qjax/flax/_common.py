@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from qjax import granularity as gran
-from qjax.calibration import ema
+from qjax.calibration import calibrate, ema
 from qjax.exact import unfused
 from qjax.lsq import (
     check_learnable,
@@ -29,7 +29,7 @@ from qjax.lsq import (
 from qjax.ops import fake_quant
 from qjax.qparams import QParams, block_range, compute_qparams, qparams_from_minmax
 from qjax.resolve import layout_reading, report_unmatched, with_layout_axes
-from qjax.rules import LeafRule, parse_leaf_rule, parse_spec
+from qjax.rules import Calibration, LeafRule, parse_leaf_rule, parse_spec
 from qjax.spec import QuantSpec
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "learned_activation",
     "learned_input_init",
     "learned_input_qparams",
+    "learned_weight_init",
     "quantize_activation",
     "split_lsq",
     "weight_spec_problem",
@@ -92,13 +93,20 @@ class LayerQuant:
     trains the scales as parameters, with LSQ's gradients (:func:`qjax.lsq.lsq_fake_quant`):
     the weight's scale (and for an asymmetric spec its offset, LSQ+) and, with an
     activation spec, the input's. They start from the usual calibration: the weight's
-    :func:`~qjax.compute_qparams`, the input's dynamic params of the first batch (or its
-    calibrated static range). Linen keeps them in the layer's ``params`` as
+    :func:`~qjax.compute_qparams` (min-max), the input's dynamic params of the first batch
+    (or its calibrated static range). Linen keeps them in the layer's ``params`` as
     ``kernel_scale`` / ``kernel_offset`` (``embedding_...`` for an Embed) and
     ``input_scale`` / ``input_offset``; NNX as :class:`flax.nnx.Param` s of the
     :class:`~qjax.flax.nnx.QuantOp`. The specs must have integer targets, and a learned
     input scale needs blocks that span every axis but the last (per tensor, or per
     channel of the last axis): one value per block whatever the batch.
+
+    ``calibration`` (with ``learn_scale=True`` only; shorthand: a calibration token next
+    to ``lsq``, e.g. ``"int2:per_channel:mse:lsq"``) starts the learned weight scale from
+    :func:`~qjax.calibrate` by that method instead of min-max. At 2 and 3 bits min-max
+    scales clip nothing and leave most of the grid empty; in a short fine-tune LSQ's
+    steps do not get far from them, and an MSE-calibrated start matters more than the
+    learning (the README's LSQ section measures both on a language model).
 
     Examples:
       >>> import qjax
@@ -107,14 +115,33 @@ class LayerQuant:
       Traceback (most recent call last):
         ...
       ValueError: LayerQuant weight: learned scales (LSQ) need an integer target, ...
+      >>> LayerQuant(weight=qjax.QuantSpec("int2"), calibration=qjax.Calibration("mse"))
+      Traceback (most recent call last):
+        ...
+      ValueError: LayerQuant: calibration 'mse' sets where a learned weight scale starts, ...
     """
 
     weight: QuantSpec | None = None
     act: ActQuant | None = None
     integer_dot: bool = False
     learn_scale: bool = False
+    calibration: Calibration | None = None
 
     def __post_init__(self):
+        if self.calibration is not None:
+            if not isinstance(self.calibration, Calibration):
+                raise TypeError(
+                    "LayerQuant.calibration must be a qjax.Calibration or None, got "
+                    f"{self.calibration!r}"
+                )
+            if not self.learn_scale or self.weight is None:
+                raise ValueError(
+                    f"LayerQuant: calibration {str(self.calibration)!r} sets where a learned "
+                    "weight scale starts, so it needs a weight spec and learn_scale=True "
+                    "(shorthand ':lsq'). Without learned scales, QAT recomputes min-max "
+                    "scales from the weight at every step: drop the calibration, or add "
+                    "learn_scale=True"
+                )
         if not self.learn_scale:
             return
         if self.weight is None and self.act is None:
@@ -137,8 +164,30 @@ class LayerQuant:
 LEARNED_NOTE = "learned scales, LSQ"
 """The plan note of a weight whose rule learns its scales."""
 
+
+def learned_note(quant: LayerQuant) -> str:
+    """The plan note of a layer: :data:`LEARNED_NOTE` (with the calibration the learned
+    weight scale starts from, if not min-max), or empty where nothing is learned."""
+    if not quant.learn_scale:
+        return ""
+    return LEARNED_NOTE + (f", from {quant.calibration}" if quant.calibration else "")
+
+
 LSQ_TOKEN = "lsq"
 """The shorthand token (``"int2:per_channel:lsq"``) that sets ``learn_scale=True``."""
+
+
+def learned_weight_init(
+    weight: jax.Array, spec: QuantSpec, calibration: Calibration | None
+) -> tuple[jax.Array, jax.Array | None]:
+    """The ``(scale, offset)`` a learned weight scale starts from: the weight's min-max
+    params (``calibration`` None), or :func:`~qjax.calibrate`'s by ``calibration``."""
+    weight = jax.lax.stop_gradient(weight)
+    if calibration is None:
+        qparams = compute_qparams(weight, spec)
+    else:
+        qparams = calibrate(weight, spec, calibration.method, percentile=calibration.percentile)
+    return learnable_params(qparams, spec)
 
 
 def split_lsq(text: str) -> tuple[str, bool]:
@@ -172,19 +221,30 @@ def as_layer_quant(value: RuleValue, where: str) -> LayerQuant | None:
     if isinstance(value, str):
         try:
             text, learn = split_lsq(value)
-            spec = parse_spec(text)
+            spec, calibration = _learned_shorthand(text) if learn else (parse_spec(text), None)
             if spec is None and learn:
                 raise ValueError(
                     f"spec {value!r} keeps the layer float, so it has no scale to learn: "
                     f"drop {LSQ_TOKEN!r}"
                 )
-            return None if spec is None else LayerQuant(weight=spec, learn_scale=learn)
+            if spec is None:
+                return None
+            return LayerQuant(weight=spec, learn_scale=learn, calibration=calibration)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
     raise TypeError(
         f"{where}: expected a LayerQuant, QuantSpec, shorthand text or None, "
         f"got {type(value).__name__}"
     )
+
+
+def _learned_shorthand(text: str) -> tuple[QuantSpec | None, Calibration | None]:
+    """The spec and calibration of ``:lsq`` shorthand (``"int2:per_channel:mse"``, its
+    ``lsq`` token removed): a calibration token sets where the learned scales start."""
+    leaf = parse_leaf_rule(text)
+    if leaf.spec is not None and not isinstance(leaf.spec, QuantSpec):
+        parse_spec(text)  # raises: a lookup table is no QuantSpec (the error says what is)
+    return leaf.spec, leaf.calibration
 
 
 def _shorthand_template(value: RuleValue) -> LeafRule | None:
@@ -433,7 +493,7 @@ def plan_row(
     if problem is not None:
         why = cannot_quantize(module_path, layer_name, name, shape, rule.pattern, problem)
         return row(rule.pattern, None, None, "error: " + why)
-    return row(rule.pattern, spec, quant.act, LEARNED_NOTE if quant.learn_scale else "")
+    return row(rule.pattern, spec, quant.act, learned_note(quant))
 
 
 def rounded(values: jax.Array) -> jax.Array:

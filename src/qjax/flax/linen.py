@@ -37,6 +37,7 @@ from qjax.flax._common import (
     cannot_quantize,
     learned_activation,
     learned_input_init,
+    learned_weight_init,
     plan_row,
     refuse_embed_activation,
     rounded,
@@ -45,9 +46,10 @@ from qjax.flax._common import (
     learned_input_qparams as learned_input_qparams_of,
 )
 from qjax.flax._integer import dense_contraction, dot_scale, qat_dot, spec_reason
-from qjax.lsq import learnable_params, learned_qparams, learns_offset, lsq_fake_quant
+from qjax.lsq import learned_qparams, learns_offset, lsq_fake_quant
 from qjax.ops import fake_quant, quantize
 from qjax.qparams import QParams, compute_qparams
+from qjax.rules import Calibration
 from qjax.spec import QuantSpec
 from qjax.tree import path_str
 
@@ -97,10 +99,17 @@ class _QuantizingScope:
     """
 
     def __init__(
-        self, module: nn.Module, name: str, spec: QuantSpec, rule: Rule | None, learn: bool
+        self,
+        module: nn.Module,
+        name: str,
+        spec: QuantSpec,
+        rule: Rule | None,
+        learn: bool,
+        calibration: Calibration | None = None,
     ):
         self._scope, self._name, self._spec = module.scope, name, spec
         self._module, self._rule, self._learn = module, rule, learn
+        self._calibration = calibration
         self.weight_qparams: QParams | None = None
 
     def __getattr__(self, attr: str) -> Any:
@@ -123,11 +132,13 @@ class _QuantizingScope:
             raise ValueError(why) from None
         if not self._learn:
             return rounded(fake_quant(value, spec, qparams=self.weight_qparams))
-        initial = learnable_params(self.weight_qparams, spec)
-        scale = _learned_param(self._module, f"{name}_scale", lambda: initial[0], self._rule)
+        initial = functools.cache(lambda: learned_weight_init(value, spec, self._calibration))
+        scale = _learned_param(self._module, f"{name}_scale", lambda: initial()[0], self._rule)
         offset = None
         if learns_offset(spec):
-            offset = _learned_param(self._module, f"{name}_offset", lambda: initial[1], self._rule)
+            offset = _learned_param(
+                self._module, f"{name}_offset", lambda: initial()[1], self._rule
+            )
         self.weight_qparams = learned_qparams(scale, offset, spec)
         return rounded(lsq_fake_quant(value, spec, scale, offset))
 
@@ -223,13 +234,13 @@ def learned_weight_qparams(
 
 @contextlib.contextmanager
 def _weights_quantized(
-    module: nn.Module, spec: QuantSpec | None, rule: Rule | None, learn: bool
+    module: nn.Module, quant: LayerQuant, rule: Rule | None
 ) -> Iterator[_QuantizingScope | None]:
     name = weight_name(module)
-    if spec is None or name is None:
+    if quant.weight is None or name is None:
         yield None
         return
-    scope = _QuantizingScope(module, name, spec, rule, learn)
+    scope = _QuantizingScope(module, name, quant.weight, rule, quant.learn_scale, quant.calibration)
     with swapped_attributes(module, {"scope": scope}):
         yield scope
 
@@ -303,7 +314,7 @@ def quantized_call(
     if quant.act is not None and args and jnp.issubdtype(jnp.asarray(args[0]).dtype, jnp.floating):
         x_q, act_qparams = _quantize_activation(module, args[0], quant.act, quant.learn_scale, rule)
         args = (x_q, *args[1:])
-    with _weights_quantized(module, quant.weight, rule, quant.learn_scale) as scope:
+    with _weights_quantized(module, quant, rule) as scope:
         if contraction is None:
             return fun(*args, **kwargs)
         hooks = {
@@ -415,7 +426,8 @@ def layer_rule(module: nn.Module, rules: Rules, method: str) -> tuple[LayerQuant
         raise ValueError(refuse_embed_activation(path, rule.pattern))
     if method == "setup":
         learn = quant.learn_scale and quant.weight is not None
-        quant = LayerQuant(weight=quant.weight, learn_scale=learn)
+        calibration = quant.calibration if learn else None
+        quant = LayerQuant(weight=quant.weight, learn_scale=learn, calibration=calibration)
     return quant, rule
 
 

@@ -35,14 +35,14 @@ from qjax.flax._common import (
     cannot_quantize,
     learned_activation,
     learned_input_init,
+    learned_weight_init,
     plan_row,
     quantize_activation,
     rounded,
     weight_spec_problem,
 )
-from qjax.lsq import learnable_params, learns_offset, lsq_fake_quant
+from qjax.lsq import learns_offset, lsq_fake_quant
 from qjax.ops import fake_quant
-from qjax.qparams import compute_qparams
 
 __all__ = [
     "HOOKS",
@@ -109,7 +109,8 @@ class QuantOp(nnx.Module):
     :class:`QuantStat` pair ``act_min`` / ``act_max`` when the activation is static, and
     with ``quant.learn_scale`` the learned scales, :class:`flax.nnx.Param` s that an
     ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` trains: ``weight_scale`` (and
-    ``weight_offset`` for an asymmetric spec), from ``compute_qparams(kernel)``, and
+    ``weight_offset`` for an asymmetric spec), from ``compute_qparams(kernel)`` (or
+    ``qjax.calibrate(kernel, spec, method)`` with ``quant.calibration``), and
     ``input_scale`` (``input_offset``), empty until a calibrating call (see
     :func:`calibrate`) sets them from its batch: create the optimizer after that call.
 
@@ -158,7 +159,7 @@ class QuantOp(nnx.Module):
                     "QuantOp: learn_scale=True with a weight spec needs the layer's kernel "
                     "(kernel=...) to start the learned scale from"
                 )
-            scale, offset = learnable_params(compute_qparams(kernel, quant.weight), quant.weight)
+            scale, offset = learned_weight_init(kernel, quant.weight, quant.calibration)
             self.weight_scale = nnx.Param(scale)
             if offset is not None:
                 self.weight_offset = nnx.Param(offset)
