@@ -563,13 +563,14 @@ def _trained_lsq_variables(model, rules):
     "rule",
     [
         "int2:per_channel:lsq",
+        "int2:per_channel:mse:lsq",
         qlinen.LayerQuant(
             weight=qjax.QuantSpec("uint4", scheme="asymmetric", granularity=qjax.per_channel(-1)),
             act=qlinen.ActQuant(qjax.QuantSpec("uint8", scheme="asymmetric")),
             learn_scale=True,
         ),
     ],
-    ids=["int2-weights", "lsq-plus-weights-and-inputs"],
+    ids=["int2-weights", "int2-weights-mse-start", "lsq-plus-weights-and-inputs"],
 )
 def test_served_model_is_bit_exact_with_the_lsq_trained_one(rule):
     from qjax.flax import serve
