@@ -31,8 +31,9 @@ For each row, from the cached float LM, on the same training batches (seeded by 
 Where the learned weight scales start (``inits``, ``--lm-inits``): ``"minmax"``, the
 weight's min-max params (what STE QAT uses), or ``"mse"``, :func:`qjax.calibrate`'s
 MSE-optimal clipping (``LayerQuant(calibration=qjax.Calibration("mse"))``, shorthand
-``"int2:per_channel:mse:lsq"``). At 2 and 3 bits min-max scales leave most of the grid
-empty, and 60 steps of LSQ barely move them; from the MSE start, LSQ keeps the better
+``"int2:per_channel:mse:lsq"``). At 2 and 3 bits min-max scales clip nothing, so the
+largest weights set the step and most weights share the few levels near zero, and 60
+steps of LSQ barely move them; from the MSE start, LSQ keeps the better
 grid and trains it.
 
 ``scales`` and ``inits`` may name several: each pair is its own LSQ column, from the same

@@ -104,9 +104,10 @@ class LayerQuant:
     ``calibration`` (with ``learn_scale=True`` only; shorthand: a calibration token next
     to ``lsq``, e.g. ``"int2:per_channel:mse:lsq"``) starts the learned weight scale from
     :func:`~qjax.calibrate` by that method instead of min-max. At 2 and 3 bits min-max
-    scales clip nothing and leave most of the grid empty; in a short fine-tune LSQ's
-    steps do not get far from them, and an MSE-calibrated start matters more than the
-    learning (the README's LSQ section measures both on a language model).
+    scales clip nothing, so the largest weights set the step and most weights share the
+    few levels near zero; in a short fine-tune LSQ's steps do not get far from them, and
+    an MSE-calibrated start matters more than the learning (the README's LSQ section
+    measures both on a language model).
 
     Examples:
       >>> import qjax
