@@ -64,8 +64,9 @@ CHILD = textwrap.dedent(
 
 
 def run_child(mode: str, tunables: str | None = None) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}  # glibc's too
     env.pop("GLIBC_TUNABLES", None)
+    env["JAX_PLATFORMS"] = "cpu"
     if tunables is not None:
         env["GLIBC_TUNABLES"] = tunables
     result = subprocess.run(
