@@ -686,7 +686,8 @@ def test_plan_names_the_calibrated_start():
         (
             lambda: _init(_mlp(), {"layers_0": "int2:per_channel:mse"}),
             ValueError,
-            "rule 'layers_0'.*'mse' is a calibration method",
+            "rule 'layers_0'.*calibration 'mse' in a QAT rule .*needs 'lsq' too "
+            r"\('int2:per_channel:mse:lsq'\)",
         ),
         (
             lambda: _init(_mlp(), {"layers_0": "nf4:lsq"}),

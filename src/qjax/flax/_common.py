@@ -222,7 +222,9 @@ def as_layer_quant(value: RuleValue, where: str) -> LayerQuant | None:
     if isinstance(value, str):
         try:
             text, learn = split_lsq(value)
-            spec, calibration = _learned_shorthand(text) if learn else (parse_spec(text), None)
+            spec, calibration = (
+                _learned_shorthand(text) if learn else (_fixed_shorthand(text), None)
+            )
             if spec is None and learn:
                 raise ValueError(
                     f"spec {value!r} keeps the layer float, so it has no scale to learn: "
@@ -246,6 +248,26 @@ def _learned_shorthand(text: str) -> tuple[QuantSpec | None, Calibration | None]
     if leaf.spec is not None and not isinstance(leaf.spec, QuantSpec):
         parse_spec(text)  # raises: a lookup table is no QuantSpec (the error says what is)
     return leaf.spec, leaf.calibration
+
+
+def _fixed_shorthand(text: str) -> QuantSpec | None:
+    """The spec of shorthand without ``lsq``; a calibration token there is refused, saying
+    what it would mean in a QAT rule."""
+    try:
+        return parse_spec(text)
+    except ValueError:
+        try:
+            calibration = parse_leaf_rule(text).calibration
+        except ValueError:
+            calibration = None
+        if calibration is None:
+            raise
+        raise ValueError(
+            f"spec {text!r}: calibration {str(calibration)!r} in a QAT rule sets where a "
+            f"learned weight scale starts, so it needs {LSQ_TOKEN!r} too ('{text}:lsq'); "
+            "without learned scales QAT recomputes min-max scales at every step: drop "
+            f"{str(calibration)!r}"
+        ) from None
 
 
 def _shorthand_template(value: RuleValue) -> LeafRule | None:
