@@ -19,11 +19,14 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
-from qjax.calibration import METHODS
+import jax
+
+from qjax.calibration import METHODS, calibrate
 from qjax.dtypes import TARGET_DTYPES
 from qjax.granularity import per_block, per_channel, per_tensor, per_token
 from qjax.packing import CODE_BITS
 from qjax.palettize import NF4_BLOCK_SIZE, TableFormat
+from qjax.qparams import QParams
 from qjax.spec import FORMULATIONS, PRESETS, SCALE_DTYPES, SCHEMES, QuantSpec
 
 __all__ = [
@@ -71,6 +74,11 @@ class Calibration:
       >>> from qjax.rules import Calibration
       >>> print(Calibration("percentile", 99.9))
       percentile=99.9
+      >>> import jax.numpy as jnp, qjax
+      >>> x = jnp.array([-4.0, 0.1, 0.2, 0.3])  # one outlier
+      >>> spec = qjax.QuantSpec("int4")
+      >>> bool(Calibration("mse").qparams(x, spec).scale < Calibration().qparams(x, spec).scale)
+      True
     """
 
     method: str = "minmax"
@@ -88,6 +96,11 @@ class Calibration:
         if self.method == "percentile":
             return f"percentile={self.percentile!r}"
         return self.method
+
+    def qparams(self, x: jax.typing.ArrayLike, spec: QuantSpec) -> QParams:
+        """``x``'s params under ``spec`` by this method (:func:`~qjax.calibrate`): what a
+        rule with this calibration quantizes with, in PTQ and as a learned scale's start."""
+        return calibrate(x, spec, self.method, percentile=self.percentile)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qjax.calibration import calibrate
 from qjax.exact import unfused
 from qjax.methods import AWQ, Method, MethodLike, as_method, calibrated_leaf, shared_awq_scales
 from qjax.ops import quantize
@@ -276,11 +275,7 @@ def quantize_leaf(
     try:
         if isinstance(resolution.spec, TableFormat):
             return resolution.spec.quantize(leaf)
-        qparams = None
-        if calibration is not None:
-            qparams = calibrate(
-                leaf, resolution.spec, calibration.method, percentile=calibration.percentile
-            )
+        qparams = None if calibration is None else calibration.qparams(leaf, resolution.spec)
         return quantize(leaf, resolution.spec, qparams=qparams)
     except (ValueError, TypeError) as e:
         raise type(e)(f"{what} {name!r}: {e}") from None

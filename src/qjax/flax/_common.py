@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from qjax import granularity as gran
-from qjax.calibration import calibrate, ema
+from qjax.calibration import ema
 from qjax.exact import unfused
 from qjax.lsq import (
     check_learnable,
@@ -27,6 +27,7 @@ from qjax.lsq import (
     lsq_fake_quant,
 )
 from qjax.ops import fake_quant
+from qjax.palettize import TableFormat
 from qjax.qparams import QParams, block_range, compute_qparams, qparams_from_minmax
 from qjax.resolve import layout_reading, report_unmatched, with_layout_axes
 from qjax.rules import Calibration, LeafRule, parse_leaf_rule, parse_spec
@@ -185,10 +186,8 @@ def learned_weight_init(
     params (``calibration`` None), or :func:`~qjax.calibrate`'s by ``calibration``."""
     weight = jax.lax.stop_gradient(weight)
     if calibration is None:
-        qparams = compute_qparams(weight, spec)
-    else:
-        qparams = calibrate(weight, spec, calibration.method, percentile=calibration.percentile)
-    return learnable_params(qparams, spec)
+        return learnable_params(compute_qparams(weight, spec), spec)
+    return learnable_params(calibration.qparams(weight, spec), spec)
 
 
 def split_lsq(text: str) -> tuple[str, bool]:
@@ -222,9 +221,7 @@ def as_layer_quant(value: RuleValue, where: str) -> LayerQuant | None:
     if isinstance(value, str):
         try:
             text, learn = split_lsq(value)
-            spec, calibration = (
-                _learned_shorthand(text) if learn else (_fixed_shorthand(text), None)
-            )
+            spec, calibration = _qat_shorthand(text, learn)
             if spec is None and learn:
                 raise ValueError(
                     f"spec {value!r} keeps the layer float, so it has no scale to learn: "
@@ -241,33 +238,20 @@ def as_layer_quant(value: RuleValue, where: str) -> LayerQuant | None:
     )
 
 
-def _learned_shorthand(text: str) -> tuple[QuantSpec | None, Calibration | None]:
-    """The spec and calibration of ``:lsq`` shorthand (``"int2:per_channel:mse"``, its
-    ``lsq`` token removed): a calibration token sets where the learned scales start."""
+def _qat_shorthand(text: str, learn: bool) -> tuple[QuantSpec | None, Calibration | None]:
+    """The spec of a QAT rule's shorthand (its ``lsq`` token removed) and, with ``learn``,
+    the calibration its learned weight scale starts from (``"int2:per_channel:mse"``)."""
     leaf = parse_leaf_rule(text)
-    if leaf.spec is not None and not isinstance(leaf.spec, QuantSpec):
+    if isinstance(leaf.spec, TableFormat):
         parse_spec(text)  # raises: a lookup table is no QuantSpec (the error says what is)
-    return leaf.spec, leaf.calibration
-
-
-def _fixed_shorthand(text: str) -> QuantSpec | None:
-    """The spec of shorthand without ``lsq``; a calibration token there is refused, saying
-    what it would mean in a QAT rule."""
-    try:
-        return parse_spec(text)
-    except ValueError:
-        try:
-            calibration = parse_leaf_rule(text).calibration
-        except ValueError:
-            calibration = None
-        if calibration is None:
-            raise
+    if leaf.calibration is not None and not learn:
+        calibration = str(leaf.calibration)
         raise ValueError(
-            f"spec {text!r}: calibration {str(calibration)!r} in a QAT rule sets where a "
-            f"learned weight scale starts, so it needs {LSQ_TOKEN!r} too ('{text}:lsq'); "
-            "without learned scales QAT recomputes min-max scales at every step: drop "
-            f"{str(calibration)!r}"
-        ) from None
+            f"spec {text!r}: calibration {calibration!r} in a QAT rule sets where a learned "
+            f"weight scale starts, so it needs {LSQ_TOKEN!r} too ('{text}:lsq'); without "
+            f"learned scales QAT recomputes min-max scales at every step: drop {calibration!r}"
+        )
+    return leaf.spec, leaf.calibration
 
 
 def _shorthand_template(value: RuleValue) -> LeafRule | None:
