@@ -3,6 +3,7 @@
     python benchmarks/bench_matmul.py            # M in {1, 8, 128, 1024} x three (K, N)
     python benchmarks/bench_matmul.py --quick    # M in {1, 8, 128}, (4096, 4096), 5 rounds
     python benchmarks/bench_matmul.py --paths    # also every explicit path, as ratios
+    python benchmarks/bench_matmul.py --shapes 1024x1024 --ms 8,128   # other shapes, rows
 
 Each cell is ``y = x @ W`` jitted, ``x`` float32 ``[M, K]``, ``W`` ``[K, N]`` (a Flax Dense
 kernel), through :func:`qjax.kernels.matmul` with ``path="auto"`` for the quantized
@@ -129,6 +130,11 @@ def main() -> None:
         help="also time every explicit path (dequant, dequant_chunked; int8_dot, bf16_dot)",
     )
     parser.add_argument("--ms", default=None, help="rows M, comma-separated (e.g. 1,1024)")
+    parser.add_argument(
+        "--shapes",
+        default=None,
+        help="weight shapes K x N, comma-separated (e.g. 1024x1024,2048x2048)",
+    )
     memory_env.add_argument(parser)
     args = parser.parse_args()
     memory_env.apply(args)
@@ -136,6 +142,8 @@ def main() -> None:
     if args.ms:
         ms = tuple(int(m) for m in args.ms.split(","))
     shapes = ((4096, 4096),) if args.quick else ((4096, 4096), (4096, 11008), (11008, 4096))
+    if args.shapes:
+        shapes = tuple(_shape(text) for text in args.shapes.split(","))
     repeats = args.repeats or (5 if args.quick else 7)
     dev = jax.devices()[0]
     print(
@@ -182,6 +190,17 @@ def main() -> None:
     print(f"Load average at the end: {_load()}")
 
 
+def _shape(text: str) -> tuple[int, int]:
+    """``"1024x4096"`` as (1024, 4096); exits with a message for anything else."""
+    try:
+        k, n = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--shapes: expected K x N like 1024x4096, got {text!r}") from None
+    if k < 1 or n < 1:
+        raise SystemExit(f"--shapes: K and N must be positive, got {text!r}")
+    return k, n
+
+
 def _load() -> str:
     return ", ".join(f"{v:.2f}" for v in os.getloadavg())
 
@@ -190,7 +209,7 @@ WHY = """
 Why a cell is slower than float32 (XLA:CPU; read off the HLO and measured):
 - bf16: x and W in bfloat16 with a bfloat16 result: XLA:CPU runs that dot far slower
   than float32. (Summed in float32, preferred_element_type=float32, a bfloat16 dot runs
-  at about 0.55-0.6x float32's time from 16 rows up: "bf16_dot" uses it.)
+  at about 0.55-0.6x float32's time: "bf16_dot" uses it.)
 - Weight-only, M <= 8: the float32 matrix-vector product streams the float weight at
   memory speed. XLA:CPU fuses no conversion into a dot, so every quantized weight is
   converted in a loop before its dot (a chunk at a time, in cache): packed int4 reads 8x
@@ -203,12 +222,14 @@ Why a cell is slower than float32 (XLA:CPU; read off the HLO and measured):
   a core for a whole round (M = 1024 cells with CPU ratio ~1.0 and wall ratio ~2.0).
 - Weight-only, M >= 128: the dot is compute-bound and the same float32 dot; converting
   the weight is extra work (about 5-15%; "dequant", the whole weight at once, is slower).
-- W8A8 / W4A8, M = 1: memory-bound; XLA:CPU turns an int8 matrix-vector dot into an int32
-  one over a converted weight and ran slower than the float path with the activation
+- W4A8, M = 1: memory-bound; XLA:CPU turns an int8 matrix-vector dot into an int32 one
+  over a converted weight and ran slower than the float path with the activation
   fake-quantized, which "auto" takes (it reads the same bytes); one core (above).
-- W8A8, M >= 16: "bf16_dot": the int8 codes as bfloat16 (exact), bfloat16 dots summed in
+- W8A8, every M: "bf16_dot": the int8 codes as bfloat16 (exact), bfloat16 dots summed in
   float32 over chunks of at most 1024 rows (every sum an integer under 2**24: exact), the
-  chunks' sums added as int32: the int8 dot's bits at about 0.8x its time.
+  chunks' sums added as int32: the int8 dot's bits in less time. Below 512 rows of x the
+  chunks hold about 8 MiB of bfloat16 codes (at most 512 rows), so the dot reads each
+  from cache right after its conversion (kernels.bf16_chunk_rows).
 - W4A8, M >= 64: one bfloat16 dot per 128-row scale block (32-86 of them), each exact;
   dots with K = 128 run at lower efficiency than one long one.
 """

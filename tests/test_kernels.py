@@ -237,17 +237,24 @@ def test_hlo_has_the_dot_each_integer_path_claims(name):
     assert not re.search(INTEGER_DOT, float_text) and not re.search(BF16_DOT, float_text)
 
 
-def test_auto_path_by_weight_activation_and_rows():
+def test_auto_path_by_weight_activation_and_rows(monkeypatch):
+    # Up to DECODE_ROWS rows, bf16_dot takes 8-bit codes from BF16_MIN_CODES codes
+    # (4096 x 2048 and up): here these small weights stand for such.
+    monkeypatch.setattr(kernel_module, "BF16_MIN_CODES", K * N)
     blocked, channel = _weight("int4-block"), _weight("int8-channel")
+    packed_channel = _weight("int4-channel")
     rules = [
         (blocked, 1, "dequant_chunked"),
         (blocked, kernels.DECODE_ROWS, "int8_dot"),
         (blocked, kernels.BLOCKED_BF16_ROWS - 1, "int8_dot"),
         (blocked, kernels.BLOCKED_BF16_ROWS, "bf16_dot"),
-        (channel, 1, "dequant_chunked"),
-        (channel, 2, "int8_dot"),
-        (channel, kernels.DECODE_ROWS, "int8_dot"),
+        (channel, 1, "bf16_dot"),  # 8-bit codes: bfloat16 dots at every row count
+        (channel, 2, "bf16_dot"),
         (channel, kernels.DECODE_ROWS + 1, "bf16_dot"),
+        (packed_channel, 1, "dequant_chunked"),
+        (packed_channel, 2, "int8_dot"),
+        (packed_channel, kernels.DECODE_ROWS, "int8_dot"),
+        (packed_channel, kernels.DECODE_ROWS + 1, "bf16_dot"),
     ]
     for w, rows, path in rules:
         assert kernels.choose_path(w, ACT, rows) == path, (w.spec, rows)
@@ -260,13 +267,59 @@ def test_auto_path_by_weight_activation_and_rows():
     # An input size with no divisor near BF16_ROWS (a prime) would run 1-row chunks.
     prime = qjax.quantize(jnp.ones((1031, 8)), "int8")
     assert kernels.choose_path(prime, ACT, 128) == "int8_dot"
+    assert kernels.choose_path(prime, ACT, 1) == "dequant_chunked"
     assert kernels.choose_path(qjax.quantize(jnp.ones((1032, 8)), "int8"), ACT, 128) == "bf16_dot"
+    # Up to DECODE_ROWS rows, weights smaller than BF16_MIN_CODES keep int8_dot.
+    smaller = qjax.quantize(jnp.ones((K, N - 1)), "int8:per_channel")
+    assert [kernels.choose_path(smaller, ACT, rows) for rows in (1, 2, 9)] == [
+        "dequant_chunked",
+        "int8_dot",
+        "bf16_dot",
+    ]
     # auto counts the rows of every leading axis of x.
     for shape, path in [((3, K), "int8_dot"), ((4, 16, K), "bf16_dot")]:
         x = jax.random.normal(jax.random.key(2), shape)
         np.testing.assert_array_equal(
             kernels.matmul(x, blocked, activation=ACT),
             kernels.matmul(x, blocked, activation=ACT, path=path),
+        )
+
+
+@pytest.mark.parametrize(
+    "k, n, exact, rows, expected",
+    [
+        (4096, 11008, 1024, 8, 256),  # 8 MiB / (2 * 11008) = 381 rows: 256 divide 4096
+        (4096, 11008, 1024, 128, 256),
+        (4096, 4096, 1024, 8, 512),  # 1024 rows fit 8 MiB; at most BF16_ROWS // 2 = 512
+        (4096, 32768, 1024, 8, 128),
+        (4096, 1 << 20, 1024, 8, 128),  # never under 128 rows
+        (11008, 4096, 1024, 8, 344),  # 11008 = 2**8 * 43: 344 = 8 * 43
+        (4096, 11008, 64, 8, 64),  # exact_rows caps it
+        (4096, 11008, 1024, 511, 256),
+        (4096, 11008, 1024, 512, 1024),  # prefill: BF16_ROWS
+        (1024, 64, 1024, 512, 512),  # two chunks at least
+        (1031, 8, 1024, 8, 1),  # a prime input size: choose_path takes int8_dot
+    ],
+)
+def test_bf16_chunk_rows(k, n, exact, rows, expected):
+    assert kernels.PREFILL_ROWS == 512 and kernels.BF16_CHUNK_BYTES == 8 << 20
+    assert kernels.BF16_ROWS == 1024
+    assert kernels.bf16_chunk_rows(k, n, exact, rows) == expected
+
+
+def test_bf16_dot_chunks_as_chunk_rows_says():
+    """Decode-sized inputs take smaller chunks than prefill-sized ones; the sums are
+    int8_dot's either way."""
+    w = qjax.quantize(jax.random.normal(jax.random.key(3), (2048, 8)), "int8:per_channel")
+    exact = kernels.exact_rows(w, ACT)
+    for rows, chunk in [(2, 512), (kernels.PREFILL_ROWS, 1024)]:
+        assert kernels.bf16_chunk_rows(2048, 8, exact, rows) == chunk
+        x = _x(rows, 2048)
+        bf16 = jax.jit(lambda x: kernels.matmul(x, w, activation=ACT, path="bf16_dot"))
+        hlo = bf16.lower(x).as_text()
+        assert f"tensor<{chunk}x8xbf16>" in hlo and f"tensor<{2048 // chunk}x{chunk}x8xi8>" in hlo
+        np.testing.assert_array_equal(
+            bf16(x), kernels.matmul(x, w, activation=ACT, path="int8_dot")
         )
 
 

@@ -35,30 +35,41 @@ specs (:func:`choose_path`). Each path computes the same product, its own way:
   largest code): 1024 rows for int8 x int8) is an integer under 2 ** 24, which float32
   adds exactly in any order. The contraction runs in chunks of at most that many rows
   (each chunk's codes converted to bfloat16 inside a ``lax.scan``), their sums added as
-  int32; per-block scales take one block per step as ``"int8_dot"`` does. XLA:CPU's
-  bfloat16 dot ran at about 0.6x the time of its int8 one from 16 rows up.
+  int32; per-block scales take one block per step as ``"int8_dot"`` does. Below
+  :data:`PREFILL_ROWS` rows of ``x`` a chunk is kept small enough to be read from cache
+  (:func:`bf16_chunk_rows`). XLA:CPU's bfloat16 dots summed in float32 ran faster than
+  its int8 dots from 9 rows up, and at every number of rows for 8-bit codes on weights
+  of at least :data:`BF16_MIN_CODES` codes.
 
 A weight's ``channel_scale`` ([in, 1], from AWQ / SmoothQuant) multiplies ``x`` first
 (``x * channel_scale[:, 0]`` in float32, rounded to ``x``'s dtype), as serving does; the
 rest of the weight is read without it. The result has ``x``'s dtype.
 """
 
+from qjax.kernels._matmul import BF16_CHUNK_BYTES as BF16_CHUNK_BYTES
+from qjax.kernels._matmul import BF16_MIN_CODES as BF16_MIN_CODES
 from qjax.kernels._matmul import BF16_ROWS as BF16_ROWS
 from qjax.kernels._matmul import BLOCKED_BF16_ROWS as BLOCKED_BF16_ROWS
 from qjax.kernels._matmul import CHUNK_BYTES as CHUNK_BYTES
 from qjax.kernels._matmul import DECODE_ROWS as DECODE_ROWS
 from qjax.kernels._matmul import PATHS as PATHS
+from qjax.kernels._matmul import PREFILL_ROWS as PREFILL_ROWS
+from qjax.kernels._matmul import bf16_chunk_rows as bf16_chunk_rows
 from qjax.kernels._matmul import choose_path as choose_path
 from qjax.kernels._matmul import exact_rows as exact_rows
 from qjax.kernels._matmul import matmul as matmul
 from qjax.kernels._matmul import why_not as why_not
 
 __all__ = [
+    "BF16_CHUNK_BYTES",
+    "BF16_MIN_CODES",
     "BF16_ROWS",
     "BLOCKED_BF16_ROWS",
     "CHUNK_BYTES",
     "DECODE_ROWS",
     "PATHS",
+    "PREFILL_ROWS",
+    "bf16_chunk_rows",
     "choose_path",
     "exact_rows",
     "matmul",

@@ -21,11 +21,15 @@ from qjax.qparams import QParams
 from qjax.spec import QuantSpec, SpecLike, as_spec
 
 __all__ = [
+    "BF16_CHUNK_BYTES",
+    "BF16_MIN_CODES",
     "BF16_ROWS",
     "BLOCKED_BF16_ROWS",
     "CHUNK_BYTES",
     "DECODE_ROWS",
     "PATHS",
+    "PREFILL_ROWS",
+    "bf16_chunk_rows",
     "choose_path",
     "exact_rows",
     "matmul",
@@ -51,7 +55,26 @@ for many rows of ``x``: see :func:`_dequant_chunked`)."""
 
 BF16_ROWS = 1024
 """At most this many rows of the weight per bfloat16 chunk on ``"bf16_dot"`` (fewer where
-:func:`exact_rows` says so; measured: 512 and 1024 run alike, 256 slower)."""
+:func:`exact_rows` says so, and below :data:`PREFILL_ROWS` rows of ``x``: see
+:func:`bf16_chunk_rows`)."""
+
+BF16_MIN_CODES = 1 << 23
+"""Up to :data:`DECODE_ROWS` rows of ``x``, ``"bf16_dot"`` runs 8-bit codes with one scale
+along the contraction from this many codes (8 MiB of int8; more rows take it at any
+size). Measured (``bench_matmul.py --shapes 1024x1024,2048x2048,4096x1024 --ms 1,8
+--paths``, W8A8 on a quantized activation): at 8 rows the two paths tie on 4M codes
+(0.53-0.56x float32's time) and ``"int8_dot"`` wins on 1M (0.76x against 0.81x); at one
+row they split. On 4096 x 4096 and larger, ``"bf16_dot"`` wins at every row count."""
+
+PREFILL_ROWS = 512
+"""From this many rows of ``x``, ``"bf16_dot"`` takes chunks of up to :data:`BF16_ROWS`
+weight rows: the dots are long enough that the bfloat16 copy of each chunk costs little
+beside them. Below it, smaller chunks (:data:`BF16_CHUNK_BYTES`)."""
+
+BF16_CHUNK_BYTES = 8 << 20
+"""Below :data:`PREFILL_ROWS` rows of ``x``, a ``"bf16_dot"`` chunk's bfloat16 codes take at
+most about this many bytes (and at most half of :data:`BF16_ROWS` rows, at least 128):
+the dot then reads them from cache while they are still there."""
 
 BLOCKED_BF16_ROWS = 64
 """From this many rows of ``x``, ``path="auto"`` takes ``"bf16_dot"`` for a weight with
@@ -203,17 +226,19 @@ def choose_path(w: QArray, activation: QuantSpec | None = None, rows: int = 1) -
       (one chunk): ``"dequant"``, which writes that small weight once and runs one dot
       (``benchmarks/bench_serve.py``: the byte LM's 256-wide layers prefill 1024 tokens
       1.5-2.3x slower chunked, and decode 8 tokens 1.8x faster).
-    * An integer activation (:func:`why_not` allows ``"int8_dot"``), one row:
-      ``"dequant_chunked"``: XLA:CPU converts an int8 matrix-vector product to int32 and
-      ran it slower than the float one; the activation is fake-quantized, so the result
-      is the integer paths' up to float rounding.
-    * An integer activation, more rows, one weight scale along the contraction (per
-      channel): ``"int8_dot"`` up to :data:`DECODE_ROWS` rows, ``"bf16_dot"`` above
-      (about 0.8x an int8 dot's time) where the input size splits into chunks of 128 to
-      :data:`BF16_ROWS` rows.
-    * With scales per block of the contraction (W4A8 ``per_block(-2, 128)``):
-      ``"int8_dot"`` below :data:`BLOCKED_BF16_ROWS` rows, ``"bf16_dot"`` from there
-      (where its blocks fit :func:`exact_rows`).
+    * An integer activation (:func:`why_not` allows ``"int8_dot"``) and one weight scale
+      along the contraction (per channel): ``"bf16_dot"`` above :data:`DECODE_ROWS`
+      rows, where the input size splits into chunks of at least 128 rows
+      (:func:`bf16_chunk_rows`); XLA:CPU runs its int8 dots slower than bfloat16 ones
+      summed in float32. Up to :data:`DECODE_ROWS` rows, the same for 8-bit codes on a
+      weight of at least :data:`BF16_MIN_CODES` codes, one row included (XLA:CPU converts
+      an int8 matrix-vector product to int32). Otherwise ``"int8_dot"``, and for one row
+      ``"dequant_chunked"`` (the activation is fake-quantized, so the result is the
+      integer paths' up to float rounding): packed codes (int4, int2) cost more to unpack
+      into a bfloat16 chunk than an int8 dot saves at a few rows.
+    * With scales per block of the contraction (W4A8 ``per_block(-2, 128)``): one row
+      ``"dequant_chunked"``, ``"int8_dot"`` below :data:`BLOCKED_BF16_ROWS` rows,
+      ``"bf16_dot"`` from there (where its blocks fit :func:`exact_rows`).
 
     Examples:
       >>> import jax.numpy as jnp, qjax
@@ -222,24 +247,56 @@ def choose_path(w: QArray, activation: QuantSpec | None = None, rows: int = 1) -
       >>> act = qjax.QuantSpec("int8", granularity=qjax.per_token())
       >>> [kernels.choose_path(w, act, rows) for rows in (1, 8, 128)]
       ['dequant_chunked', 'int8_dot', 'bf16_dot']
-      >>> kernels.choose_path(qjax.quantize(jnp.ones((64, 32)), "int8"), act, 2)
-      'int8_dot'
+      >>> w8 = qjax.quantize(jnp.ones((4096, 2048)), "int8")
+      >>> [kernels.choose_path(w8, act, rows) for rows in (1, 2)]
+      ['bf16_dot', 'bf16_dot']
+      >>> small = qjax.quantize(jnp.ones((64, 32)), "int8")
+      >>> [kernels.choose_path(small, act, rows) for rows in (1, 2, 1024)]
+      ['dequant_chunked', 'int8_dot', 'bf16_dot']
       >>> kernels.choose_path(w), kernels.choose_path(w, None, 1024)  # a small weight
       ('dequant_chunked', 'dequant')
     """
     if activation is None or why_not("int8_dot", w, activation) is not None:
         small = 4 * math.prod(w.shape) <= CHUNK_BYTES
         return "dequant" if small and rows > DECODE_ROWS else "dequant_chunked"
-    if rows == 1:
-        return "dequant_chunked"
     blocked = w.scale.shape[0] > 1
-    if rows <= DECODE_ROWS or (blocked and rows < BLOCKED_BF16_ROWS):
-        return "int8_dot"
-    if why_not("bf16_dot", w, activation) is not None:
-        return "int8_dot"
-    k = w.shape[0]  # an input size with no divisor near BF16_ROWS: chunks too small
-    chunk = _chunk_rows(k, 1, min(BF16_ROWS, exact_rows(w, activation)))
-    return "bf16_dot" if blocked or chunk >= min(128, k // 2) else "int8_dot"
+    bytewide = not blocked and not w.packed  # 8-bit codes, one scale along the contraction
+    if rows == 1 and not bytewide:
+        return "dequant_chunked"
+    if why_not("bf16_dot", w, activation) is None:
+        if blocked:
+            if rows >= BLOCKED_BF16_ROWS:
+                return "bf16_dot"
+        elif rows > DECODE_ROWS or (bytewide and math.prod(w.shape) >= BF16_MIN_CODES):
+            k = w.shape[0]  # an input size with no divisor near BF16_ROWS: chunks too small
+            if bf16_chunk_rows(k, w.shape[1], exact_rows(w, activation), rows) >= min(128, k // 2):
+                return "bf16_dot"
+    return "dequant_chunked" if rows == 1 else "int8_dot"
+
+
+def bf16_chunk_rows(k: int, n: int, exact: int, rows: int) -> int:
+    """The weight rows per chunk of ``"bf16_dot"`` for ``rows`` rows of ``x``, on a ``[k,
+    n]`` weight with one scale along the contraction: a divisor of ``k``, at most ``exact``
+    (:func:`exact_rows`) and, where that leaves two chunks or more, at most ``k // 2``.
+
+    Each chunk's codes are converted to bfloat16, then read by the dot. From
+    :data:`PREFILL_ROWS` rows of ``x`` up to :data:`BF16_ROWS` rows per chunk: long dots.
+    Below, the dot reads its chunk about once, so the chunk should still be in cache:
+    about :data:`BF16_CHUNK_BYTES` of bfloat16 codes, at most ``BF16_ROWS // 2`` rows, at
+    least 128. Measured (``bench_matmul.py --ms 1,8,32,128 --reuse-host-buffers``, W8A8 on
+    a quantized activation, 4096 x 11008), against 1024-row chunks from 9 rows up and
+    ``"int8_dot"`` / ``"dequant_chunked"`` below: 0.56x float32's time at 128 rows (from
+    0.61x), 0.52x at 32 (from 0.79x), 0.43x at 8 (from 0.99x), 0.60x at 1 (from 1.11x).
+
+    Examples:
+      >>> from qjax.kernels import bf16_chunk_rows
+      >>> bf16_chunk_rows(4096, 11008, 1024, rows=8), bf16_chunk_rows(4096, 11008, 1024, rows=512)
+      (256, 1024)
+    """
+    limit = min(BF16_ROWS, exact)
+    if rows < PREFILL_ROWS:
+        limit = min(limit, BF16_ROWS // 2, max(128, BF16_CHUNK_BYTES // (2 * n)))
+    return _chunk_rows(k, 1, limit)
 
 
 def float_input(x: jax.typing.ArrayLike, what: str = "matmul") -> jax.Array:
@@ -584,7 +641,7 @@ def _int_sums(x8: jax.Array, w: QArray, codes: Callable, path: str, exact: int) 
     if path == "int8_dot":
         rows = _chunk_rows(k, 1, max(CHUNK_BYTES // (4 * n), x8.shape[0]))
     else:
-        rows = _chunk_rows(k, 1, min(BF16_ROWS, exact))  # as in choose_path
+        rows = bf16_chunk_rows(k, n, exact, x8.shape[0])  # as in choose_path
     count = k // rows
     xs = x8.reshape(-1, count, rows).transpose(1, 0, 2)
 
