@@ -10,12 +10,12 @@ kernel), through :func:`qjax.kernels.matmul` with ``path="auto"`` for the quanti
 columns (the path it picked for each M is listed under the table). The fastest of
 interleaved rounds (every variant of a shape once per round, the bfloat16 column last;
 on a shared machine other work only ever adds time, so the minimum is the least
-disturbed) is given as a ratio to
-float32's, whose milliseconds are in the first column; in brackets the ratio of the
-median CPU time of the process (all threads, spin-waits included): the work each does,
-which other jobs on a shared machine disturb far less than the wall time, where a
-variant whose dots XLA splits over both cores gains on one it runs on one. The load
-average is printed before and after; the targets are marked on the wall-time ratio.
+disturbed) is given as a ratio to float32's, whose milliseconds are in the first column;
+in brackets the ratio of the median CPU time of the process (all threads, spin-waits
+included): the work each does, which other jobs on a shared machine disturb far less
+than the wall time, where a variant whose dots XLA splits over both cores gains on one
+it runs on one. The load average is printed before and after; the targets are marked on
+the wall-time ratio.
 
 * W8A8: int8 per-channel(-1) weights, activations int8 per token: "dyn" quantizes them
   inside the jitted function, "pre" passes codes quantized before (the dot and rescale).

@@ -288,7 +288,7 @@ def test_auto_path_by_weight_activation_and_rows(monkeypatch):
 @pytest.mark.parametrize(
     "k, n, exact, rows, expected",
     [
-        (4096, 11008, 1024, 8, 256),  # 8 MiB / (2 * 11008) = 381 rows: 256 divide 4096
+        (4096, 11008, 1024, 8, 256),  # 8 MiB / (2 * 11008): 381 rows; 256 divides 4096
         (4096, 11008, 1024, 128, 256),
         (4096, 4096, 1024, 8, 512),  # 1024 rows fit 8 MiB; at most BF16_ROWS // 2 = 512
         (4096, 32768, 1024, 8, 128),
