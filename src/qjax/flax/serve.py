@@ -197,11 +197,13 @@ def serving(
     tensor or per output channel (``per_channel(-1)``); activations per tensor (dynamic or
     static), or per token (dynamic) for Dense / DenseGeneral. With ``"auto"`` and
     ``"require"``, a ``nn.Dense`` with a 2-D weight runs through
-    :func:`qjax.kernels.matmul`'s ``"int8_dot"`` path wherever it can (formulation
-    ``scale``, activations per tensor or per token): it also takes weights whose scales
-    vary along the input axis (``per_block(-2, B)``, e.g. W4A8 with int4 blocks: one int32
-    partial sum per block, scaled by that block's weight scales), and contracts
-    decode-sized inputs a chunk of the weight at a time. Its result equals the QAT
+    :func:`qjax.kernels.matmul`'s integer paths wherever its ``"int8_dot"`` path can
+    (formulation ``scale``, activations per tensor or per token), taking ``"int8_dot"``
+    or ``"bf16_dot"`` (the same integer sums) as :func:`qjax.kernels.choose_path` says
+    for the rows: they also take weights whose scales vary along the input axis
+    (``per_block(-2, B)``, e.g. W4A8 with int4 blocks: one integer partial sum per
+    block, scaled by that block's weight scales), and contract the weight a chunk at a
+    time. Its result equals the QAT
     model's up to float rounding; a layer trained with ``integer_dot=True`` keeps QAT's
     own integer dot, bit for bit.
 
@@ -560,8 +562,8 @@ def _integer_plan(
     kwargs``), or why it cannot.
 
     ``as_trained``: the dot QAT's ``integer_dot=True`` ran (bit-exact with it); else a 2-D
-    Dense kernel goes through :func:`qjax.kernels.matmul` wherever its ``"int8_dot"`` path
-    runs the specs (the same integer sums, and faster at decode shapes)."""
+    Dense kernel goes through :func:`qjax.kernels.matmul`'s integer paths wherever its
+    ``"int8_dot"`` path runs the specs (the same integer sums, and faster)."""
     reason = spec_reason("activation", act.spec) or spec_reason("weight", weight.spec)
     if reason:
         return reason
