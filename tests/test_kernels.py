@@ -323,6 +323,24 @@ def test_bf16_dot_chunks_as_chunk_rows_says():
         )
 
 
+@pytest.mark.parametrize("path", kernels.PATHS)
+@pytest.mark.parametrize("k, n, rows", [(16, 0, 3), (0, 8, 3), (0, 8, 600), (16, 8, 0)])
+def test_empty_weights_and_inputs_give_numpys_product(path, k, n, rows):
+    """An empty contraction sums to zero, and nothing to compute gives an empty result:
+    every path, on a float or a pre-quantized input, as NumPy's x @ w."""
+    w = qjax.quantize(jnp.ones((k, n)), "int8:per_channel")
+    x = np.ones((rows, k), np.float32)
+    want = x @ np.ones((k, n), np.float32)
+    for a in (x, qjax.quantize(jnp.asarray(x), ACT)):
+        out = kernels.matmul(
+            a, w, activation=None if isinstance(a, qjax.QArray) else ACT, path=path
+        )
+        assert out.shape == want.shape and out.dtype == jnp.float32
+        np.testing.assert_array_equal(out, want)
+    if 0 in (k, n):
+        assert kernels.choose_path(w, ACT, max(rows, 1)) == "dequant"
+
+
 def test_float_paths_fake_quantize_the_activation():
     w, x = _weight("float8-channel"), _x(3, K)
     ref_w = _reference_weight(w)

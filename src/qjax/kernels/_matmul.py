@@ -109,7 +109,8 @@ def matmul(
     Returns:
       ``[..., out]`` in ``x``'s dtype. The integer paths are exact up to their final
       rescale, and give the same bits as each other; the float paths round as float32
-      dots do (``"dequant_chunked"`` sums in another order than ``"dequant"``).
+      dots do (``"dequant_chunked"`` sums in another order than ``"dequant"``). An
+      empty contraction (``in`` = 0) gives zeros, as ``x @ w`` does.
 
     Raises:
       TypeError: ``x`` is no floating-point array or ``w`` no QArray.
@@ -155,9 +156,7 @@ def matmul(
     act = None if activation is None else as_spec(activation, "activation")
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    if path == "auto":
-        path = choose_path(w, act, math.prod(x.shape[:-1]))
-    else:
+    if path != "auto":
         reason = why_not(path, w, act)
         if reason is not None:
             raise ValueError(
@@ -165,6 +164,11 @@ def matmul(
                 + (f" with activation spec {act}" if act is not None else "")
                 + f": {reason}"
             )
+    if 0 in x.shape or 0 in w.shape:  # an empty contraction sums to 0; or nothing to do
+        dtype = x.float_dtype if isinstance(x, QArray) else x.dtype
+        return jnp.zeros((*x.shape[:-1], w.shape[1]), dtype)
+    if path == "auto":
+        path = choose_path(w, act, math.prod(x.shape[:-1]))
     if isinstance(x, QArray):
         return _matmul_quantized(x, w, path)
     return _matmul(x, w, act, path)
@@ -256,6 +260,8 @@ def choose_path(w: QArray, activation: QuantSpec | None = None, rows: int = 1) -
       >>> kernels.choose_path(w), kernels.choose_path(w, None, 1024)  # a small weight
       ('dequant_chunked', 'dequant')
     """
+    if 0 in w.shape:
+        return "dequant"  # nothing to contract or to write: matmul returns zeros
     if activation is None or why_not("int8_dot", w, activation) is not None:
         small = 4 * math.prod(w.shape) <= CHUNK_BYTES
         return "dequant" if small and rows > DECODE_ROWS else "dequant_chunked"
@@ -295,7 +301,7 @@ def bf16_chunk_rows(k: int, n: int, exact: int, rows: int) -> int:
     """
     limit = min(BF16_ROWS, exact)
     if rows < PREFILL_ROWS:
-        limit = min(limit, BF16_ROWS // 2, max(128, BF16_CHUNK_BYTES // (2 * n)))
+        limit = min(limit, BF16_ROWS // 2, max(128, BF16_CHUNK_BYTES // (2 * max(n, 1))))
     return _chunk_rows(k, 1, limit)
 
 
