@@ -395,3 +395,32 @@ def test_extreme_finite_values_pass_the_check(value, dtype):
 def test_count_nonfinite_under_jit_counts_float32_overflow():
     w = jnp.ones((4, 4), jnp.float32).at[0, 0].set(jnp.inf)
     assert int(jax.jit(qjax.count_nonfinite)({"w": w})["w"]) == 1
+
+
+# LayerQuant fields: specs as objects or text, anything else refused where it is built.
+
+
+def test_layer_quant_reads_spec_text_and_wraps_an_activation_spec():
+    from qjax.flax.linen import ActQuant, LayerQuant
+
+    act = qjax.QuantSpec("int8", granularity=qjax.per_token())
+    quant = LayerQuant(weight="int4:per_block:32", act=act)
+    assert quant.weight == qjax.QuantSpec("int4", granularity=qjax.per_block(-2, 32))
+    assert quant.act == ActQuant(act)
+    assert LayerQuant(act="int8").act == ActQuant(qjax.QuantSpec("int8"))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"weight": 8}, TypeError, "LayerQuant weight must be a QuantSpec"),
+        ({"weight": "int9"}, ValueError, "LayerQuant weight"),
+        ({"act": 8}, TypeError, "LayerQuant act must be an ActQuant"),
+        ({"act": "keep"}, ValueError, "LayerQuant act"),
+    ],
+)
+def test_layer_quant_refuses_what_is_not_a_spec(kwargs, error, message):
+    from qjax.flax.linen import LayerQuant
+
+    with pytest.raises(error, match=message):
+        LayerQuant(**kwargs)

@@ -131,6 +131,7 @@ def plan_checkpoint(
     tensors = open_checkpoint(path).tensors()
     _check_paths(tensors)
     rule_plan = RulePlan(rules, layout=layout, min_size=min_size, fallback=fallback)
+    rule_plan.read_tree([(t.name, t.shape) for t in tensors])
     keep_match = _patterns(keep, "keep")
     drop_match = _patterns(drop, "drop")
     used: set[tuple[str, str]] = set()

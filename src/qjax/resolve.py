@@ -41,6 +41,7 @@ __all__ = [
     "QjaxRuleWarning",
     "Resolution",
     "RulePlan",
+    "gpt2_conv1d_tree",
     "layout_reading",
     "report_unmatched",
     "with_layout_axes",
@@ -54,7 +55,11 @@ _EMBEDDING = re.compile(
 )
 """Names of embedding tables (a Flax ``embedding`` leaf or a PyTorch module holding ``weight``)."""
 _GPT2_CONV1D = ("c_attn", "c_proj", "c_fc", "q_attn")
-"""Hugging Face GPT-2 ``Conv1D`` modules: their ``weight`` is ``[in, out]``, not ``[out, in]``."""
+"""Hugging Face GPT-2 ``Conv1D`` modules: their PyTorch ``weight`` is ``[in, out]``, not
+``[out, in]``, and their Flax port's ``kernel`` ``[out, in]``, not ``[in, out]``."""
+_ATTENTION_PROJECTIONS = ("query", "key", "value")
+"""Flax ``MultiHeadDotProductAttention`` (Linen) / ``MultiHeadAttention`` (NNX) input
+projections: DenseGeneral kernels ``[in, heads, head_dim]``."""
 
 
 class QjaxRuleWarning(UserWarning):
@@ -66,16 +71,35 @@ class QjaxRuleWarning(UserWarning):
 
 @dataclasses.dataclass(frozen=True)
 class LayoutReading:
-    """How one tensor is read: its layout, output-channel (row) axis and contraction axis."""
+    """How one tensor is read: its layout, output-channel (row) axis and contraction axis.
+
+    ``all_channels``: every axis but the contraction is an output axis (an attention
+    projection ``[in, heads, head_dim]``): per-channel scales are one per output, per
+    (head, head_dim). ``input_blocks``: a block holds inputs only, size 1 along every
+    other axis (attention kernels), not whole along the axes that are neither the
+    contraction nor the channel (a conv block spans all kernel positions).
+    """
 
     layout: str
     channel: int
     contraction: int
     what: str
+    all_channels: bool = False
+    input_blocks: bool = False
 
 
-def layout_reading(parts: Sequence[str], ndim: int, layout: str) -> LayoutReading:
-    """The reading of a tensor named ``parts`` with ``ndim`` dimensions in ``layout``."""
+def layout_reading(
+    parts: Sequence[str], shape: Sequence[int], layout: str, *, gpt2_conv1d: bool | None = None
+) -> LayoutReading:
+    """The reading of a tensor named ``parts`` (its path, split) of ``shape`` in ``layout``.
+
+    ``gpt2_conv1d``: whether the tree holds the kernels of transformers' Flax GPT-2,
+    whose ``FlaxConv1D`` stores ``[out, in]`` (see :func:`gpt2_conv1d_tree`); None:
+    decided from each kernel's shape where it tells (``c_attn`` ``[3 d, d]``; ``c_fc``
+    with more rows than columns, as the MLP widens; ``c_proj`` with fewer), else read as
+    a Flax Dense ``[in, out]``.
+    """
+    ndim = len(shape)
     leaf, parent = parts[-1], (parts[-2] if len(parts) > 1 else "")
     if layout == "auto":
         layout = {"kernel": "flax", "embedding": "flax", "weight": "torch"}.get(leaf, "other")
@@ -89,7 +113,49 @@ def layout_reading(parts: Sequence[str], ndim: int, layout: str) -> LayoutReadin
         return LayoutReading(layout, 0, 1, what)
     if embedding:
         return LayoutReading(layout, ndim - 2, ndim - 1, "embedding [rows, features]")
+    if leaf == "kernel" and ndim == 2 and parent in _GPT2_CONV1D:
+        conv1d = _gpt2_conv1d_shape(parent, shape) if gpt2_conv1d is None else gpt2_conv1d
+        if conv1d:
+            return LayoutReading(layout, 0, 1, "GPT-2 FlaxConv1D [out, in]")
+    if leaf == "kernel" and ndim == 3 and parent in _ATTENTION_PROJECTIONS:
+        what = "attention projection [in, heads, head_dim]"
+        return LayoutReading(layout, -1, 0, what, all_channels=True, input_blocks=True)
+    if leaf == "kernel" and ndim == 3 and parent == "out":
+        what = "attention output [heads, head_dim, out]"
+        return LayoutReading(layout, -1, -2, what, input_blocks=True)
     return LayoutReading(layout, -1, -2, "[..., in, out]")
+
+
+def _gpt2_conv1d_shape(parent: str, shape: Sequence[int]) -> bool:
+    """Whether a GPT-2-named 2-D kernel's shape shows transformers' ``FlaxConv1D``
+    ``[out, in]`` rather than a Flax Dense ``[in, out]`` (False where it cannot tell)."""
+    rows, cols = shape
+    if parent == "c_attn":  # query, key and value side by side: 3 d outputs of d inputs
+        return rows == 3 * cols
+    if parent == "c_fc":  # the MLP widens
+        return rows > cols
+    return parent == "c_proj" and rows < cols  # the MLP's projection narrows
+
+
+def gpt2_conv1d_tree(leaves: Sequence[tuple[str, Sequence[int]]]) -> bool | None:
+    """Whether a tree of ``(path, shape)`` leaves holds transformers' Flax GPT-2 kernels
+    (``FlaxConv1D`` ``[out, in]``), told by its ``c_attn`` kernels ``[3 d, d]``, or by
+    ``[d, 3 d]`` ones that it holds Flax Dense layers of those names; None: no
+    ``c_attn`` kernel tells.
+
+    Examples:
+      >>> gpt2_conv1d_tree([("h/0/attn/c_attn/kernel", (192, 64))])
+      True
+      >>> gpt2_conv1d_tree([("h/0/attn/c_attn/kernel", (64, 192))])
+      False
+    """
+    for path, shape in leaves:
+        parts = re.split(r"[./]", path)
+        if len(parts) > 1 and parts[-2:] == ["c_attn", "kernel"] and len(shape) == 2:
+            rows, cols = shape
+            if rows == 3 * cols or cols == 3 * rows:
+                return rows == 3 * cols
+    return None
 
 
 Format = Union[QuantSpec, TableFormat]
@@ -105,10 +171,14 @@ def with_layout_axes(spec: Format, reading: LayoutReading, ndim: int) -> Format:
         axis = reading.contraction if spec.kind == "nf4" else reading.channel
         return dataclasses.replace(spec, axis=axis)
     g = spec.granularity
-    if g.kind == "per_channel":
+    if g.kind == "per_channel" and reading.all_channels:  # one scale per output
+        whole = tuple(-1 if i == reading.contraction % ndim else 1 for i in range(ndim))
+        new: Granularity = Granularity("explicit", explicit=whole)
+    elif g.kind == "per_channel":
         new = per_channel(reading.channel)
     else:
-        channel: Any = "all" if g.channel_axis == "all" else reading.channel
+        inputs_only = g.channel_axis == "all" or reading.input_blocks
+        channel: Any = "all" if inputs_only else reading.channel
         auto = _auto_channel(reading.contraction, ndim)
         if channel != "all" and (auto is None or auto == channel % ndim):
             channel = "auto"
@@ -165,8 +235,12 @@ class RulePlan:
       layout: ``"auto"`` (default) reads each tensor from its name: Flax ``kernel``
         ``[..., in, out]`` and ``embedding`` ``[vocab, features]``; PyTorch ``weight``
         ``[out, in, ...]`` (Linear, Conv, embeddings, tied ``lm_head``; Hugging Face GPT-2
-        ``Conv1D`` weights are ``[in, out]``); other names as Flax kernels, reported as
-        ``"other"``. ``"flax"`` or ``"torch"`` reads every tensor in that layout.
+        ``Conv1D`` weights are ``[in, out]``); Flax attention kernels (``query`` /
+        ``key`` / ``value`` ``[in, heads, head_dim]``: one scale per output, blocks of
+        inputs; ``out`` ``[heads, head_dim, out]``: blocks within each head) and
+        transformers' Flax GPT-2 ``FlaxConv1D`` kernels ``[out, in]`` (:meth:`read_tree`);
+        other names as Flax kernels, reported as ``"other"``. ``"flax"`` or ``"torch"``
+        reads every tensor in that layout.
         Shorthand without ``axis=`` is a template: per_channel takes the output channel
         (row) axis, per_block, the MX presets and NF4 block along the contraction (input
         or feature) axis, k-means tables group (and ``scaled`` scales) output channels.
@@ -233,6 +307,16 @@ class RulePlan:
         self._match = [re.compile(pattern).fullmatch for pattern, _ in self.rules]
         self._general = [r.general or _is_catch_all(p) for p, r in self.rules]
         self._used = [False] * len(self.rules)
+        self.gpt2_conv1d: bool | None = None
+        """Whether the tree holds transformers' Flax GPT-2 ``FlaxConv1D`` kernels
+        ``[out, in]`` (:meth:`read_tree` sets it); None: each kernel's shape decides."""
+
+    def read_tree(self, leaves: Sequence[tuple[str, Sequence[int]]]) -> None:
+        """Reads what the whole tree of ``(path, shape)`` leaves tells about layouts
+        before its tensors are resolved: whether GPT-2-named kernels are
+        transformers' ``FlaxConv1D`` (:func:`gpt2_conv1d_tree`), which a square
+        ``c_proj`` kernel cannot tell on its own."""
+        self.gpt2_conv1d = gpt2_conv1d_tree(leaves)
 
     def resolve(self, path: str, shape: Sequence[int], dtype: Any) -> Resolution:
         """The :class:`Resolution` of one tensor; records which rule it used.
@@ -246,7 +330,9 @@ class RulePlan:
         shape = tuple(int(d) for d in shape)
         ndim = len(shape)
         slashed = path.replace(".", "/")
-        reading = layout_reading(re.split(r"[./]", path), ndim, self.layout)
+        reading = layout_reading(
+            re.split(r"[./]", path), shape, self.layout, gpt2_conv1d=self.gpt2_conv1d
+        )
         index = next(
             (i for i, m in enumerate(self._match) if m(path) or m(slashed)),
             None,
@@ -307,6 +393,10 @@ class RulePlan:
         if isinstance(spec, TableFormat):
             return fallback, f"fallback {fallback}: {reason}"
         channel = spec.granularity.channel_axis
+        if reading.all_channels:  # one scale per output
+            whole = tuple(-1 if i == axis else 1 for i in range(len(shape)))
+            g_all = Granularity("explicit", explicit=whole)
+            return dataclasses.replace(spec, granularity=g_all), f"fallback {g_all}: {reason}"
         if channel in ("all", "auto"):  # the layout's channel axis, written as it writes it
             auto = _auto_channel(axis, len(shape))
             same = channel == "all" or auto == reading.channel % len(shape)

@@ -80,10 +80,20 @@ def plan(
       >>> qjax.plan(params, {".*": "int4:per_block:32"})[2].note
       'fallback per_channel(axis=-1): block 32 does not divide axis 0 (size 48)'
     """
-    rule_plan = RulePlan(rules, layout=layout, min_size=min_size, fallback=fallback)
+    rule_plan = _rule_plan(params, rules, layout, min_size, fallback)
     rows = _plan_rows(params, rule_plan)
     rule_plan.check_unmatched(strict=strict, where="plan")
     return rows
+
+
+def _rule_plan(
+    params: Any, rules: RulesLike | None, layout: str, min_size: int, fallback: str | None
+) -> RulePlan:
+    """The rules compiled, having read what the whole tree tells of its layouts."""
+    rule_plan = RulePlan(rules, layout=layout, min_size=min_size, fallback=fallback)
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_quantized)[0]
+    rule_plan.read_tree([(path_str(p), getattr(leaf, "shape", ())) for p, leaf in flat])
+    return rule_plan
 
 
 def _plan_rows(params: Any, rule_plan: RulePlan) -> Plan:
@@ -120,7 +130,7 @@ def leaf_specs(
       >>> str(qjax.leaf_specs(params, {".*kernel": "lut2:scaled"})["Dense_0/kernel"])
       'lut2:per_tensor:axis=-1:scaled'
     """
-    rule_plan = RulePlan(rules, layout=layout, min_size=min_size, fallback=fallback)
+    rule_plan = _rule_plan(params, rules, layout, min_size, fallback)
     rows = _plan_rows(params, rule_plan)
     rule_plan.check_unmatched(strict=strict, where="leaf_specs")
     return {row.path: row.spec for row in rows}
@@ -219,7 +229,7 @@ def quantize_tree(
       ((2, 64), (4, 1, 16))
     """
     _check_bool("check_finite", check_finite)
-    rule_plan = RulePlan(rules, layout=layout, min_size=min_size, fallback=fallback)
+    rule_plan = _rule_plan(params, rules, layout, min_size, fallback)
     calibrated = as_method(method)
     if calibrated is not None or statistics is not None:
         out = _quantize_calibrated(params, rule_plan, calibrated, statistics, check_finite)

@@ -31,7 +31,7 @@ from qjax.palettize import TableFormat
 from qjax.qparams import QParams, block_range, compute_qparams, qparams_from_minmax
 from qjax.resolve import layout_reading, report_unmatched, with_layout_axes
 from qjax.rules import Calibration, LeafRule, parse_leaf_rule, parse_spec
-from qjax.spec import QuantSpec
+from qjax.spec import QuantSpec, as_spec
 
 __all__ = [
     "ActQuant",
@@ -73,6 +73,7 @@ class ActQuant:
     momentum: float = 0.9
 
     def __post_init__(self):
+        object.__setattr__(self, "spec", as_spec(self.spec, "ActQuant spec"))
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
 
@@ -130,6 +131,15 @@ class LayerQuant:
     calibration: Calibration | None = None
 
     def __post_init__(self):
+        if self.weight is not None:
+            object.__setattr__(self, "weight", as_spec(self.weight, "LayerQuant weight"))
+        if self.act is not None and not isinstance(self.act, ActQuant):
+            if not isinstance(self.act, QuantSpec | str):
+                raise TypeError(
+                    "LayerQuant act must be an ActQuant, a QuantSpec or shorthand text "
+                    f"(dynamic ranges), or None, got {type(self.act).__name__}"
+                )
+            object.__setattr__(self, "act", ActQuant(as_spec(self.act, "LayerQuant act")))
         if self.calibration is not None:
             if not isinstance(self.calibration, Calibration):
                 raise TypeError(
@@ -297,9 +307,8 @@ class Rule:
         """The weight spec for the weight at ``param_path`` (``".../kernel"``) of ``shape``."""
         if self.quant is None or self.quant.weight is None or self.template is None:
             return None if self.quant is None else self.quant.weight
-        ndim = len(shape)
-        reading = layout_reading(param_path.split("/"), ndim, "flax")
-        return with_layout_axes(self.template.spec, reading, ndim)
+        reading = layout_reading(param_path.split("/"), shape, "flax")
+        return with_layout_axes(self.template.spec, reading, len(shape))
 
 
 class Rules:
@@ -342,12 +351,15 @@ class Rules:
 
     def find(self, module_path: str, weight: str | None) -> Rule | None:
         """The first rule matching the layer at ``module_path`` (reading ``weight``)."""
+        rule = self.first_match(module_path, weight)
+        if rule is not None:
+            self._won.add(rule.pattern)
+        return rule
+
+    def first_match(self, module_path: str, weight: str | None) -> Rule | None:
+        """As :meth:`find`, without counting the rule as one that won a layer."""
         names = self.names(module_path, weight)
-        for rule in self.rules:
-            if any(rule.fullmatch(name) for name in names):
-                self._won.add(rule.pattern)
-                return rule
-        return None
+        return next((r for r in self.rules if any(r.fullmatch(n) for n in names)), None)
 
     def unmatched(self) -> list[str]:
         """The patterns that have won no layer so far, in rule order."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -49,6 +50,7 @@ from qjax.flax._integer import dense_contraction, dot_scale, qat_dot, spec_reaso
 from qjax.lsq import learned_qparams, learns_offset, lsq_fake_quant
 from qjax.ops import fake_quant, quantize
 from qjax.qparams import QParams, compute_qparams
+from qjax.resolve import QjaxRuleWarning
 from qjax.rules import Calibration
 from qjax.spec import QuantSpec
 from qjax.tree import path_str
@@ -72,6 +74,8 @@ __all__ = [
     "plan",
     "quantized_call",
     "swapped_attributes",
+    "tracking_calls",
+    "warn_detached",
     "weight_name",
 ]
 
@@ -431,8 +435,59 @@ def layer_rule(module: nn.Module, rules: Rules, method: str) -> tuple[LayerQuant
     return quant, rule
 
 
+def tracking_calls(intercept_method: Callable) -> Callable:
+    """``intercept_method(next_fun, args, kwargs, context, detached)``, told whether the
+    module runs detached from the model (:func:`warn_detached`), as a Linen interceptor.
+
+    A detached layer is a quantizable layer with an empty module path that runs inside
+    another module's call under a different scope: a layer applied on its own inside the
+    model, such as Hugging Face's heads tied to the input embedding
+    (``decoder.apply({"params": {"kernel": embedding.T}}, h)``). Its path says nothing
+    about where it sits, and its weight is computed in the model, not one of its
+    variables. (Lifted transforms, ``nn.scan`` and ``nn.remat``, also run under fresh
+    scopes, but keep their layers' paths.)
+    """
+    outer: list[Any] = []  # the scopes of the calls running, outermost first
+
+    def intercept(next_fun, args, kwargs, context):
+        module = context.module
+        detached = not module.path and bool(outer) and module.scope is not outer[0]
+        outer.append(module.scope)
+        try:
+            return intercept_method(next_fun, args, kwargs, context, detached)
+        finally:
+            outer.pop()
+
+    return intercept
+
+
+def warn_detached(module: nn.Module, rules: Rules, method: str) -> None:
+    """Warns that a rule matches a detached layer (see :func:`tracking_calls`), which QAT,
+    :func:`qjax.flax.serve.convert` and serving all leave float: convert could never store
+    its weight quantized, so quantizing it in QAT would train what no served model runs."""
+    name = weight_name(module)
+    if method not in ("__call__", "setup") or name is None:
+        return
+    rule = rules.first_match("", name)
+    if rule is None or rule.quant is None:
+        return
+    warnings.warn(
+        f"a {type(module).__name__} applied on its own inside the model (an empty module "
+        f"path; e.g. a head tied to the input embedding, run as "
+        f"`.apply({{'params': {{'{name}': ...}}}}, x)`) matches rule {rule.pattern!r}, but "
+        f"stays float: its {name} is computed inside the model, not one of its variables, "
+        "so convert cannot store it quantized and serving runs it float too",
+        QjaxRuleWarning,
+        stacklevel=2,
+    )
+
+
 def _interceptor(rules: Rules) -> Callable:
-    def intercept_method(next_fun, args, kwargs, context):
+    @tracking_calls
+    def intercept_method(next_fun, args, kwargs, context, detached):
+        if detached:
+            warn_detached(context.module, rules, context.method_name)
+            return next_fun(*args, **kwargs)
         found = layer_rule(context.module, rules, context.method_name)
         if found is None:
             return next_fun(*args, **kwargs)

@@ -66,6 +66,8 @@ from qjax.flax.linen import (
     learned_weight_qparams,
     quantized_call,
     swapped_attributes,
+    tracking_calls,
+    warn_detached,
     weight_name,
 )
 from qjax.ops import quantize
@@ -333,10 +335,14 @@ def _is_qarray(x: Any) -> bool:
 
 
 def _interceptor(compiled: Rules, integer_dots: IntegerDots, weight_only: WeightOnly) -> Callable:
-    def intercept_method(next_fun, args, kwargs, context):
+    @tracking_calls
+    def intercept_method(next_fun, args, kwargs, context, detached):
         module = context.module
         name = weight_name(module)
         if context.method_name not in ("__call__", "setup"):
+            return next_fun(*args, **kwargs)
+        if detached:  # float, as in QAT (see qjax.flax.linen.tracking_calls)
+            warn_detached(module, compiled, context.method_name)
             return next_fun(*args, **kwargs)
         if name is None:
             _refuse_unknown_qarray(module)

@@ -1,0 +1,213 @@
+"""Weights of third-party model code read in their real layouts, and layers that must stay
+float, the same way in PTQ, QAT and serving.
+
+* Flax's ``MultiHeadDotProductAttention``: its query / key / value DenseGeneral kernels are
+  ``[in, heads, head_dim]`` (one scale per (head, head_dim) output, blocks of inputs) and
+  its output kernel ``[heads, head_dim, out]`` (blocks of ``head_dim`` inputs, not blocks
+  spanning every head).
+* transformers' Flax GPT-2: ``FlaxConv1D`` stores its ``kernel`` as ``[out, in]``; a Flax
+  Dense of the same name (the nanoGPT ports) stores ``[in, out]``.
+* transformers' tied heads (``decoder.apply({"params": {"kernel": embedding.T}}, h)``):
+  a layer applied on its own inside the model, whose weight is not one of the model's
+  variables; QAT and serving both leave it float, with a warning.
+
+Expected values come from ``tests/reference.py`` (plain NumPy) on the block shape each
+layout implies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from transformers import BertConfig, FlaxBertForMaskedLM, FlaxGPT2LMHeadModel, GPT2Config
+
+import qjax
+from qjax.flax import linen as qlinen
+from qjax.flax import serve
+from qjax.resolve import QjaxRuleWarning
+from reference import reference
+
+HEADS, HEAD_DIM, FEATURES = 4, 32, 128
+
+
+@contextlib.contextmanager
+def third_party():
+    """transformers' Flax code relies on JAX's standard promotions, which the suite's
+    conftest makes strict for qjax's own code."""
+    with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+        yield
+
+
+class Attention(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.MultiHeadDotProductAttention(num_heads=HEADS, name="attn")(x)
+
+
+@pytest.fixture(scope="module")
+def attention():
+    model, x = Attention(), jax.random.normal(jax.random.key(1), (2, 8, FEATURES))
+    variables = model.init(jax.random.key(0), x)
+    # Heads of different magnitudes, as trained ones are: a scale shared across heads
+    # would show.
+    kernel = variables["params"]["attn"]["query"]["kernel"]
+    gains = jnp.array([1.0, 4.0, 0.25, 2.0])[None, :, None]
+    variables["params"]["attn"]["query"]["kernel"] = kernel * gains
+    return model, variables, x
+
+
+def _check(qa: qjax.QArray, w: jax.Array, name: str, block: tuple[int, ...]) -> None:
+    ref = reference(np.asarray(w), name, "symmetric", "scale", block)
+    assert qa.scale.shape == ref["scale"].shape
+    np.testing.assert_array_equal(np.asarray(qa.scale), ref["scale"])
+    np.testing.assert_array_equal(np.asarray(qa.dequantize()), ref["dequantized"])
+
+
+@pytest.mark.parametrize(
+    "rule, name, query_block, out_block",
+    [
+        ("int8:per_channel", "int8", (FEATURES, 1, 1), (HEADS, HEAD_DIM, 1)),
+        ("int4:per_block:32", "int4", (32, 1, 1), (1, 32, 1)),
+    ],
+)
+def test_attention_kernels_are_read_as_attention(attention, rule, name, query_block, out_block):
+    _, variables, _ = attention
+    q = qjax.quantize_tree(variables, {".*kernel": rule})["params"]["attn"]
+    w = variables["params"]["attn"]
+    for proj in ("query", "key", "value"):
+        _check(q[proj]["kernel"], w[proj]["kernel"], name, query_block)
+    _check(q["out"]["kernel"], w["out"]["kernel"], name, out_block)
+
+
+def test_attention_blocks_stay_on_the_inputs_when_they_divide_the_heads():
+    # 32 heads: a block of 32 divides the heads axis too; it must still block the inputs.
+    w = jax.random.normal(jax.random.key(2), (256, 32, 8))
+    q = qjax.quantize_tree({"attn": {"query": {"kernel": w}}}, {".*": "int4:per_block:32"})
+    _check(q["attn"]["query"]["kernel"], w, "int4", (32, 1, 1))
+
+
+@pytest.mark.parametrize("rule", ["int8:per_channel", "int4:per_block:32"])
+def test_attention_qat_ptq_and_serving_agree(attention, rule):
+    model, variables, x = attention
+    rules = {".*kernel": rule}
+    qat = jax.jit(qlinen.intercepted(model.apply, rules))(variables, x)
+    ptq = qjax.dequantizing(model.apply)(qjax.quantize_tree(variables, rules), x)
+    served = jax.jit(serve.served(model.apply, rules))(serve.convert(variables, rules), x)
+    np.testing.assert_array_equal(qat, ptq)
+    np.testing.assert_array_equal(served, qat)
+    assert not np.array_equal(qat, model.apply(variables, x))
+
+
+@pytest.fixture(scope="module")
+def gpt2_params():
+    with third_party():
+        config = GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=100, n_positions=16)
+        return FlaxGPT2LMHeadModel(config, seed=0).params
+
+
+def _gpt2_kernels(params) -> dict[str, jax.Array]:
+    block = params["transformer"]["h"]["0"]
+    return {
+        "attn/c_attn": block["attn"]["c_attn"]["kernel"],
+        "attn/c_proj": block["attn"]["c_proj"]["kernel"],
+        "mlp/c_fc": block["mlp"]["c_fc"]["kernel"],
+        "mlp/c_proj": block["mlp"]["c_proj"]["kernel"],
+    }
+
+
+@pytest.mark.parametrize(
+    "rule, name", [("int8:per_channel", "int8"), ("int4:per_block:32", "int4")]
+)
+def test_flax_gpt2_conv1d_kernels_are_out_by_in(gpt2_params, rule, name):
+    kernels = _gpt2_kernels(gpt2_params)
+    assert kernels["attn/c_attn"].shape == (192, 64)  # FlaxConv1D: [out, in]
+    q = _gpt2_kernels(qjax.quantize_tree(gpt2_params, {".*c_.*/kernel": rule}))
+    for key, w in kernels.items():
+        block = (1, w.shape[1]) if name == "int8" else (1, 32)  # per output row, along in
+        _check(q[key], w, name, block)
+
+
+def test_dense_layers_with_gpt2_names_stay_in_out():
+    # A nanoGPT-style Flax port: nn.Dense layers named c_attn, c_proj, c_fc, [in, out].
+    keys = jax.random.split(jax.random.key(3), 4)
+    shapes = {"c_attn": (64, 192), "c_proj": (64, 64), "c_fc": (64, 256), "mlp_proj": (256, 64)}
+    kernels = {k: jax.random.normal(key, s) for (k, s), key in zip(shapes.items(), keys)}
+    tree = {
+        "attn": {"c_attn": {"kernel": kernels["c_attn"]}, "c_proj": {"kernel": kernels["c_proj"]}},
+        "mlp": {"c_fc": {"kernel": kernels["c_fc"]}, "c_proj": {"kernel": kernels["mlp_proj"]}},
+    }
+    q = qjax.quantize_tree(tree, {".*": "int4:per_block:32"})
+    _check(q["attn"]["c_attn"]["kernel"], kernels["c_attn"], "int4", (32, 1))
+    _check(q["attn"]["c_proj"]["kernel"], kernels["c_proj"], "int4", (32, 1))
+    _check(q["mlp"]["c_fc"]["kernel"], kernels["c_fc"], "int4", (32, 1))
+    _check(q["mlp"]["c_proj"]["kernel"], kernels["mlp_proj"], "int4", (32, 1))
+
+
+class TiedHead(nn.Module):
+    """An embedding, a Dense, and a head tied to the embedding as transformers ties it."""
+
+    @nn.compact
+    def __call__(self, ids):
+        h = nn.Dense(32, name="proj")(nn.Embed(64, 32, name="embed")(ids))
+        table = self.variables["params"]["embed"]["embedding"]
+        head = nn.Dense(64, use_bias=False, parent=None)
+        return head.apply({"params": {"kernel": table.T}}, h)
+
+
+def test_a_tied_head_stays_float_in_qat_and_serving():
+    model, ids = TiedHead(), jnp.arange(12).reshape(2, 6)
+    variables = model.init(jax.random.key(0), ids)
+    rules = {".*kernel": "int8:per_channel"}
+    with pytest.warns(QjaxRuleWarning, match="applied on its own inside the model"):
+        qat = jax.jit(qlinen.intercepted(model.apply, rules))(variables, ids)
+    # Only proj is quantized: the head reads the float table.
+    quantized_proj = {".*proj/kernel": "int8:per_channel"}
+    expected = qlinen.intercepted(model.apply, quantized_proj)(variables, ids)
+    np.testing.assert_array_equal(qat, expected)
+    converted = serve.convert(variables, rules)
+    with pytest.warns(QjaxRuleWarning, match="applied on its own inside the model"):
+        served = jax.jit(serve.served(model.apply, rules))(converted, ids)
+    np.testing.assert_array_equal(served, qat)
+
+
+def test_a_rule_for_only_the_tied_head_matches_no_layer():
+    model, ids = TiedHead(), jnp.arange(12).reshape(2, 6)
+    variables = model.init(jax.random.key(0), ids)
+    rules = {"kernel": "int8:per_channel"}
+    assert qlinen.plan(model, ids, rules=rules).unmatched == ("kernel",)
+    with pytest.warns(QjaxRuleWarning) as record:
+        out = qlinen.intercepted(model.apply, rules)(variables, ids)
+    messages = [str(w.message) for w in record]
+    assert any("applied on its own" in m for m in messages)
+    assert any("'kernel' matched nothing" in m for m in messages)
+    np.testing.assert_array_equal(out, model.apply(variables, ids))
+
+
+def test_transformers_tied_decoder_serves_as_trained():
+    config = BertConfig(
+        hidden_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=128,
+        vocab_size=200,
+        max_position_embeddings=16,
+    )
+    with third_party():
+        model = FlaxBertForMaskedLM(config, seed=0)
+        ids = np.arange(16, dtype=np.int32).reshape(2, 8) + 3
+        zeros, positions = np.zeros_like(ids), np.broadcast_to(np.arange(8), ids.shape)
+
+        def apply(variables, ids):
+            return model.module.apply(variables, ids, jnp.ones_like(ids), zeros, positions, None)[0]
+
+        variables, rules = {"params": model.params}, {".*kernel": "int8:per_channel"}
+        with pytest.warns(QjaxRuleWarning, match="applied on its own"):
+            qat = jax.jit(qlinen.intercepted(apply, rules))(variables, ids)
+        with pytest.warns(QjaxRuleWarning, match="applied on its own"):
+            served = jax.jit(serve.served(apply, rules))(serve.convert(variables, rules), ids)
+    np.testing.assert_array_equal(served, qat)
