@@ -20,6 +20,7 @@ import pytest
 import qjax
 from qjax import kernels, packing
 from qjax.kernels import _matmul as kernel_module
+from reference import reference
 
 ACT = qjax.QuantSpec("int8", granularity=qjax.per_token())
 K, N, BLOCK = 96, 40, 32  # not powers of two; K holds three blocks
@@ -498,3 +499,54 @@ def test_chained_layers_never_hold_every_float_weight_at_once():
     compiled = jax.jit(chain).lower(jnp.ones((8, 512)), weights).compile()
     one_float_weight = 512 * 512 * 4
     assert compiled.memory_analysis().temp_size_in_bytes < 2 * one_float_weight
+
+
+def test_unpacked_float4_weights_run_every_float_path():
+    w = jax.random.normal(jax.random.key(0), (K, N)) / np.sqrt(K)
+    qa = qjax.quantize(
+        w, qjax.QuantSpec("float4_e2m1fn", granularity=qjax.per_channel(-1)), packed=False
+    )
+    assert not qa.packed and qa.data.dtype == ml_dtypes.float4_e2m1fn
+    ref_w = _reference_weight(qa)
+    for rows in ROWS:
+        x = _x(rows, K)
+        x64 = np.asarray(x, np.float64)
+        for path in ("auto", "dequant", "dequant_chunked"):
+            _close(kernels.matmul(x, qa, path=path), x64 @ ref_w, x64, ref_w, rtol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["int8_dot", "bf16_dot", "auto"])
+def test_integer_paths_take_activations_quantized_per_tensor_under_vmap(path):
+    w = _weight("int8-channel")
+    x = jax.random.normal(jax.random.key(2), (2, 3, K))
+    xq = jax.vmap(lambda r: qjax.quantize(r, "int8"))(x)  # one scale per stacked tensor
+    assert xq.scale.shape == (2, 1, 1)
+    sums = np.asarray(xq.values, np.int64) @ _codes(w)
+    ref = sums * np.asarray(xq.scale, np.float64) * _scale(w)[0]
+    np.testing.assert_allclose(np.asarray(kernels.matmul(xq, w, path=path)), ref, rtol=2e-6)
+
+
+def test_gradients_are_straight_through_on_every_path():
+    # sum(fake_quant(x) @ W): d/dx is W's row sums where x / scale lies in [qmin, qmax]
+    # (each row's largest positive value lands on 127.5: clipped), whichever path computes
+    # the product.
+    w = _weight("int8-channel")
+    x = _x(3, K)
+    mask = reference(np.asarray(x), "int8", "symmetric", "scale", (1, K))["mask"]
+    assert 0 < np.count_nonzero(~mask) <= 3
+    expected = np.where(mask, _reference_weight(w).sum(axis=1), 0.0)
+    for path in ("dequant", "dequant_chunked", "int8_dot", "bf16_dot", "auto"):
+        grad = jax.grad(lambda x, p=path: kernels.matmul(x, w, activation=ACT, path=p).sum())(x)
+        np.testing.assert_allclose(np.asarray(grad, np.float64), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_path_helpers_take_spec_text_and_refuse_bad_arguments():
+    w = _weight("int8-channel")
+    assert kernels.why_not("int8_dot", w, "int8") is None
+    assert kernels.choose_path(w, "int8", 4) == kernels.choose_path(w, qjax.QuantSpec("int8"), 4)
+    with pytest.raises(TypeError, match="exact_rows activation must be a QuantSpec"):
+        kernels.exact_rows(w, None)
+    with pytest.raises(ValueError, match="k must be a positive int, got 0"):
+        kernels.bf16_chunk_rows(0, 8, 1024, 1)
+    with pytest.raises(ValueError, match="rows must be a non-negative int"):
+        kernels.bf16_chunk_rows(64, 8, 1024, -1)

@@ -281,3 +281,54 @@ def test_kernels_read_packed_bytes_and_sum_in_int32():
     text = str(jax.make_jaxpr(lambda x: pallas.int4_matmul(x, w4, **BLOCKS))(x))
     assert "Ref<default>{u8[64,16]}" in text  # [in, block_n / 2] packed bytes per program
     assert "f32[64,64]" not in text and "bf16[64,64]" not in text
+
+
+def test_two_level_scales_reach_the_product():
+    # NVFP4 (e4m3 block scales times one float32 tensor scale) and float8 weights with
+    # float8 scales and a tensor scale: the tensor scale multiplies every weight.
+    nvfp4 = qjax.QuantSpec("nvfp4", granularity=qjax.per_block(-2, 16, channel_axis="all"))
+    w, x = _weight(nvfp4, 64, 64), _x((5, 64))
+    assert w.tensor_scale is not None
+    ref_w = np.asarray(w.dequantize(), np.float64)
+    x64 = np.asarray(x, np.float64)
+    _close(pallas.int4_matmul(x, w, block_n=32, block_k=16), x64 @ ref_w, x64, ref_w, rtol=1e-6)
+    spec = dataclasses.replace(FLOAT8_CHANNEL, scale_dtype="float8_e4m3fn", tensor_scale=True)
+    w = _weight(spec, 64, 64)
+    assert w.tensor_scale is not None
+    y = pallas.float8_matmul(x, w, block_m=16, **BLOCKS)
+    xq = qjax.quantize(x, pallas.FLOAT8_ACTIVATION)
+    x64 = np.asarray(xq.dequantize(), np.float64)
+    w64 = np.asarray(w.dequantize(), np.float64)
+    _close(y, x64 @ w64, x64, w64, rtol=1e-6)
+
+
+def test_float8_with_power_of_two_scales():
+    spec = dataclasses.replace(FLOAT8_CHANNEL, scale_dtype="float8_e8m0fnu")
+    w, x = _weight(spec, 64, 64), _x((5, 64))
+    exponents = np.asarray(w.scale).view(np.uint8).astype(np.int64) - 127
+    w64 = np.asarray(w.data).astype(np.float64) * np.ldexp(1.0, exponents)
+    xq = qjax.quantize(x, pallas.FLOAT8_ACTIVATION)
+    x64 = np.asarray(xq.data).astype(np.float64) * np.asarray(xq.scale, np.float64)
+    _close(pallas.float8_matmul(x, w, block_m=16, **BLOCKS), x64 @ w64, x64, w64, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "spec"),
+    [
+        (pallas.int4_matmul, INT4_BLOCK),
+        (pallas.int8_matmul, INT8_CHANNEL),
+        (pallas.float8_matmul, FLOAT8_CHANNEL),
+    ],
+    ids=["int4", "int8", "float8"],
+)
+def test_no_rows_give_an_empty_product(kernel, spec):
+    w = _weight(spec, 64, 64)
+    for x in (jnp.zeros((0, 64)), jnp.zeros((2, 0, 64), jnp.bfloat16)):
+        y = kernel(x, w, **BLOCKS)
+        assert y.shape == (*x.shape[:-1], 64) and y.dtype == x.dtype
+
+
+def test_int4_names_scale_blocks_it_cannot_step_through():
+    w = _weight(qjax.QuantSpec("int4", granularity=qjax.per_block(-2, 48)), 96, 64)
+    with pytest.raises(ValueError, match="scale blocks hold 48 rows"):
+        pallas.int4_matmul(_x((2, 96)), w, block_n=32)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from collections.abc import Callable
 from typing import Literal, NamedTuple
 
@@ -189,6 +190,7 @@ def why_not(path: Path, w: QArray, activation: QuantSpec | None = None) -> str |
         return None
     if path not in _INTEGER_PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    activation = None if activation is None else as_spec(activation, "activation")
     if activation is None:
         return (
             "an integer dot quantizes the activation: pass activation=, e.g. "
@@ -262,6 +264,7 @@ def choose_path(w: QArray, activation: QuantSpec | None = None, rows: int = 1) -
     """
     if 0 in w.shape:
         return "dequant"  # nothing to contract or to write: matmul returns zeros
+    activation = None if activation is None else as_spec(activation, "activation")
     if activation is None or why_not("int8_dot", w, activation) is not None:
         small = 4 * math.prod(w.shape) <= CHUNK_BYTES
         return "dequant" if small and rows > DECODE_ROWS else "dequant_chunked"
@@ -299,6 +302,10 @@ def bf16_chunk_rows(k: int, n: int, exact: int, rows: int) -> int:
       >>> bf16_chunk_rows(4096, 11008, 1024, rows=8), bf16_chunk_rows(4096, 11008, 1024, rows=512)
       (256, 1024)
     """
+    for name, value, least in (("k", k, 1), ("n", n, 1), ("exact", exact, 1), ("rows", rows, 0)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+            kind = "a positive" if least else "a non-negative"
+            raise ValueError(f"bf16_chunk_rows: {name} must be {kind} int, got {value!r}")
     limit = min(BF16_ROWS, exact)
     if rows < PREFILL_ROWS:
         limit = min(limit, BF16_ROWS // 2, max(128, BF16_CHUNK_BYTES // (2 * max(n, 1))))
@@ -349,13 +356,33 @@ def _matmul(x: jax.Array, w: QArray, act: QuantSpec | None, path: str) -> jax.Ar
         x = (x.astype(jnp.float32) * m).astype(x.dtype)
         w = dataclasses.replace(w, channel_scale=None)
     if path in _INTEGER_PATHS:
-        return _matmul_quantized(quantize(x, act, packed=False), w, path)
+        return _integer_product(x, w, act, path)
     if act is not None:
         x = fake_quant(x, act)
     if path == "dequant":
         return jnp.matmul(x, w.dequantize().astype(x.dtype))
     out = _dequant_chunked(x.reshape(-1, w.shape[0]), w)
     return out.astype(x.dtype).reshape(*x.shape[:-1], w.shape[1])
+
+
+def _integer_product(x: jax.Array, w: QArray, act: QuantSpec, path: str) -> jax.Array:
+    """``x`` quantized with ``act``, times ``w`` on an integer path; differentiated as the
+    float paths are (the straight-through estimator of :func:`qjax.fake_quant`, through
+    the dequantized weight), so the gradient does not depend on the path ``"auto"``
+    picks for the rows."""
+
+    @jax.custom_jvp
+    def product(x: jax.Array, w: QArray) -> jax.Array:
+        return _matmul_quantized(quantize(x, act, packed=False), w, path)
+
+    @product.defjvp
+    def _(primals: tuple, tangents: tuple) -> tuple[jax.Array, jax.Array]:
+        def fake_quantized(x: jax.Array, w: QArray) -> jax.Array:
+            return _matmul(x, w, act, "dequant")
+
+        return product(*primals), jax.jvp(fake_quantized, primals, tangents)[1]
+
+    return product(x, w)
 
 
 @functools.partial(jax.jit, static_argnames="path")
@@ -365,7 +392,10 @@ def _matmul_quantized(xq: QArray, w: QArray, path: str) -> jax.Array:
         return _matmul(xq.dequantize(), w, None, path)
     k, n = w.shape
     codes = xq.values.astype(jnp.int8).reshape(-1, k)
-    scale = xq.scale.astype(jnp.float32).reshape(-1, 1)  # per token, or one per tensor
+    scale = xq.scale.astype(jnp.float32)  # per token, or one per tensor (or per stacked one)
+    if scale.size != 1:
+        scale = jnp.broadcast_to(scale, (*xq.shape[:-1], 1))
+    scale = scale.reshape(-1, 1)
     out = _integer_dot(codes, scale, w, xq.spec, path)
     return out.astype(xq.float_dtype).reshape(*xq.shape[:-1], n)
 
@@ -405,6 +435,8 @@ class _Planes(NamedTuple):
             codes = packing.unpack_planes(data, target.bits, signed=signed)
         elif w.packed:
             codes = [packing.unpack(data, target.bits, signed=signed, pad=w.pad)]
+        elif target.is_float and jnp.issubdtype(data.dtype, jnp.floating):
+            return [data.astype(jnp.float32)]  # unpacked float4: no byte to read it from
         elif target.is_float:  # float8 values as their bytes (see _bytes)
             codes = [data.astype(jnp.int32)]
         else:
@@ -538,7 +570,9 @@ def _columns(scale: jax.Array, width: int) -> jax.Array:
 def _bytes(leaf: jax.Array | None) -> jax.Array | None:
     """A float8 array (values, e8m0 scales) as its uint8 bytes, else as it is: XLA:CPU
     slices float8 arrays inside a loop many times slower than bytes."""
-    if leaf is None or leaf.dtype.itemsize != 1 or not jnp.issubdtype(leaf.dtype, jnp.floating):
+    if leaf is None or not jnp.issubdtype(leaf.dtype, jnp.floating):
+        return leaf
+    if jnp.finfo(leaf.dtype).bits != 8:  # wider floats, or float4 that no byte holds
         return leaf
     return jax.lax.bitcast_convert_type(leaf, jnp.uint8)
 
@@ -623,6 +657,9 @@ def exact_rows(w: QArray, activation: QuantSpec) -> int:
       >>> kernels.exact_rows(qjax.quantize(jnp.ones((64, 8)), "int4"), act)
       16384
     """
+    if not isinstance(w, QArray):
+        raise TypeError(f"exact_rows: w must be a qjax.QArray, got {type(w).__name__}")
+    activation = as_spec(activation, "exact_rows activation")
     largest = [max(-int(s.target.qmin), int(s.target.qmax)) for s in (w.spec, activation)]
     return (1 << 24) // (largest[0] * largest[1])
 

@@ -46,6 +46,7 @@ speed are measured by ``benchmarks/gpu_matmul.py`` on a GPU.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -132,6 +133,13 @@ def int4_matmul(
     _check_weight(w, x.shape, "int4_matmul", ("int4", "float4_e2m1fn"))
     k = w.shape[0]
     group = _scale_rows(w)
+    if block_k > group and (group < 16 or group & (group - 1)):
+        raise ValueError(
+            f"int4_matmul: the weight's scale blocks hold {group} rows of in (spec {w.spec}), "
+            f"fewer than block_k ({block_k}), and a step must stay within one block: a "
+            "power of two of at least 16 rows. Quantize with per_block(-2, B) for such a B "
+            "(or per_channel(-1), per tensor)"
+        )
     block_k = min(block_k, group)
     _check_blocks("int4_matmul", w.shape, block_m, block_n, block_k)
     if group % block_k:
@@ -145,6 +153,8 @@ def int4_matmul(
             f"int4_matmul: split_k ({split_k}) must divide in / block_k = {k} / {block_k} = {steps}"
         )
     blocks = _Blocks(block_m, block_n, block_k, split_k, num_warps, num_stages)
+    if _no_rows(x):
+        return jnp.zeros((*x.shape[:-1], w.shape[1]), x.dtype)
     return _int4_matmul(x, w, blocks, _interpret(interpret))
 
 
@@ -271,6 +281,9 @@ def _quantized(
             f"{w.spec.granularity}; the kernel's sums need one scale along the whole contraction"
         )
     _check_blocks(what, w.shape, blocks.m, blocks.n, blocks.k)
+    if _no_rows(x):
+        dtype = x.float_dtype if isinstance(x, QArray) else x.dtype
+        return jnp.zeros((*x.shape[:-1], w.shape[1]), dtype)
     if isinstance(x, QArray):
         return _quantized_matmul(x, w, blocks, _interpret(interpret))
     return _quantize_then_matmul(x, w, act, blocks, _interpret(interpret))
@@ -285,6 +298,11 @@ class _Blocks(NamedTuple):
     split: int
     warps: int
     stages: int
+
+
+def _no_rows(x: jax.Array | QArray) -> bool:
+    """True for an ``x`` without rows: its product is empty, and no grid can cover it."""
+    return math.prod(x.shape[:-1]) == 0
 
 
 def _interpret(interpret: bool | None) -> bool:
@@ -372,11 +390,11 @@ def _weight_tile(data: jax.Array, w: QArray) -> jax.Array:
     return jnp.stack(planes, axis=-1).reshape(rows, width * len(planes))
 
 
-def _scale_operand(w: QArray) -> jax.Array:
-    """The scales as the kernel reads them, one column per output column: float32, or e8m0
-    scales as their bytes (:func:`qjax.affine.times_power_of_two` reads the exponent off
-    the byte)."""
-    if w.spec.power_of_two_scale:
+def _scale_operand(w: QArray, *, as_bytes: bool = True) -> jax.Array:
+    """The scales as the kernel reads them, one column per output column: float32, or with
+    ``as_bytes`` e8m0 scales as their bytes (:func:`qjax.affine.times_power_of_two` reads
+    the exponent off the byte)."""
+    if w.spec.power_of_two_scale and as_bytes:
         scale = jax.lax.bitcast_convert_type(w.scale, jnp.uint8)
     else:
         scale = w.scale.astype(jnp.float32)
@@ -436,8 +454,16 @@ def _int4_matmul(x: jax.Array, w: QArray, blocks: _Blocks, interpret: bool) -> j
         blocks,
         interpret,
     )(xp, w.data, _scale_operand(w))
-    out = parts[0] if split == 1 else parts.sum(axis=0)
+    out = _times_tensor_scale(parts[0] if split == 1 else parts.sum(axis=0), w)
     return out[: x2.shape[0]].astype(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def _times_tensor_scale(out: jax.Array, w: QArray) -> jax.Array:
+    """The float32 product times ``w``'s tensor scale (NVFP4's second level), if any: the
+    same factor for every weight, applied once to the sums."""
+    if w.tensor_scale is None:
+        return out
+    return out * w.tensor_scale.astype(jnp.float32).reshape(1, 1)
 
 
 @functools.partial(jax.jit, static_argnames=("act", "blocks", "interpret"))
@@ -481,5 +507,6 @@ def _quantized_matmul(xq: QArray, w: QArray, blocks: _Blocks, interpret: bool) -
         pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
         blocks,
         interpret,
-    )(codes, scale, w.data, _scale_operand(w))
+    )(codes, scale, w.data, _scale_operand(w, as_bytes=False))
+    out = _times_tensor_scale(out, w)
     return out[:rows].astype(xq.float_dtype).reshape(*xq.shape[:-1], n)
