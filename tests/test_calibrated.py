@@ -446,3 +446,23 @@ def test_cli_calibrated_errors_are_one_line(cli_files, capsys, extra, message):
     code = _cli("quantize", folder / "model.safetensors", folder / "x.safetensors", *extra)
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "smoothquant"])
+@pytest.mark.parametrize("shape", [(64, 0), (0, 64)])
+def test_empty_layers_quantize_as_round_to_nearest_does(method, shape):
+    params = {"w": jnp.zeros(shape)}
+    stats = capture.accumulate(lambda p, x: x @ p["w"], params, [jnp.ones((4, shape[0]))])
+    out = qjax.quantize_tree(params, {"w": "int8"}, method=method, statistics=stats)["w"]
+    assert isinstance(out, qjax.QArray) and out.shape == shape
+    assert out.dequantize().shape == shape
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "smoothquant"])
+def test_non_finite_statistics_are_refused_naming_the_parameter(method):
+    params = {"w": jax.random.normal(jax.random.key(0), (128, 64))}
+    batches = [jax.random.normal(jax.random.key(i), (64, 128)) for i in range(2)]
+    batches[1] = batches[1].at[3, 5].set(jnp.inf)
+    stats = capture.accumulate(lambda p, x: x @ p["w"], params, batches)
+    with pytest.raises(ValueError, match=r"statistics\['w'\] hold NaN or inf"):
+        qjax.quantize_tree(params, {"w": "int8:per_channel"}, method=method, statistics=stats)

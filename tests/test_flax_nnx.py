@@ -264,3 +264,72 @@ def test_invalid_rules_are_named():
     general = nnx.LinearGeneral(4, 2, dot_general_cls=lambda: jax.lax.dot_general, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"layer '' \(LinearGeneral\) uses dot_general_cls"):
         qnnx.quantize(general, {"": "int8"})
+
+
+class _Block(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.lin = nnx.Linear(32, 32, rngs=rngs)
+
+    def __call__(self, x):
+        return jax.nn.relu(self.lin(x))
+
+
+class _Stacked(nnx.Module):
+    """Three blocks made by nnx.vmap and run by nnx.scan, as scanned transformers are."""
+
+    def __init__(self):
+        @nnx.vmap(in_axes=0, out_axes=0)
+        def make(key):
+            return _Block(nnx.Rngs(key))
+
+        self.blocks = make(jax.random.split(jax.random.key(0), 3))
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def body(x, block):
+            return block(x)
+
+        return body(x, self.blocks)
+
+
+def _unstacked(stacked: _Stacked) -> list[_Block]:
+    blocks = [_Block(nnx.Rngs(i)) for i in range(3)]
+    for i, block in enumerate(blocks):
+        block.lin.kernel[...] = stacked.blocks.lin.kernel[...][i]
+        block.lin.bias[...] = stacked.blocks.lin.bias[...][i]
+    return blocks
+
+
+def test_stacked_layers_get_static_ranges_and_learned_scales_per_layer():
+    act = qnnx.ActQuant(qjax.QuantSpec("int8"), static=True)
+    static = {".*kernel": qnnx.LayerQuant(weight=qjax.parse_spec("int8:per_channel"), act=act)}
+    x = jax.random.normal(jax.random.key(1), (4, 32))
+    model = _Stacked()
+    blocks = _unstacked(model)
+    qnnx.quantize(model, static)
+    for block in blocks:
+        qnnx.quantize(block, static)
+    assert model.blocks.lin.dot_general.act_min[...].shape == (3,)
+    model(x)  # uncalibrated: dynamic ranges
+    qnnx.calibrate(model)(x)
+    y = x
+    for block in blocks:
+        y = qnnx.calibrate(block)(y)
+    for i, block in enumerate(blocks):
+        assert model.blocks.lin.dot_general.act_min[...][i] == block.lin.dot_general.act_min[...]
+        assert model.blocks.lin.dot_general.act_max[...][i] == block.lin.dot_general.act_max[...]
+    qnnx.calibrate(model, False)
+    y = x
+    for block in blocks:
+        y = qnnx.calibrate(block, False)(y)
+    np.testing.assert_allclose(model(x), y, rtol=1e-6, atol=1e-6)
+
+    lsq = _Stacked()
+    kernels = lsq.blocks.lin.kernel[...]
+    qnnx.quantize(lsq, {".*kernel": "int4:per_channel:lsq"})
+    scale = lsq.blocks.lin.dot_general.weight_scale[...]
+    assert scale.shape == (3, 1, 32)
+    for i in range(3):
+        expected = qjax.compute_qparams(kernels[i], qjax.parse_spec("int4:per_channel")).scale
+        np.testing.assert_array_equal(scale[i], expected)
+    assert lsq(x).shape == (4, 32)

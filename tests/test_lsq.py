@@ -704,3 +704,20 @@ def test_plan_names_the_calibrated_start():
 def test_calibrated_starts_that_cannot_apply_are_refused(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+def test_nnx_lsq_model_converts_with_its_learned_scales():
+    from qjax.flax import serve
+
+    rules = {".*kernel": "int4:per_channel:lsq"}
+    model = nnx.Sequential(nnx.Linear(32, 64, rngs=nnx.Rngs(0)), nnx.relu)
+    qnnx.quantize(model, rules)
+    op = model.layers[0].dot_general
+    op.weight_scale[...] = op.weight_scale[...] * 1.25  # as if trained: not min-max any more
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    kernel = serve.convert({"params": params}, rules)["params"]["layers"][0]["kernel"]
+    np.testing.assert_array_equal(kernel.scale, op.weight_scale[...])
+    x = jax.random.normal(jax.random.key(1), (3, 32))
+    bias = params["layers"][0]["bias"]
+    served = jnp.maximum(x @ kernel.dequantize() + bias[None], 0)
+    np.testing.assert_array_equal(served, model(x))  # the QAT forward, bit for bit

@@ -153,6 +153,8 @@ def calibrated_leaf(
 
     ``shared`` is an AWQ scale searched together with other layers (see :class:`AWQ`).
     """
+    if 0 in leaf.shape:  # no weight to calibrate: round to nearest gives the empty QArray
+        return quantize(leaf, spec)
     axis = per_layer_axes(stats, tuple(leaf.shape), name)
     _check_hessian(name, stats, method)
     if isinstance(method, GPTQ):

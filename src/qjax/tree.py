@@ -346,6 +346,8 @@ def _quantize_calibrated(
             )
         if check_finite and not isinstance(leaf, jax.core.Tracer):
             _check_finite(name, leaf)
+        if check_finite:
+            _check_finite_statistics(name, stats)
         chosen[name] = (leaf, resolution.spec, stats)
     shared = {}
     if isinstance(method, AWQ) and method.share_inputs:
@@ -510,6 +512,24 @@ def nonfinite_in_float32(x: np.ndarray) -> int:
         with np.errstate(invalid="ignore"):
             return int(np.count_nonzero(~(np.abs(x) < FLOAT32_OVERFLOW)))
     return int(x.size - np.count_nonzero(np.isfinite(x)))
+
+
+def _check_finite_statistics(name: str, stats: Any) -> None:
+    """Refuses calibration statistics with NaN or inf values (concrete ones), naming the
+    parameter: one non-finite activation would otherwise set a scale (SmoothQuant, AWQ)
+    or break GPTQ's Hessian with a message that blames the row count."""
+    fields = ("hessian", "abs_sum", "abs_max", "mean_abs")
+    values = [getattr(stats, f) for f in fields]
+    if any(v is None or isinstance(v, jax.core.Tracer) for v in values):
+        return
+    bad = [f for f, v in zip(fields, values) if not np.all(np.isfinite(np.asarray(v)))]
+    if bad:
+        raise ValueError(
+            f"statistics[{name!r}] hold NaN or inf ({', '.join(bad)}): a calibration batch "
+            "had non-finite activations at this parameter's input; drop those batches (or "
+            "fix the model's overflow) and capture again, or keep the parameter float with "
+            f"a rule like ({re.escape(name)!r}, None)"
+        )
 
 
 def _check_finite(name: str, leaf: Any) -> None:

@@ -203,7 +203,8 @@ def learned_weight_qparams(
 
     Raises:
       ValueError: where ``params`` hold no ``<module_path>/<weight>_scale`` (or the
-        ``_offset`` an asymmetric spec learns).
+        ``_offset`` an asymmetric spec learns), nor, as NNX keeps them on the layer's
+        :class:`~qjax.flax.nnx.QuantOp`, ``<module_path>/<op>/weight_scale``.
 
     Examples:
       >>> import flax.linen as nn, jax, jax.numpy as jnp, numpy as np, qjax
@@ -222,9 +223,17 @@ def learned_weight_qparams(
     """
     layer: Any = params
     for key in module_path.split("/") if module_path else ():
-        layer = layer.get(key) if isinstance(layer, Mapping) else None
+        if isinstance(layer, Mapping):  # NNX's pure dicts key list items by int
+            layer = layer.get(key, layer.get(int(key)) if key.isdigit() else None)
+        else:
+            layer = None
     names = [f"{weight}_scale"] + ([f"{weight}_offset"] if learns_offset(spec) else [])
     values = [layer.get(name) if isinstance(layer, Mapping) else None for name in names]
+    if values[0] is None and isinstance(layer, Mapping):
+        # NNX keeps them on the layer's QuantOp (layer/dot_general/weight_scale).
+        ops = [op for op in layer.values() if isinstance(op, Mapping) and "weight_scale" in op]
+        if len(ops) == 1:
+            values = [ops[0].get(name.replace(weight, "weight", 1)) for name in names]
     for name, value in zip(names, values):
         if value is None:
             where = "/".join(p for p in ("params", module_path, name) if p)

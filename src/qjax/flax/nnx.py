@@ -18,6 +18,7 @@ and checkpoints, and an ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` never sees t
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, TypeVar
 
@@ -121,6 +122,10 @@ class QuantOp(nnx.Module):
       kernel_arg: the position of the kernel operand (2 for ``einsum_op``, else 1).
       calibrating: whether calls update the static ranges and learned input scales.
 
+    ``stacked``: the leading axes of ``kernel`` that stack copies of the layer
+    (``nnx.vmap`` / ``nnx.scan``): the static ranges and learned weight scales get them
+    too, one per layer, which the lifted transform slices as it slices the kernel.
+
     Examples:
       >>> import jax, jax.numpy as jnp, qjax
       >>> from qjax.flax import nnx as qnnx
@@ -142,15 +147,17 @@ class QuantOp(nnx.Module):
         input_arg: int = 0,
         kernel_arg: int = 1,
         kernel: jax.Array | None = None,
+        stacked: int = 0,
     ):
         self.op = op
         self.quant = quant
         self.input_arg = input_arg
         self.kernel_arg = kernel_arg
         self.calibrating = False
+        layers = () if kernel is None else tuple(jnp.shape(kernel)[:stacked])
         if quant.act is not None and quant.act.static:
-            self.act_min = QuantStat(jnp.full((), jnp.inf, jnp.float32))
-            self.act_max = QuantStat(jnp.full((), -jnp.inf, jnp.float32))
+            self.act_min = QuantStat(jnp.full(layers, jnp.inf, jnp.float32))
+            self.act_max = QuantStat(jnp.full(layers, -jnp.inf, jnp.float32))
         if not quant.learn_scale:
             return
         if quant.weight is not None:
@@ -159,7 +166,12 @@ class QuantOp(nnx.Module):
                     "QuantOp: learn_scale=True with a weight spec needs the layer's kernel "
                     "(kernel=...) to start the learned scale from"
                 )
-            scale, offset = learned_weight_init(kernel, quant.weight, quant.calibration)
+            init = functools.partial(
+                learned_weight_init, spec=quant.weight, calibration=quant.calibration
+            )
+            for _ in range(stacked):  # one scale per stacked layer
+                init = jax.vmap(init)
+            scale, offset = init(kernel)
             self.weight_scale = nnx.Param(scale)
             if offset is not None:
                 self.weight_offset = nnx.Param(offset)
@@ -254,7 +266,7 @@ def _plan(
         )
     if quant is not None and quant.weight is not None:
         kernel = getattr(module, name).get_value()
-        shape = jnp.shape(kernel)
+        shape = jnp.shape(kernel)[_stacked_axes(module, jnp.ndim(kernel)) :]  # one layer's
         spec = rule.weight_spec(f"{path}/{name}" if path else name, shape)
         problem = weight_spec_problem(shape, jnp.result_type(kernel), spec)
         if problem is not None:
@@ -273,10 +285,32 @@ def _install(
     if quant is None:
         setattr(module, hook.attr, nnx.static(original))
         return
+    stacked = 0 if kernel is None else _stacked_axes(module, jnp.ndim(kernel))
     op = QuantOp(
-        original, quant, input_arg=hook.input_arg, kernel_arg=hook.kernel_arg, kernel=kernel
+        original,
+        quant,
+        input_arg=hook.input_arg,
+        kernel_arg=hook.kernel_arg,
+        kernel=kernel,
+        stacked=stacked,
     )
     setattr(module, hook.attr, nnx.data(op))
+
+
+def _stacked_axes(module: nnx.Module, ndim: int) -> int:
+    """The leading axes of a layer's kernel of rank ``ndim`` that stack copies of the layer
+    (``nnx.vmap`` / ``nnx.scan`` over its constructor): the rank beyond one layer's."""
+    if isinstance(module, nnx.Linear):
+        rank = 2
+    elif isinstance(module, nnx.Conv):
+        rank = len(module.kernel_size) + 2
+    elif isinstance(module, nnx.LinearGeneral):
+        rank = len(module.batch_axis) + len(module.in_features) + len(module.out_features)
+    elif isinstance(module, nnx.Einsum):
+        rank = len(module.kernel_shape)
+    else:
+        return 0
+    return max(ndim - rank, 0)
 
 
 def quantize(model: M, rules: Mapping[str, RuleValue], *, strict: bool = False) -> M:
