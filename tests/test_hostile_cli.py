@@ -14,6 +14,7 @@ Classes (issue 11 item 9, issue 10 CLI):
 from __future__ import annotations
 
 import errno
+import io
 import os
 import stat
 import zipfile
@@ -481,9 +482,7 @@ def test_readme_style_example_on_float_params(tmp_path, capsys):
         (np.float32, np.nan, 1),
     ],
 )
-def test_values_that_are_not_finite_in_float32_name_the_tensor(
-    tmp_path, capsys, dtype, bad, count
-):
+def test_values_that_are_not_finite_in_float32_name_the_tensor(tmp_path, capsys, dtype, bad, count):
     w = np.ones((64, 64), dtype)
     w[3, 5] = bad
     path = tmp_path / "w.safetensors"  # safetensors holds bfloat16, npz does not
@@ -500,3 +499,53 @@ def test_values_that_are_not_finite_in_float32_name_the_tensor(
     assert code == 0, err
     kept = qjax.io.load_tensors(out, check_finite=False)["layer.kernel"]
     assert np.asarray(kept).dtype == w.dtype
+
+
+def test_float8_safetensors_inputs_quantize(tmp_path, capsys):
+    w = RNG.standard_normal((64, 64)).astype(ml_dtypes.float8_e4m3fn)
+    source, out = tmp_path / "m.safetensors", tmp_path / "q.safetensors"
+    save_file({"w": w, "e5m2": RNG.standard_normal(8).astype(ml_dtypes.float8_e5m2)}, source)
+    assert run(capsys, "quantize", source, out, "--dtype", "int8", "-q")[0] == 0
+    loaded = qjax.load(out)
+    q = loaded["w"]
+    spec = qjax.QuantSpec("int8", granularity=qjax.per_channel(-1))
+    expected = qjax.quantize(w.astype(np.float32), spec)
+    assert q.float_dtype == w.dtype  # dequantizes back to the input's float8
+    np.testing.assert_array_equal(q.data, expected.data)
+    np.testing.assert_array_equal(q.scale, expected.scale)
+    assert np.asarray(loaded["e5m2"]).dtype == ml_dtypes.float8_e5m2  # small: kept as read
+
+
+def test_big_endian_npz_inputs_quantize(tmp_path, capsys):
+    w = RNG.standard_normal((64, 64)).astype(">f4")
+    ids = np.arange(2**40, 2**40 + 8, dtype=">i8")
+    source, out = tmp_path / "m.npz", tmp_path / "q.safetensors"
+    np.savez(source, w=w, ids=ids)
+    assert run(capsys, "quantize", source, out, "-q")[0] == 0
+    assert np.array_equal(load_file(out)["ids"], ids.astype("<i8"))
+    back = tmp_path / "back.npz"
+    assert run(capsys, "dequantize", out, back, "-q")[0] == 0
+    assert np.load(back)["w"].dtype == np.float32
+
+
+def test_npz_header_larger_than_its_member_is_damaged_not_out_of_memory(tmp_path, capsys):
+    member = io.BytesIO()
+    header = {"descr": "<f4", "fortran_order": False, "shape": (2_000_000, 200_000)}
+    np.lib.format.write_array_header_1_0(member, header)
+    member.write(np.ones(4, np.float32).tobytes())  # 16 bytes of data for 1.6 TB declared
+    source = tmp_path / "big.npz"
+    with zipfile.ZipFile(source, "w") as zf:
+        zf.writestr("w.npy", member.getvalue())
+    one_line_error(capsys, ["plan", source], "damaged", "2000000")
+
+
+def test_plain_sub_byte_integer_leaves_dequantize_as_bytes(tmp_path, capsys):
+    codes = np.arange(-4, 4).astype(ml_dtypes.int4)
+    source = tmp_path / "t.safetensors"
+    qjax.save(source, {"codes": codes, "w": np.ones((4, 4), np.float32)})
+    for suffix in (".safetensors", ".npz"):
+        out = tmp_path / f"o{suffix}"
+        assert run(capsys, "dequantize", source, out, "-q")[0] == 0
+        back = load_file(out) if suffix == ".safetensors" else dict(np.load(out))
+        assert back["codes"].dtype == np.int8
+        np.testing.assert_array_equal(back["codes"], np.arange(-4, 4))

@@ -541,3 +541,35 @@ def test_empty_and_stacked_qarrays_round_trip(tmp_path):
     tree = {"stacked": stacked, "empty": empty}
     qio.save(tmp_path / "s.safetensors", tree)
     assert _same(qio.load(tmp_path / "s.safetensors"), tree)
+
+
+@pytest.mark.parametrize("dtype", ["float6_e2m3fn", "int1"])
+def test_types_jax_cannot_hold_are_refused_when_saved_and_loaded(saved, tmp_path, dtype):
+    if not hasattr(ml_dtypes, dtype):
+        pytest.skip(f"this ml_dtypes has no {dtype}")
+    with pytest.raises(TypeError, match=f"cannot store tensor 'x' of dtype {dtype}"):
+        qio.save(tmp_path / "x.safetensors", {"x": np.zeros(4, getattr(ml_dtypes, dtype))})
+    # A file that says so anyway (its checksum recomputed): one ValueError naming it.
+    source, _ = saved
+    target = _rewrite(
+        source,
+        tmp_path / "edited.safetensors",
+        lambda h: _node(h, "blocks", "b").update(dtype=dtype),
+    )
+    with pytest.raises(ValueError, match=f"cannot store tensor .* of dtype {dtype}"):
+        qio.load(target)
+
+
+def test_keys_and_names_a_header_cannot_hold_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="not valid Unicode text"):
+        qio.save(tmp_path / "s.safetensors", {"layer\udcff": np.ones(2, np.float32)})
+    with pytest.raises(ValueError, match="not valid Unicode text"):
+        qio.save(tmp_path / "s.safetensors", {"a": np.ones(2)}, names={"a": "b\udcff"})
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("names", [{"a": "b"}, {"a": "x", "b": "x"}])
+def test_names_that_collide_are_refused(tmp_path, names):
+    tree = {"a": np.ones(2, np.float32), "b": np.zeros(2, np.float32)}
+    with pytest.raises(ValueError, match="would both be named"):
+        qio.save(tmp_path / "d.safetensors", tree, names=names)

@@ -16,12 +16,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from qjax import capture
 from qjax import io as qio
 from qjax.files import (
     FLOAT_SUFFIXES,
+    ST_CODES,
     PathLike,
     TensorInfo,
     check_target,
@@ -387,9 +389,16 @@ def _check_finite_tensor(t: TensorInfo, x: np.ndarray) -> None:
 
 
 def _float_dtype(leaf: Any, npz: bool) -> np.dtype:
-    """The dtype a leaf is written as (npz cannot hold the ml_dtypes floats)."""
+    """The dtype a leaf is written as: ml_dtypes integers (int4, uint2, ...) as bytes of
+    the same values, ml_dtypes floats that the format cannot hold (any in npz; float4 or
+    e8m0 in safetensors) as float32, which holds their values exactly."""
     dtype = np.dtype(leaf.float_dtype) if isinstance(leaf, QArray) else np.dtype(leaf.dtype)
-    if npz and dtype.kind == "V":
+    if dtype.kind != "V":
+        return dtype
+    if jnp.issubdtype(dtype, jnp.integer):
+        signed = jnp.issubdtype(dtype, jnp.signedinteger)
+        return np.dtype(np.int8 if signed else np.uint8)
+    if npz or dtype not in ST_CODES:
         return np.dtype(np.float32)
     return dtype
 

@@ -92,6 +92,8 @@ ST_DTYPES = {
 """safetensors dtype codes and the NumPy / ml_dtypes dtypes they hold."""
 
 ST_CODES = {dtype: code for code, dtype in ST_DTYPES.items()}
+_BYTE_CODES = ("F8_E4M3", "F8_E5M2")
+"""Codes that safetensors' NumPy reader cannot make arrays of: read as bytes instead."""
 
 _NPZ_ERRORS = (
     zipfile.BadZipFile,
@@ -395,9 +397,23 @@ class SafetensorsCheckpoint(FloatCheckpoint):
     def read(self, name: str) -> np.ndarray:
         with self._open() as f:
             try:
+                info = f.get_slice(name)
+                code = info.get_dtype()
+                if code in _BYTE_CODES:  # NumPy has no float8 type for safetensors to make
+                    return self._read_bytes(name, code, tuple(info.get_shape()))
                 return f.get_tensor(name)
             except (SafetensorError, ValueError, TypeError) as e:
                 raise ValueError(_one_line(f"{self.path}: tensor {name!r}: {e}")) from None
+
+    def _read_bytes(self, name: str, code: str, shape: tuple[int, ...]) -> np.ndarray:
+        """A tensor read as its bytes and viewed as its ml_dtypes type, from the header
+        ``safe_open`` has just checked (offsets inside the file)."""
+        with open(self.path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            start, end = json.loads(f.read(size))[name]["data_offsets"]
+            f.seek(8 + size + start)
+            raw = np.frombuffer(f.read(end - start), np.uint8).copy()
+        return raw.view(ST_DTYPES[code]).reshape(shape)
 
     @contextlib.contextmanager
     def _open(self) -> Iterator[Any]:
@@ -433,6 +449,14 @@ class NpzCheckpoint(FloatCheckpoint):
                         else np.lib.format.read_array_header_2_0
                     )
                     shape, _, dtype = read(f)
+                    declared = math.prod(shape) * dtype.itemsize
+                    if declared > zf.getinfo(member).file_size:
+                        raise ValueError(
+                            f"array {member[:-4]!r} is damaged: its header declares shape "
+                            f"{shape} ({declared} bytes), more than the member's "
+                            f"{zf.getinfo(member).file_size} bytes"
+                        )
+                dtype = dtype.newbyteorder("=")  # read() gives native byte order
                 if dtype.hasobject or dtype.kind not in "biuf" or dtype.names:
                     raise ValueError(
                         f"array {member[:-4]!r} has dtype {dtype}; qjax reads bool, integer "
@@ -444,7 +468,9 @@ class NpzCheckpoint(FloatCheckpoint):
     def read(self, name: str) -> np.ndarray:
         with self._guard(f"array {name!r} cannot be read"):
             with np.load(self.path, allow_pickle=False) as npz:
-                return npz[name]
+                array = npz[name]
+            native = array.dtype.newbyteorder("=")
+            return array if array.dtype == native else array.astype(native)
 
     @contextlib.contextmanager
     def _guard(self, what: str) -> Iterator[None]:

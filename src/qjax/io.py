@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import json
 import os
 import stat
@@ -299,6 +300,7 @@ class _Encoder:
         self._spec_ids: dict[QuantSpec, int] = {}
         self.names = dict(names or {})
         self.named: set[str] = set()
+        self._leaf_names: dict[str, str] = {}  # stored name -> leaf path, where names given
         self.version = 2  # raised by the optional parts a QArray holds
 
     def node(self, node: Any, path: Path) -> Any:
@@ -315,6 +317,7 @@ class _Encoder:
                         f"dict key {key!r} ({type(key).__name__}) at {_show(path)} is not a "
                         "string; qjax.io.save needs string keys: convert them with str()"
                     )
+                _check_text(key, f"dict key {key!r} at {_show(path)}")
             return {"dict": {key: self.node(child, path + (key,)) for key, child in node.items()}}
         if type(node) in (list, tuple):
             children = [self.node(child, path + (i,)) for i, child in enumerate(node)]
@@ -329,12 +332,21 @@ class _Encoder:
 
     def named_leaf(self, encoded: dict[str, Any], path: Path) -> dict[str, Any]:
         key = "/".join(str(k) for k in path)
+        name = key
         if key in self.names:
             name = self.names[key]
             if not isinstance(name, str):
                 raise TypeError(f"names[{key!r}] must be a string, got {type(name).__name__}")
+            _check_text(name, f"names[{key!r}]")
             encoded["name"] = name
             self.named.add(key)
+        if self.names:  # the names load_tensors and the command line give the leaves
+            other = self._leaf_names.setdefault(name, key)
+            if other != key:
+                raise ValueError(
+                    f"names: the leaves at {other!r} and {key!r} would both be named "
+                    f"{name!r}; give each leaf its own name"
+                )
         return encoded
 
     def qarray(self, qa: QArray, path: Path) -> dict[str, Any]:
@@ -560,8 +572,11 @@ class _Decoder:
             raise _Invalid(f"tensor {name!r} is in the qjax metadata but not in the file")
         if name in self.used:
             raise _Invalid(f"tensor {name!r} is described twice in the qjax metadata")
-        dtype = jnp.dtype(info["dtype"])
-        stored = _storage_dtype(dtype, name)
+        try:
+            dtype = jnp.dtype(info["dtype"])
+            stored = _storage_dtype(dtype, name)
+        except TypeError as e:
+            raise _Invalid(f"tensor {name!r}: {e}") from None
         shape = tuple(info["shape"])
         found = self.file.get_slice(name)
         found_dtype, found_shape = found.get_dtype(), tuple(found.get_shape())
@@ -651,12 +666,25 @@ def _storage_dtype(dtype: np.dtype, name: str) -> np.dtype:
     if dtype.name in _NATIVE_DTYPES:
         return dtype
     known = jnp.issubdtype(dtype, jnp.number) and jnp.dtype(dtype.name) == dtype
-    if not known or dtype.itemsize not in _RAW_VIEWS:
+    if not known or dtype.itemsize not in _RAW_VIEWS or not _jax_holds(dtype.name):
         raise TypeError(
             f"cannot store tensor {name!r} of dtype {dtype}: qjax.io holds bool, integer "
-            "and floating-point arrays (including the ml_dtypes types)"
+            "and floating-point arrays of the types JAX computes with (including its "
+            "ml_dtypes types)"
         )
     return _RAW_VIEWS[dtype.itemsize]
+
+
+@functools.cache
+def _jax_holds(name: str) -> bool:
+    """Whether this JAX makes arrays of the dtype named ``name`` (ml_dtypes defines some,
+    such as float6_e2m3fn or int1, that it cannot)."""
+    probe = np.arange(16).astype(np.dtype(name))  # several elements: one can pass by luck
+    try:
+        back = np.asarray(jnp.asarray(probe))
+    except Exception:  # XLA's errors for types it cannot hold vary by version
+        return False
+    return back.dtype == probe.dtype and back.tobytes() == probe.tobytes()
 
 
 def _crc32(array: np.ndarray) -> int:
@@ -672,6 +700,19 @@ def _tensor_name(path: Path, part: str | None = None) -> str:
     if name == "__metadata__":  # safetensors reserves this key for its metadata
         name = "%5F" + name[1:]
     return name if part is None else f"{name}:{part}"
+
+
+def _check_text(text: str, what: str) -> None:
+    """Refuses text that UTF-8 cannot encode (a lone surrogate, as ``os.listdir`` gives for
+    undecodable bytes): the file's JSON header could not hold it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{what} is not valid Unicode text ({e.reason} at position {e.start}), which "
+            "a safetensors header cannot hold; decode it properly (e.g. os.fsdecode) or "
+            "rename it"
+        ) from None
 
 
 def _escape(key: str) -> str:
