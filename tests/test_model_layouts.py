@@ -91,6 +91,14 @@ def test_attention_blocks_stay_on_the_inputs_when_they_divide_the_heads():
     _check(q["attn"]["query"]["kernel"], w, "int4", (32, 1, 1))
 
 
+def test_a_scan_stacked_dense_named_query_stays_a_dense():
+    # nn.scan stacks a Dense "query" as [layers, in, out]: its first axis is the shorter,
+    # so it is no attention projection [in, heads, head_dim], and reads as before.
+    w = jax.random.normal(jax.random.key(4), (3, 64, 48))
+    q = qjax.quantize_tree({"layer": {"query": {"kernel": w}}}, {".*": "int4:per_block:32"})
+    _check(q["layer"]["query"]["kernel"], w, "int4", (3, 32, 1))
+
+
 @pytest.mark.parametrize("rule", ["int8:per_channel", "int4:per_block:32"])
 def test_attention_qat_ptq_and_serving_agree(attention, rule):
     model, variables, x = attention

@@ -117,7 +117,8 @@ def layout_reading(
         conv1d = _gpt2_conv1d_shape(parent, shape) if gpt2_conv1d is None else gpt2_conv1d
         if conv1d:
             return LayoutReading(layout, 0, 1, "GPT-2 FlaxConv1D [out, in]")
-    if leaf == "kernel" and ndim == 3 and parent in _ATTENTION_PROJECTIONS:
+    if leaf == "kernel" and ndim == 3 and parent in _ATTENTION_PROJECTIONS and shape[0] >= shape[1]:
+        # (fewer heads than inputs: a Dense stacked by nn.scan, [layers, in, out], has not)
         what = "attention projection [in, heads, head_dim]"
         return LayoutReading(layout, -1, 0, what, all_channels=True, input_blocks=True)
     if leaf == "kernel" and ndim == 3 and parent == "out":
