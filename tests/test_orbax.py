@@ -327,6 +327,12 @@ SCRIPT = textwrap.dedent(
         assert "4 blocks of 32" in str(e) and "shards of 16" in str(e), e
     else:
         raise AssertionError("a block split across shards must be refused")
+    try:
+        qo.abstract_quantized({"w": sds((64, 48), P(None, "m"))}, {".*": "nf4"})
+    except ValueError as e:
+        assert "'w'" in str(e) and "LUTArray" in str(e) and "replicate" in str(e), e
+    else:
+        raise AssertionError("a split lookup-table target must be refused, not dropped")
     print("SHARDED ORBAX OK")
     """
 )
@@ -347,3 +353,115 @@ def test_sharded_save_restores_onto_another_mesh_bit_for_bit(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SHARDED ORBAX OK" in result.stdout
     print(result.stdout)
+
+
+def test_restore_keeps_64_bit_leaves_bit_for_bit(tmp_path):
+    """Without x64, int64 / float64 leaves come back as the NumPy arrays saved, as qjax.load
+    gives them (JAX would truncate them to 32 bits)."""
+    assert not jax.config.jax_enable_x64
+    step = np.array([2**40 + 7, -(2**35)], np.int64)
+    mean = np.array([1 / 3, 1e300], np.float64)
+    w = qjax.quantize(jnp.linspace(-1, 1, 256).reshape(8, 32), "int4")
+    tree = {"step": step, "stats": [mean], "w": w}
+    qo.save(tmp_path / "ckpt", tree)
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+    for restored in (qo.restore(tmp_path / "ckpt"), qo.restore(tmp_path / "ckpt", target)):
+        assert isinstance(restored["step"], np.ndarray) and restored["step"].dtype == np.int64
+        np.testing.assert_array_equal(restored["step"], step)
+        assert restored["stats"][0].dtype == np.float64
+        np.testing.assert_array_equal(_bits(restored["stats"][0]), _bits(mean))
+        assert isinstance(restored["w"].data, jax.Array)
+        np.testing.assert_array_equal(_bits(restored["w"].data), _bits(w.data))
+    qo.orbax_to_safetensors(tmp_path / "ckpt", tmp_path / "back.safetensors")
+    back = qjax.load(tmp_path / "back.safetensors")
+    np.testing.assert_array_equal(back["step"], step)
+    assert back["step"].dtype == np.int64
+
+
+def test_save_refuses_keys_orbax_would_join_into_one_name(tmp_path):
+    """Orbax names arrays by their key paths joined with '.': a collision is refused, naming
+    both paths, before anything is written (a QArray's parts count as keys)."""
+    with pytest.raises(ValueError, match=r"\['a'\]\['b'\] and \['a\.b'\] .* 'a\.b'"):
+        qo.save(tmp_path / "ckpt", {"a.b": jnp.ones(2), "a": {"b": jnp.zeros(2)}})
+    assert not (tmp_path / "ckpt").exists()
+    qa = qjax.quantize(jnp.ones((4, 8)), "int8")
+    with pytest.raises(ValueError, match=r"\['w'\]\['scale'\] and \['w\.scale'\]"):
+        qo.save(tmp_path / "ckpt", {"w": qa, "w.scale": jnp.ones(2)})
+    assert not (tmp_path / "ckpt").exists()
+    qjax.save(tmp_path / "f.safetensors", {"a.b": jnp.ones(2), "a": {"b": jnp.zeros(2)}})
+    with pytest.raises(ValueError, match=r"would both be stored as 'a\.b'"):
+        qo.safetensors_to_orbax(tmp_path / "f.safetensors", tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+    # A dotted key that collides with nothing is fine.
+    qo.save(tmp_path / "ckpt", {"a.b": np.ones(2, np.float32), "a": {"c": np.zeros(2, np.float32)}})
+    restored = qo.restore(tmp_path / "ckpt")
+    np.testing.assert_array_equal(restored["a.b"], np.ones(2, np.float32))
+    np.testing.assert_array_equal(restored["a"]["c"], np.zeros(2, np.float32))
+
+
+def _assert_same_lut(got, want):
+    assert isinstance(got, qjax.palettize.LUTArray), type(got)
+    assert (got.bits, got.pad, got.float_dtype) == (want.bits, want.pad, want.float_dtype)
+    for part in ("indices", "table", "scale"):
+        a, b = getattr(got, part), getattr(want, part)
+        assert (a is None) == (b is None), part
+        if b is not None:
+            assert (a.dtype, a.shape) == (b.dtype, b.shape), part
+            np.testing.assert_array_equal(_bits(a), _bits(b), err_msg=part)
+
+
+def test_lut_arrays_round_trip_through_orbax_and_the_file_interop(tmp_path):
+    from qjax.palettize import nf4, palettize
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(64, 48)).astype(np.float32)
+    tree = {
+        "nf4": nf4(jnp.asarray(x)),  # with scales
+        "lut3": palettize(jnp.asarray(x[:, :40]), 3),  # 3-bit codes, padded, no scale
+        "q": qjax.quantize(jnp.asarray(x), "int8"),
+    }
+    assert tree["nf4"].scale is not None and tree["lut3"].scale is None
+    qo.save(tmp_path / "ckpt", tree)
+    restored = qo.restore(tmp_path / "ckpt")
+    for name in ("nf4", "lut3"):
+        _assert_same_lut(restored[name], tree[name])
+        np.testing.assert_array_equal(restored[name].dequantize(), tree[name].dequantize())
+    _assert_same(restored["q"], tree["q"])
+    # safetensors -> Orbax -> safetensors: LUTArrays stay LUTArrays, the file as qjax.save's.
+    qjax.save(tmp_path / "model.safetensors", tree)
+    qo.safetensors_to_orbax(tmp_path / "model.safetensors", tmp_path / "ckpt2")
+    for name in ("nf4", "lut3"):
+        _assert_same_lut(qo.restore(tmp_path / "ckpt2")[name], tree[name])
+    qo.orbax_to_safetensors(tmp_path / "ckpt2", tmp_path / "back.safetensors", batch_bytes=1)
+    back = qjax.load(tmp_path / "back.safetensors")
+    for name in ("nf4", "lut3"):
+        _assert_same_lut(back[name], tree[name])
+    # Dict entries in key order, as Orbax lists them: what qjax.save writes for the restore.
+    qjax.save(tmp_path / "direct.safetensors", qo.restore(tmp_path / "ckpt2"))
+    assert (tmp_path / "back.safetensors").read_bytes() == (
+        tmp_path / "direct.safetensors"
+    ).read_bytes()
+    # An abstract target on one device: LUTArrays of ShapeDtypeStructs.
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    floats = {"w": jax.ShapeDtypeStruct((64, 48), jnp.float32, sharding=one)}
+    abstract = qo.abstract_quantized(floats, {".*": "nf4"})["w"]
+    assert isinstance(abstract, qjax.palettize.LUTArray)
+    assert abstract.indices.shape == tree["nf4"].indices.shape
+    assert abstract.indices.sharding == one
+
+
+def test_file_interop_keeps_original_tensor_names(tmp_path):
+    x = np.arange(64 * 48, dtype=np.float32).reshape(64, 48) / 1000
+    tree = {"Dense_0": {"kernel": qjax.quantize(jnp.asarray(x), "int8"), "bias": x[0]}}
+    names = {"Dense_0/kernel": "Dense_0.kernel", "Dense_0/bias": "Dense_0.bias"}
+    qjax.save(tmp_path / "q.safetensors", tree, names=names)
+    qo.safetensors_to_orbax(tmp_path / "q.safetensors", tmp_path / "ckpt")
+    qo.orbax_to_safetensors(tmp_path / "ckpt", tmp_path / "back.safetensors")
+    assert sorted(qjax.load_tensors(tmp_path / "back.safetensors")) == [
+        "Dense_0.bias",
+        "Dense_0.kernel",
+    ]
+    qjax.save(tmp_path / "direct.safetensors", qo.restore(tmp_path / "ckpt"), names=names)
+    assert (tmp_path / "back.safetensors").read_bytes() == (
+        tmp_path / "direct.safetensors"
+    ).read_bytes()

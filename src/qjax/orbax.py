@@ -9,6 +9,10 @@ the float model's abstract params (``jax.eval_shape`` output) without materialis
 float weight, by running :func:`qjax.quantize_tree` under ``jax.eval_shape``; the data,
 scales and offsets it gives are sharded like the float leaf they come from.
 
+Lookup-table arrays (:class:`~qjax.palettize.LUTArray`: ``nf4``, ``lut*`` rules) are
+handled as QArrays are: their parts (``indices``, ``table``, ``scale``) are stored, their
+statics (bits, pad, float dtype) kept in the metadata.
+
 * :func:`save` / :func:`restore`: one ``ocp.StandardCheckpointer`` call each (its save is
   asynchronous: the arrays are copied off the devices, then written in the background;
   :func:`save` waits, :func:`save_async` returns the checkpointer to wait on). :func:`save`
@@ -20,7 +24,13 @@ scales and offsets it gives are sharded like the float leaf they come from.
   the dict ``{"data", "scale", "offset", "channel_scale", "tensor_scale"}``, exactly what
   Orbax stores for a QArray node, so the files are the same either way.
 * :func:`orbax_to_safetensors` / :func:`safetensors_to_orbax`: an Orbax checkpoint to one
-  qjax ``.safetensors`` file (:mod:`qjax.io`) and back, one tensor in memory at a time.
+  qjax ``.safetensors`` file (:mod:`qjax.io`) and back, one tensor in memory at a time,
+  keeping the file's original tensor names.
+
+Orbax names each stored array by its key path joined with ``.``; :func:`save` refuses a
+tree in which two leaves would get one name (``{"a.b": x, "a": {"b": y}}``), naming both.
+Leaves of 64-bit dtypes restore as NumPy arrays unless JAX's x64 mode is on, as
+:func:`qjax.load` gives them: JAX would truncate them to 32 bits.
 
 Unpacked ``uint4`` / ``uint2`` data (``packed=False``) cannot be stored: tensorstore has
 no such dtypes (``int4``, ``int2``, the float8 / float4 types and packed data are fine).
@@ -29,6 +39,7 @@ no such dtypes (``int4``, ``int2``, the float8 / float4 types and packed data ar
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import math
@@ -44,6 +55,7 @@ from safetensors import safe_open
 
 from qjax import io as qio
 from qjax.files import write_safetensors
+from qjax.palettize import LUTArray
 from qjax.qarray import QArray
 from qjax.rules import RulesLike
 from qjax.tree import path_str, quantize_tree
@@ -66,7 +78,12 @@ METADATA_KEY = "qjax"
 """The key of Orbax's custom metadata under which :func:`save` records the QArrays' statics."""
 
 _FORMAT = "qjax-orbax"
+_VERSION = 2
+"""The metadata layout :func:`save` writes when the tree holds LUTArrays (version 2 added
+them); a tree without any is written as version 1, which older qjax releases read."""
+_READABLE_VERSIONS = (1, _VERSION)
 _PARTS = ("data", "scale", "offset", "channel_scale", "tensor_scale")
+_LUT_PARTS = ("indices", "table", "scale")
 _UNSTORABLE = ("uint4", "uint2")
 
 
@@ -88,7 +105,8 @@ def abstract_quantized(abstract_params: Any, rules: RulesLike | None = None, **k
       others (a per-tensor or per-channel scale along an unsharded axis).
 
     Leaves kept float keep their sharding. Fully replicated shardings of any kind (one
-    device) are given to every part as they are.
+    device) are given to every part as they are; the only ones lookup-table targets
+    (:class:`~qjax.palettize.LUTArray`) take.
 
     Args:
       abstract_params: the float params as ``jax.ShapeDtypeStruct`` s (or arrays).
@@ -102,7 +120,8 @@ def abstract_quantized(abstract_params: Any, rules: RulesLike | None = None, **k
 
     Raises:
       ValueError: naming the leaf, axis, shard count and sizes, where a sharding would split
-        a packed byte or a quantization block across shards; and as ``quantize_tree``.
+        a packed byte or a quantization block across shards; naming the leaf, for a
+        lookup-table target whose sharding is not fully replicated; and as ``quantize_tree``.
       TypeError: for a sharding that is neither a ``NamedSharding`` nor fully replicated.
 
     Examples:
@@ -123,6 +142,8 @@ def abstract_quantized(abstract_params: Any, rules: RulesLike | None = None, **k
             return jax.tree.map(lambda a: _sds(a, getattr(a, "sharding", None)), leaf)
         if sharding is None:
             return out
+        if isinstance(out, LUTArray):
+            return _shard_lut(path_str(path), out, sharding)
         if not isinstance(out, QArray):
             return jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=sharding)
         return _shard_qarray(path_str(path), out, sharding)
@@ -174,6 +195,17 @@ def _shard_qarray(name: str, qa: QArray, sharding: jax.sharding.Sharding) -> QAr
     return _map_parts(qa, lambda part, a: _sds(a, part_spec(part, a)))
 
 
+def _shard_lut(name: str, la: LUTArray, sharding: jax.sharding.Sharding) -> LUTArray:
+    """``la`` (abstract) with every part given ``sharding``, which must be fully replicated."""
+    if not sharding.is_fully_replicated:
+        raise ValueError(
+            f"parameter {name!r}: its sharding {sharding} splits it, and sharded lookup-table "
+            "targets (LUTArray: nf4, lut*) have no derived sharding yet; replicate it, or "
+            "quantize it with a QuantSpec rule"
+        )
+    return jax.tree.map(lambda a: _sds(a, sharding), la)
+
+
 def _check_whole_bytes(name: str, qa: QArray, names: Any, count: int) -> None:
     """Packed data sharded along its last (packed) axis: every shard holds whole bytes."""
     packs = qa.spec.target.packs
@@ -209,15 +241,27 @@ def _map_parts(qa: QArray, fn: Callable[[str, Any], Any]) -> QArray:
 
 
 def _is_qarray(x: Any) -> bool:
-    return isinstance(x, QArray)
+    return isinstance(x, (QArray, LUTArray))
+
+
+def _split(x: Any) -> Any:
+    """A QArray or LUTArray as its dict of parts; anything else as it is."""
+    if isinstance(x, QArray):
+        return {p: getattr(x, p) for p in _PARTS}
+    if isinstance(x, LUTArray):
+        return {p: getattr(x, p) for p in _LUT_PARTS}
+    return x
 
 
 def parts(tree: Any) -> Any:
-    """``tree`` with each QArray replaced by its dict of parts (:data:`_PARTS`).
+    """``tree`` with each QArray and LUTArray replaced by its dict of parts.
 
-    Orbax stores a QArray node as exactly this dict (absent parts as None), so a checkpoint
-    saved from ``parts(tree)`` or from ``tree`` is the same; ``parts`` of a target restores
-    into plain dicts, which :func:`from_parts` turns back into QArrays.
+    A QArray becomes ``{"data", "scale", "offset", "channel_scale", "tensor_scale"}``, a
+    :class:`~qjax.palettize.LUTArray` (NF4, palettized weights) ``{"indices", "table",
+    "scale"}`` (absent parts as None). Orbax stores a QArray node as exactly this dict, so
+    a checkpoint saved from ``parts(tree)`` or from ``tree`` is the same; ``parts`` of a
+    target restores into plain dicts, which :func:`from_parts` turns back into QArrays and
+    LUTArrays.
 
     Examples:
       >>> import jax.numpy as jnp, qjax, qjax.orbax
@@ -225,15 +269,11 @@ def parts(tree: Any) -> Any:
       >>> sorted(p["w"]), p["w"]["offset"]
       (['channel_scale', 'data', 'offset', 'scale', 'tensor_scale'], None)
     """
-
-    def split(x: Any) -> Any:
-        return {p: getattr(x, p) for p in _PARTS} if isinstance(x, QArray) else x
-
-    return jax.tree.map(split, tree, is_leaf=_is_qarray)
+    return jax.tree.map(_split, tree, is_leaf=_is_qarray)
 
 
 def from_parts(restored: Any, like: Any) -> Any:
-    """Rebuilds the QArrays of ``like`` (statics) from the dicts in ``restored`` (arrays).
+    """Rebuilds the QArrays and LUTArrays of ``like`` (statics) from the dicts in ``restored``.
 
     Examples:
       >>> import jax.numpy as jnp, qjax, qjax.orbax
@@ -243,6 +283,8 @@ def from_parts(restored: Any, like: Any) -> Any:
     """
 
     def join(x: Any, got: Any) -> Any:
+        if isinstance(x, LUTArray):
+            return dataclasses.replace(x, **{p: got[p] for p in _LUT_PARTS})
         if not isinstance(x, QArray):
             return got
         return QArray(
@@ -256,17 +298,31 @@ def from_parts(restored: Any, like: Any) -> Any:
     return jax.tree.map(join, like, restored, is_leaf=_is_qarray)
 
 
-def metadata(tree: Any) -> dict[str, Any]:
-    """The QArrays' statics (spec, float dtype, packing) as JSON-able custom metadata.
+def metadata(tree: Any, *, names: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The QArrays' and LUTArrays' statics as JSON-able custom metadata.
 
     ``{METADATA_KEY: {"format": "qjax-orbax", "version": 1, "specs": [...],
     "qarrays": {keystr: {"spec": i, "float_dtype", "packed", "pad"}}}}``, keyed by
     ``jax.tree_util.keystr`` of each QArray's path; specs are encoded as in :mod:`qjax.io`.
+    A tree with LUTArrays adds ``"luts": {keystr: {"bits", "pad", "float_dtype"}}`` and is
+    version 2 (older qjax releases refuse it rather than restore LUTArrays as dicts).
+    ``names`` (``"/"``-joined leaf path to original tensor name, as :func:`qjax.save`
+    takes them) adds ``"names"``, which :func:`orbax_to_safetensors` writes back.
+
+    Raises:
+      ValueError: for a tree Orbax cannot store (see :func:`save`).
     """
+    _check_storable(tree)
     specs: list[dict[str, Any]] = []
     ids: dict[Any, int] = {}
-    qarrays = {}
+    qarrays, luts = {}, {}
     for path, qa in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_qarray)[0]:
+        if isinstance(qa, LUTArray):
+            luts[jax.tree_util.keystr(path)] = {
+                "bits": int(qa.bits),
+                "pad": int(qa.pad),
+                "float_dtype": np.dtype(qa.float_dtype).name,
+            }
         if not isinstance(qa, QArray):
             continue
         if qa.spec not in ids:
@@ -278,7 +334,21 @@ def metadata(tree: Any) -> dict[str, Any]:
             "packed": qa.packed,
             "pad": qa.pad,
         }
-    return {METADATA_KEY: {"format": _FORMAT, "version": 1, "specs": specs, "qarrays": qarrays}}
+    custom: dict[str, Any] = {"format": _FORMAT, "version": _VERSION if luts else 1}
+    custom.update(specs=specs, qarrays=qarrays)
+    if luts:
+        custom["luts"] = luts
+    if names:
+        custom["names"] = dict(names)
+    return {METADATA_KEY: custom}
+
+
+def _key_name(key: Any) -> str:
+    """One entry of a key path as Orbax names it (tree/utils.py ``get_key_name``)."""
+    for attr in ("key", "idx", "name"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
 
 
 def _check_storable(tree: Any) -> None:
@@ -289,6 +359,19 @@ def _check_storable(tree: Any) -> None:
                 "stored in an Orbax checkpoint (tensorstore has no such dtype); quantize it "
                 "with packed=True (the default)"
             )
+    # Orbax names each array by its key path joined with ".": two paths with one name would
+    # be written to one place, and one leaf restored as the other.
+    seen: dict[str, Any] = {}
+    for path, _ in jax.tree_util.tree_flatten_with_path(parts(tree))[0]:
+        name = ".".join(_key_name(k) for k in path)
+        if name in seen:
+            raise ValueError(
+                f"the leaves at {jax.tree_util.keystr(seen[name])} and "
+                f"{jax.tree_util.keystr(path)} would both be stored as {name!r}: Orbax joins "
+                "key paths with '.', so one would overwrite the other; rename the keys that "
+                "contain '.' (qjax.save keeps them apart)"
+            )
+        seen[name] = path
 
 
 # --------------------------------------------------------------------------- save / restore
@@ -309,20 +392,28 @@ def save_async(
     return checkpointer
 
 
-def _save_with(save_fn: Callable[..., Any], path: Any, tree: Any, force: bool) -> None:
+def _save_with(
+    save_fn: Callable[..., Any],
+    path: Any,
+    tree: Any,
+    force: bool,
+    names: Mapping[str, str] | None = None,
+) -> None:
     """``save_fn(path, parts(tree), ...)`` with the qjax metadata, after checking the tree."""
-    _check_storable(tree)
-    save_fn(os.path.abspath(path), parts(tree), force=force, custom_metadata=metadata(tree))
+    custom = metadata(tree, names=names)  # checks the tree before anything is written
+    save_fn(os.path.abspath(path), parts(tree), force=force, custom_metadata=custom)
 
 
 def save(path: str | os.PathLike[str], tree: Any, *, force: bool = False) -> None:
-    """Saves a tree of QArrays and arrays to the Orbax checkpoint directory ``path``.
+    """Saves a tree of QArrays, LUTArrays and arrays to the Orbax checkpoint directory ``path``.
 
-    ``ocp.StandardCheckpointer`` with the QArrays' statics in its custom metadata; each
-    process writes only its shards. Waits until the checkpoint is committed.
+    ``ocp.StandardCheckpointer`` with the QArrays' and LUTArrays' statics in its custom
+    metadata; each process writes only its shards. Waits until the checkpoint is committed.
 
     Raises:
-      ValueError: for unpacked uint4 / uint2 data, naming the leaf; Orbax's errors (an
+      ValueError: before anything is written, for unpacked uint4 / uint2 data, naming the
+        leaf, and for two leaves whose key paths Orbax would store under one name (it joins
+        them with ``.``: ``{"a.b": x, "a": {"b": y}}``), naming both; Orbax's errors (an
         existing ``path`` without ``force=True``) as they are.
 
     Examples:
@@ -342,6 +433,9 @@ def save(path: str | os.PathLike[str], tree: Any, *, force: bool = False) -> Non
 def restore(path: str | os.PathLike[str], target: Any = None) -> Any:
     """Restores a checkpoint of QArrays into ``target``'s structure, shapes and shardings.
 
+    Leaves of 64-bit dtypes (int64, uint64, float64) come back as NumPy arrays unless JAX's
+    x64 mode is on, as :func:`qjax.load` gives them: JAX would truncate them to 32 bits.
+
     Args:
       path: an Orbax checkpoint directory (saved by :func:`save`, or by Orbax from a
         QArray tree or its :func:`parts`).
@@ -351,14 +445,24 @@ def restore(path: str | os.PathLike[str], target: Any = None) -> Any:
         own metadata (:func:`checkpoint_target`), on the default device.
 
     Returns:
-      The tree, with QArrays whose parts are ``jax.Array`` s, bit for bit as saved.
+      The tree, with QArrays and LUTArrays whose parts are ``jax.Array`` s, bit for bit as
+      saved (64-bit leaves as NumPy arrays without x64).
     """
     path = os.path.abspath(path)
     if target is None:
         target = checkpoint_target(path)
     with ocp.StandardCheckpointer() as checkpointer:
-        restored = checkpointer.restore(path, parts(target))
+        restored = checkpointer.restore(path, jax.tree.map(_host_if_wide, parts(target)))
     return from_parts(restored, target)
+
+
+def _host_if_wide(leaf: Any) -> Any:
+    """A 64-bit leaf JAX would truncate (x64 off) as a NumPy stand-in, which Orbax restores
+    as a NumPy array of that dtype; a zero-strided view, so nothing is allocated."""
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None or jax.dtypes.canonicalize_dtype(dtype) == dtype:
+        return leaf
+    return np.broadcast_to(np.zeros((), dtype), tuple(leaf.shape))
 
 
 def checkpoint_target(
@@ -371,7 +475,8 @@ def checkpoint_target(
 
     Containers come back as Orbax lists them (dicts and lists). Every array gets
     ``sharding`` (default: the first local device); for a sharded restore, build the target
-    with :func:`abstract_quantized` instead.
+    with :func:`abstract_quantized` instead. 64-bit leaves keep their dtype (see
+    :func:`restore`).
 
     Args:
       path: the checkpoint (item) directory.
@@ -381,26 +486,21 @@ def checkpoint_target(
         .custom_metadata``, and the item in ``<step>/<item name>``.
 
     Raises:
-      ValueError: for a checkpoint without qjax metadata (not written by :func:`save`).
+      ValueError: for a checkpoint without qjax metadata (not written by :func:`save`), or
+        with a newer version of it than this qjax reads.
     """
     path = os.path.abspath(path)
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    with ocp.StandardCheckpointer() as checkpointer:
-        step = checkpointer.metadata(path)
-    if custom_metadata is None:
-        custom_metadata = step.custom_metadata
-    custom = (custom_metadata or {}).get(METADATA_KEY)
-    if not isinstance(custom, Mapping) or custom.get("format") != _FORMAT:
-        raise ValueError(
-            f"{path}: no qjax metadata in this Orbax checkpoint (custom_metadata[{METADATA_KEY!r}]"
-            "); it was not written by qjax.orbax.save: pass the target tree, e.g. from "
-            "qjax.orbax.abstract_quantized"
-        )
+    step, custom = _qjax_metadata(path, custom_metadata)
     specs = [qio._decode_spec(s) for s in custom["specs"]]
     statics = custom["qarrays"]
+    luts = custom.get("luts", {})
 
     def build(node: Any, path: tuple) -> Any:
         key = jax.tree_util.keystr(path)
+        if key in luts:
+            arrays = {p: None if node.get(p) is None else build(node[p], ()) for p in _LUT_PARTS}
+            return LUTArray(**arrays, **luts[key])
         if key in statics:
             info = statics[key]
             arrays = {p: None if node.get(p) is None else build(node[p], ()) for p in _PARTS}
@@ -423,6 +523,28 @@ def checkpoint_target(
     return build(step.item_metadata.tree, ())
 
 
+def _qjax_metadata(path: str, custom_metadata: Mapping[str, Any] | None) -> tuple[Any, Any]:
+    """The checkpoint's Orbax metadata and its qjax custom metadata, checked."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        step = checkpointer.metadata(path)
+    if custom_metadata is None:
+        custom_metadata = step.custom_metadata
+    custom = (custom_metadata or {}).get(METADATA_KEY)
+    if not isinstance(custom, Mapping) or custom.get("format") != _FORMAT:
+        raise ValueError(
+            f"{path}: no qjax metadata in this Orbax checkpoint (custom_metadata[{METADATA_KEY!r}]"
+            "); it was not written by qjax.orbax.save: pass the target tree, e.g. from "
+            "qjax.orbax.abstract_quantized"
+        )
+    if custom.get("version") not in _READABLE_VERSIONS:
+        raise ValueError(
+            f"{path}: unsupported qjax-orbax metadata version {custom.get('version')!r}; this "
+            f"qjax reads versions {', '.join(map(str, _READABLE_VERSIONS))}: restore it with "
+            "the qjax release that wrote it"
+        )
+    return step, custom
+
+
 # --------------------------------------------------------------------------- interop
 
 
@@ -438,7 +560,8 @@ def orbax_to_safetensors(
     Streaming: arrays are read from the checkpoint a batch at a time, and dropped once
     encoded (checksums, narrowed offsets) or written. Each is read twice, since the file's
     header (its checksums) comes before the tensors. The file is what :func:`qjax.save`
-    writes for the restored tree (dict entries in key order, as JAX flattens them), and
+    writes for the restored tree (dict entries in key order, as JAX flattens them), with
+    the original tensor names :func:`safetensors_to_orbax` kept (``qjax quantize`` 's), and
     :func:`qjax.load` reads it.
 
     Args:
@@ -450,10 +573,14 @@ def orbax_to_safetensors(
         the memory the conversion holds, beside the largest tensor.
     """
     src = os.path.abspath(src)
+    try:
+        names = _qjax_metadata(src, None)[1].get("names")
+    except ValueError:
+        names = None  # not written by qjax: target given, no names
     target = checkpoint_target(src) if target is None else target
     target = jax.tree.map(lambda x: x, target, is_leaf=_is_qarray)  # dicts in key order
     with _LeafReader(src, target, batch_bytes) as reader:
-        encoder = _StreamingEncoder(None)
+        encoder = _StreamingEncoder(names)
         tree = encoder.node(reader.lazy_tree(), ())
         header = {"format": "qjax", "version": encoder.version, "tree": tree}
         header["specs"] = encoder.specs
@@ -480,7 +607,9 @@ def safetensors_to_orbax(
     spec) and handed to Orbax as NumPy arrays that it writes without copying them, about
     1 GB at a time: the quantized weights are never copied into memory as a whole. The
     checkpoint is the one :func:`save` writes; restore it with :func:`restore` (or
-    :func:`checkpoint_target` for the abstract tree).
+    :func:`checkpoint_target` for the abstract tree). The file's original tensor names
+    (``qjax quantize`` stores them) are kept in the qjax metadata, for
+    :func:`orbax_to_safetensors`.
     """
     src = os.fspath(src)
     with safe_open(src, framework="numpy") as file:
@@ -489,6 +618,7 @@ def safetensors_to_orbax(
             tree = decoder.checkpoint(file.metadata())
         except qio._Invalid as e:
             raise ValueError(qio._one_line(f"{src}: {e}")) from None
+    names = {"/".join(map(str, p)): n for p, n, _ in decoder.leaves if n is not None}
     tree = jax.tree.map(np.asarray, tree)  # implied zero points: small jax arrays
     handler = ocp.PyTreeCheckpointHandler(
         type_handler_registry=ocp.type_handlers.create_type_handler_registry(
@@ -500,7 +630,7 @@ def safetensors_to_orbax(
         def save_fn(path: str, item: Any, **kwargs: Any) -> None:
             checkpointer.save(path, args=ocp.args.PyTreeSave(item), **kwargs)
 
-        _save_with(save_fn, dst, tree, force)
+        _save_with(save_fn, dst, tree, force, names)
 
 
 class _OneAtATime(ocp.type_handlers.NumpyHandler):
@@ -602,6 +732,23 @@ class _StreamingEncoder(qio._Encoder):
             encoded = self.tensor(qio._tensor_name(path), node)
             return {"array": self.named_leaf(encoded, path)}
         return super().node(node, path)
+
+    def lut(self, la: LUTArray, path: qio.Path) -> dict[str, Any]:
+        """As :mod:`qjax.io` encodes it, without :meth:`LUTArray.validate` 's value checks,
+        which would read the indices once more (:func:`qjax.load` checks them)."""
+        if not any(isinstance(getattr(la, p), _Lazy) for p in _LUT_PARTS):
+            return super().lut(la, path)
+        self.version = max(self.version, qio._LUT_VERSION)
+        encoded: dict[str, Any] = {
+            "bits": int(la.bits),
+            "pad": int(la.pad),
+            "float_dtype": np.dtype(la.float_dtype).name,
+        }
+        for part in _LUT_PARTS:
+            value = getattr(la, part)
+            name = qio._tensor_name(path, part)
+            encoded[part] = None if value is None else self.tensor(name, value)
+        return encoded
 
     def tensor(self, name: str, value: Any) -> dict[str, Any]:
         encoded = super().tensor(name, value)
