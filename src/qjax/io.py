@@ -379,6 +379,10 @@ class _Encoder:
             la.validate()
         except ValueError as e:
             raise ValueError(f"cannot save the LUTArray at {_show(path)}: {e}") from None
+        return self.lut_parts(la, path)
+
+    def lut_parts(self, la: LUTArray, path: Path) -> dict[str, Any]:
+        """A LUTArray's encoding, its values unchecked (:meth:`lut` checks them first)."""
         self.version = max(self.version, _LUT_VERSION)
         encoded: dict[str, Any] = {
             "bits": int(la.bits),

@@ -738,17 +738,7 @@ class _StreamingEncoder(qio._Encoder):
         which would read the indices once more (:func:`qjax.load` checks them)."""
         if not any(isinstance(getattr(la, p), _Lazy) for p in _LUT_PARTS):
             return super().lut(la, path)
-        self.version = max(self.version, qio._LUT_VERSION)
-        encoded: dict[str, Any] = {
-            "bits": int(la.bits),
-            "pad": int(la.pad),
-            "float_dtype": np.dtype(la.float_dtype).name,
-        }
-        for part in _LUT_PARTS:
-            value = getattr(la, part)
-            name = qio._tensor_name(path, part)
-            encoded[part] = None if value is None else self.tensor(name, value)
-        return encoded
+        return self.lut_parts(la, path)
 
     def tensor(self, name: str, value: Any) -> dict[str, Any]:
         encoded = super().tensor(name, value)
