@@ -353,3 +353,29 @@ def test_lutarray_is_a_pytree_with_static_format():
     back = jax.tree.unflatten(treedef, leaves)
     assert isinstance(back, LUTArray) and back.bits == 2
     np.testing.assert_array_equal(back.dequantize(), la.dequantize())
+
+
+def test_a_one_entry_table_maps_every_value_to_it():
+    w = jnp.asarray(RNG.standard_normal((4, 6)), jnp.float32)
+    table = jnp.array([0.5], jnp.float32)
+    la = quantize_to_table(w, table)
+    np.testing.assert_array_equal(la.dequantize(), np.full((4, 6), 0.5, np.float32))
+    np.testing.assert_array_equal(fake_palettize(w, table), np.full((4, 6), 0.5, np.float32))
+
+
+@pytest.mark.parametrize("shape", [(0, 64), (64, 0)])
+def test_empty_arrays_give_empty_lookup_arrays(shape):
+    x = jnp.zeros(shape, jnp.float32)
+    for la in (nf4(x, axis=0 if shape[0] == 0 else -1), palettize(x, 2)):
+        assert isinstance(la, LUTArray) and la.shape == shape
+        assert la.dequantize().shape == shape
+
+
+def test_bools_are_no_axes_or_block_sizes():
+    w = jnp.ones((2, 64), jnp.float32)
+    with pytest.raises(TypeError, match="nf4 axis must be an int, got bool"):
+        nf4(w, axis=True)
+    with pytest.raises(ValueError, match="nf4 block_size must be a positive integer, got True"):
+        nf4(w, axis=-1, block_size=True)
+    with pytest.raises(TypeError, match="per_channel_scale must be an int axis or None"):
+        palettize(w, 2, per_channel_scale=True)

@@ -212,3 +212,10 @@ def test_lookup_table_leaves_get_rows_with_their_real_bytes_and_error():
     error = w - np.asarray(la.dequantize(), np.float64)
     expected_sqnr = 10 * np.log10(np.sum(w.astype(np.float64) ** 2) / np.sum(error**2))
     assert abs(row["sqnr_db"] - expected_sqnr) < 1e-6
+
+
+def test_a_nan_error_is_reported_as_nan_not_zero():
+    x = X[:8, :8].copy()
+    x[0, 0] = np.nan
+    row = leaf_row("w", x, qjax.quantize(x, qjax.parse_spec("int8:per_channel")))
+    assert math.isnan(row["max_abs_error"]) and math.isnan(row["sqnr_db"])

@@ -374,9 +374,11 @@ def _nf4_blocks(shape: tuple[int, ...], axis: int, block_size: int) -> tuple[int
     """Blocks of ``block_size`` along ``axis`` and 1 elsewhere, or a ValueError naming both."""
     if not shape:
         raise ValueError("nf4 needs an array with at least one axis, got a 0-d array")
-    if not isinstance(block_size, numbers.Integral) or block_size <= 0:
+    if not _is_int(block_size) or block_size <= 0:
         raise ValueError(f"nf4 block_size must be a positive integer, got {block_size!r}")
-    if not isinstance(axis, numbers.Integral) or not -len(shape) <= axis < len(shape):
+    if not _is_int(axis):
+        raise TypeError(f"nf4 axis must be an int, got {type(axis).__name__} {axis!r}")
+    if not -len(shape) <= axis < len(shape):
         raise ValueError(
             f"nf4 axis {axis!r} is out of range for an array of shape {shape}; use an axis "
             f"in [{-len(shape)}, {len(shape) - 1}] (-2 for a Flax kernel [in, out], -1 for "
@@ -507,8 +509,17 @@ def _absmax_normalize(x: jax.Array, blocks: tuple[int, ...]) -> tuple[jax.Array,
     return normalized.reshape(x.shape), layout.compact(absmax)
 
 
+def _is_int(value: object) -> bool:
+    """An integer, but not a bool (True is no axis or size)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _channel_blocks(shape: tuple[int, ...], axis: object) -> tuple[int, ...]:
-    if not isinstance(axis, numbers.Integral) or not -len(shape) <= axis < len(shape):
+    if not _is_int(axis):
+        raise TypeError(
+            f"per_channel_scale must be an int axis or None, got {type(axis).__name__} {axis!r}"
+        )
+    if not -len(shape) <= axis < len(shape):
         raise ValueError(
             f"per_channel_scale must be an axis of the array of shape {shape} (the output "
             f"channels: -1 for a Flax kernel, 0 for a PyTorch weight), got {axis!r}"
@@ -856,6 +867,8 @@ def _nearest(v: jax.Array, mids: jax.Array) -> jax.Array:
     picked from the candidates with selects on the bits found so far.
     """
     count = mids.shape[-1]
+    if count == 0:  # a one-entry table: every value is its one level
+        return jnp.zeros(v.shape, jnp.int32)
     bits = max(1, count.bit_length())
     if count < 2**bits - 1:
         fill = jnp.broadcast_to(mids[..., -1:], mids.shape[:-1] + (2**bits - 1 - count,))
@@ -916,6 +929,9 @@ def _kmeans(
     x: jax.Array, weights: jax.Array | None, blocks: tuple[int, ...], k: int, iters: int
 ) -> tuple[jax.Array, jax.Array]:
     layout = gran.BlockLayout.of(x.shape, blocks)
+    if x.size == 0:  # no values to fit: any distinct levels index them all
+        table = _strictly_increasing(jnp.zeros(layout.params + (k,), jnp.float32))
+        return table, jnp.int32(0)
     xb = layout.blockify(x)
     wb = jnp.ones_like(xb) if weights is None else layout.blockify(weights)
     groups = math.prod(layout.params)
@@ -923,7 +939,7 @@ def _kmeans(
     inner = tuple(i for i in range(xb.ndim) if i not in layout.axes)
     rows = jnp.transpose(xb, inner + layout.axes).reshape(groups, -1)
     row_weights = jnp.transpose(wb, inner + layout.axes).reshape(groups, -1)
-    stride = -(-rows.size // SAMPLES)
+    stride = max(1, -(-rows.size // SAMPLES))  # 1 for an empty array: nothing to sample
     sample, sample_weights = rows[:, ::stride], row_weights[:, ::stride]
     quantiles = jax.vmap(functools.partial(_weighted_quantiles, k=k))(sample, sample_weights)
     table = _strictly_increasing(quantiles)
@@ -1063,10 +1079,16 @@ def _check_entries(table: np.ndarray, what: str) -> None:
         )
 
 
+def _divides(count: int, size: int) -> bool:
+    """Whether ``count`` groups (or blocks) split an axis of ``size``: a positive divisor,
+    or none of an empty axis."""
+    return count == size == 0 or (count > 0 and size % count == 0)
+
+
 def _check_table_shape(
     table: tuple[int, ...], shape: tuple[int, ...], most: int, what: str
 ) -> None:
-    if len(table) != len(shape) + 1 or any(g <= 0 or d % g for g, d in zip(table[:-1], shape)):
+    if len(table) != len(shape) + 1 or not all(map(_divides, table[:-1], shape)):
         raise ValueError(
             f"{what} has shape {table}, which does not fit an array of shape {shape}: it "
             "needs the array's rank plus one axis of entries, each group count dividing "
@@ -1133,7 +1155,7 @@ def _check_leaves(la: LUTArray, *, strict: bool) -> None:
     scale = _aval(la.scale, "scale", strict)
     if scale is None:
         return
-    if len(scale[0]) != len(shape) or any(s <= 0 or d % s for s, d in zip(scale[0], shape)):
+    if len(scale[0]) != len(shape) or not all(map(_divides, scale[0], shape)):
         raise ValueError(
             f"LUTArray scale has shape {scale[0]}, which does not fit an array of shape "
             f"{shape}: it needs one entry per block, the array's rank with each size dividing "
