@@ -77,6 +77,29 @@ SCRIPT = textwrap.dedent(
         assert "choose a block size that divides 64" in str(e), e
     else:
         raise AssertionError("straddling blocks on an explicit mesh must be refused")
+
+    # Packed int4 whose shards would split a byte: 3 values per shard of 24 columns.
+    narrow = jax.device_put(w[:, :24], NamedSharding(explicit, P(None, "model")))
+    try:
+        qjax.quantize(narrow, "int4:per_channel")
+    except ValueError as e:
+        assert "would split a byte across shards" in str(e), e
+    else:
+        raise AssertionError("packed bytes split across shards must be refused")
+
+    # Calibration statistics of tensor-parallel params (features sharded) on an explicit
+    # mesh: the same as unsharded (the donated statistics keep the traced sharding).
+    grid = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+    p = {"s": jnp.ones((64,)), "up": w[:64, :256], "down": w[256:512, :64]}
+    fn = lambda p, x: jax.nn.gelu((x * p["s"]) @ p["up"]) @ p["down"]  # norm scale, MLP
+    batches = [jax.random.normal(jax.random.key(i), (64, 64)) for i in range(2)]
+    ref = qjax.capture.accumulate(fn, p, batches)
+    last = lambda v: P(*([None] * (v.ndim - 1)), "model")  # tensor parallel: last axis
+    tp = {k: jax.device_put(v, NamedSharding(grid, last(v))) for k, v in p.items()}
+    got = qjax.capture.accumulate(fn, tp, batches)
+    for name in ref:
+        np.testing.assert_allclose(got[name].hessian, ref[name].hessian, rtol=1e-5)
+        np.testing.assert_allclose(got[name].abs_max, ref[name].abs_max, rtol=1e-6)
     print("SHARDING OK")
     """
 )

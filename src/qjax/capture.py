@@ -231,11 +231,32 @@ def accumulate(
         args = batch if isinstance(batch, tuple) else (batch,)
         if stats is None:
             shapes = jax.eval_shape(run, params, args)
-            stats = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            mesh = _concrete_mesh((params, args))
+            stats = jax.tree.map(lambda s, m=mesh: _zeros_like(s, m), shapes)
         stats = jitted(stats, params, args)
     if stats is None:
         raise ValueError("batches is empty: pass at least one batch of calibration inputs")
     return stats
+
+
+def _concrete_mesh(tree: Any) -> jax.sharding.Mesh | None:
+    """The device mesh of the first leaf of ``tree`` sharded over one, or None."""
+    for leaf in jax.tree.leaves(tree):
+        mesh = getattr(getattr(leaf, "sharding", None), "mesh", None)
+        if isinstance(mesh, jax.sharding.Mesh):
+            return mesh
+    return None
+
+
+def _zeros_like(s: jax.ShapeDtypeStruct, mesh: jax.sharding.Mesh | None) -> jax.Array:
+    """Zeros of ``s``'s shape and dtype, laid out over ``mesh`` as the trace sharded them:
+    the step donates its statistics, and a donated buffer must be its output's size
+    (explicitly sharded params give features-sharded statistics)."""
+    zeros = jnp.zeros(s.shape, s.dtype)
+    spec = getattr(getattr(s, "sharding", None), "spec", None)
+    if mesh is None or spec is None:
+        return zeros
+    return jax.device_put(zeros, jax.sharding.NamedSharding(mesh, spec))
 
 
 # --- the interpreter ------------------------------------------------------------------

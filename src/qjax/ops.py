@@ -110,6 +110,7 @@ def _quantize(x: jax.Array, qparams: QParams | None, spec: QuantSpec, packed: bo
     q, _, qp, layout = _quantize_values(x, qparams, spec)
     target = spec.target
     if packed:
+        _check_whole_bytes_per_shard(x, target.packs)
         if target.is_float:
             codes = packing.float_codes(round_to_float_grid(q, target), target)
         else:
@@ -157,20 +158,43 @@ def _quantize_values(
     return q, in_range, qparams, layout
 
 
+def _explicit_shards(x: jax.Array) -> list[tuple[int, tuple[str, ...], int]]:
+    """``(axis, mesh axis names, shard count)`` of each explicitly sharded axis of ``x``."""
+    sharding = getattr(getattr(jax, "typeof", lambda _: None)(x), "sharding", None)
+    mesh, pspec = getattr(sharding, "mesh", None), getattr(sharding, "spec", None)
+    if mesh is None or not pspec:
+        return []
+    out = []
+    for axis, names in enumerate(pspec):
+        if names is not None:
+            names = names if isinstance(names, tuple) else (names,)
+            out.append((axis, names, math.prod(mesh.shape[name] for name in names)))
+    return out
+
+
+def _check_whole_bytes_per_shard(x: jax.Array, packs: int) -> None:
+    """An explicitly sharded last axis, packed ``packs`` values per byte, must give each
+    shard whole bytes (as :func:`qjax.orbax.abstract_quantized` requires)."""
+    n = x.shape[-1]
+    for axis, names, shards in _explicit_shards(x):
+        if axis == x.ndim - 1 and n % (shards * packs):
+            raise ValueError(
+                f"axis {axis} (size {n}) is sharded {shards} ways over mesh axes {names}, "
+                f"and packing {packs} values per byte would split a byte across shards "
+                f"({n} / {shards} = {n / shards:g} values per shard); shard it a number of "
+                f"ways that divides {n // packs}, shard another axis, or quantize with "
+                "packed=False"
+            )
+
+
 def _check_blocks_fit_shards(x: jax.Array, blocks: tuple[int, ...], spec: QuantSpec) -> None:
     """Explicitly sharded axes must hold whole blocks: JAX cannot split them otherwise.
 
     (Under an Auto mesh, XLA instead gathers what a straddling block needs.)
     """
-    sharding = getattr(getattr(jax, "typeof", lambda _: None)(x), "sharding", None)
-    mesh, pspec = getattr(sharding, "mesh", None), getattr(sharding, "spec", None)
-    if mesh is None or not pspec:
-        return
-    for axis, names in enumerate(pspec):
-        if names is None or not blocks[axis]:
+    for axis, names, shards in _explicit_shards(x):
+        if not blocks[axis]:
             continue
-        names = names if isinstance(names, tuple) else (names,)
-        shards = math.prod(mesh.shape[name] for name in names)
         count = x.shape[axis] // blocks[axis]
         if count > 1 and count % shards:
             raise ValueError(
