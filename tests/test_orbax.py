@@ -307,9 +307,9 @@ SCRIPT = textwrap.dedent(
     # 5. Shardings that would split a packed byte or a block are refused, naming them.
     for floats, rule, words in [
         ({"w": sds((64, 24), P(None, "m"))}, "int4:per_channel",
-         ["'w'", "axis 1", "24 int4 values packed 2 per byte into 12 bytes", "8 ways"]),
+         ["'w'", "axis 1", "packing 2 values per byte", "8 ways", "divides 12"]),
         ({"w": sds((64, 40), P(None, "m"))}, "int2:per_channel",
-         ["'w'", "axis 1", "packed 4 per byte into 10 bytes", "5 values per shard"]),
+         ["'w'", "axis 1", "packing 4 values per byte", "5 values per shard"]),
     ]:
         try:
             qo.abstract_quantized(floats, {".*": rule})

@@ -11,7 +11,7 @@ import ml_dtypes
 import numpy as np
 
 from qjax import granularity as gran
-from qjax import packing
+from qjax import packing, shard_fit
 from qjax.affine import dequantize_stored, quantize_blocks, round_to_float_grid
 from qjax.exact import round_to_scale_dtype
 from qjax.qarray import QArray
@@ -162,29 +162,17 @@ def _explicit_shards(x: jax.Array) -> list[tuple[int, tuple[str, ...], int]]:
     """``(axis, mesh axis names, shard count)`` of each explicitly sharded axis of ``x``."""
     sharding = getattr(getattr(jax, "typeof", lambda _: None)(x), "sharding", None)
     mesh, pspec = getattr(sharding, "mesh", None), getattr(sharding, "spec", None)
-    if mesh is None or not pspec:
-        return []
-    out = []
-    for axis, names in enumerate(pspec):
-        if names is not None:
-            names = names if isinstance(names, tuple) else (names,)
-            out.append((axis, names, math.prod(mesh.shape[name] for name in names)))
-    return out
+    return [] if mesh is None else shard_fit.sharded_axes(mesh, pspec)
 
 
 def _check_whole_bytes_per_shard(x: jax.Array, packs: int) -> None:
     """An explicitly sharded last axis, packed ``packs`` values per byte, must give each
     shard whole bytes (as :func:`qjax.orbax.abstract_quantized` requires)."""
-    n = x.shape[-1]
     for axis, names, shards in _explicit_shards(x):
-        if axis == x.ndim - 1 and n % (shards * packs):
-            raise ValueError(
-                f"axis {axis} (size {n}) is sharded {shards} ways over mesh axes {names}, "
-                f"and packing {packs} values per byte would split a byte across shards "
-                f"({n} / {shards} = {n / shards:g} values per shard); shard it a number of "
-                f"ways that divides {n // packs}, shard another axis, or quantize with "
-                "packed=False"
-            )
+        if axis == x.ndim - 1:
+            problem = shard_fit.split_byte_problem(axis, x.shape[axis], names, shards, packs)
+            if problem:
+                raise ValueError(problem)
 
 
 def _check_blocks_fit_shards(x: jax.Array, blocks: tuple[int, ...], spec: QuantSpec) -> None:
@@ -193,17 +181,16 @@ def _check_blocks_fit_shards(x: jax.Array, blocks: tuple[int, ...], spec: QuantS
     (Under an Auto mesh, XLA instead gathers what a straddling block needs.)
     """
     for axis, names, shards in _explicit_shards(x):
-        if not blocks[axis]:
-            continue
-        count = x.shape[axis] // blocks[axis]
-        if count > 1 and count % shards:
-            raise ValueError(
-                f"axis {axis} (size {x.shape[axis]}) is sharded {shards} ways over mesh axes "
-                f"{names}, but {spec.granularity} gives {count} blocks, which do not split "
-                f"evenly over the shards; choose a block size that divides "
-                f"{x.shape[axis] // shards} (the size of one shard), or quantize under an "
-                "Auto mesh, where XLA gathers what straddling blocks need"
+        if blocks[axis]:
+            count = x.shape[axis] // blocks[axis]
+            problem = shard_fit.split_block_problem(
+                axis, x.shape[axis], count, names, shards, spec.granularity
             )
+            if problem:
+                raise ValueError(
+                    f"{problem}, or quantize under an Auto mesh, where XLA gathers what "
+                    "straddling blocks need"
+                )
 
 
 def dequantize(qarray: QArray) -> jax.Array:

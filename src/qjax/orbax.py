@@ -54,6 +54,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from safetensors import safe_open
 
 from qjax import io as qio
+from qjax import shard_fit
 from qjax.files import write_safetensors
 from qjax.palettize import LUTArray
 from qjax.qarray import QArray
@@ -166,30 +167,26 @@ def _shard_qarray(name: str, qa: QArray, sharding: jax.sharding.Sharding) -> QAr
     mesh = sharding.mesh
     spec = tuple(sharding.spec) + (None,) * (len(qa.shape) - len(sharding.spec))
 
-    def shards(names: Any) -> int:
-        names = names if isinstance(names, tuple) else (names,)
-        return math.prod(mesh.shape[n] for n in names)
-
-    if qa.packed and spec[-1] is not None:
-        _check_whole_bytes(name, qa, spec[-1], shards(spec[-1]))
-    for axis, names in enumerate(spec):
-        count = qa.scale.shape[axis]
-        if names is not None and count > 1 and count % shards(names):
-            raise ValueError(
-                f"parameter {name!r}: axis {axis} (size {qa.shape[axis]}) is sharded "
-                f"{shards(names)} ways over mesh axes {names}, but {qa.spec.granularity} gives "
-                f"{count} blocks of {qa.shape[axis] // count}, which would be split across "
-                f"shards of {qa.shape[axis] // shards(names)}; choose a block size that divides "
-                f"{qa.shape[axis] // shards(names)} or shard another axis"
+    sharded = shard_fit.sharded_axes(mesh, spec)
+    for axis, names, count in sharded:
+        problem = shard_fit.split_block_problem(
+            axis, qa.shape[axis], qa.scale.shape[axis], names, count, qa.spec.granularity
+        )
+        if qa.packed and axis == len(qa.shape) - 1:
+            packs = qa.spec.target.packs
+            problem = problem or shard_fit.split_byte_problem(
+                axis, qa.shape[axis], names, count, packs
             )
+        if problem:
+            raise ValueError(f"parameter {name!r}: {problem}")
 
     def part_spec(part: str, a: Any) -> NamedSharding:
         if part == "data":
             return NamedSharding(mesh, PartitionSpec(*spec))
-        kept = [
-            names if names is not None and d > 1 and d % shards(names) == 0 else None
-            for names, d in zip(spec, a.shape)
-        ]
+        kept = [None] * a.ndim
+        for axis, names, count in sharded:
+            if a.shape[axis] > 1 and a.shape[axis] % count == 0:
+                kept[axis] = names
         return NamedSharding(mesh, PartitionSpec(*kept))
 
     return _map_parts(qa, lambda part, a: _sds(a, part_spec(part, a)))
@@ -204,22 +201,6 @@ def _shard_lut(name: str, la: LUTArray, sharding: jax.sharding.Sharding) -> LUTA
             "quantize it with a QuantSpec rule"
         )
     return jax.tree.map(lambda a: _sds(a, sharding), la)
-
-
-def _check_whole_bytes(name: str, qa: QArray, names: Any, count: int) -> None:
-    """Packed data sharded along its last (packed) axis: every shard holds whole bytes."""
-    packs = qa.spec.target.packs
-    n, nbytes = qa.shape[-1], qa.data.shape[-1]
-    if n % (count * packs) == 0:
-        return
-    axis = len(qa.shape) - 1
-    raise ValueError(
-        f"parameter {name!r}: axis {axis} holds {n} {qa.spec.target.name} values packed "
-        f"{packs} per byte into {nbytes} bytes, and is sharded {count} ways over mesh axes "
-        f"{names}: {n} / {count} = {n / count:g} values per shard would split a byte; shard "
-        f"it a number of ways that divides {n // packs} (whole bytes per shard), shard "
-        "another axis, or quantize with packed=False"
-    )
 
 
 def _unsharded(a: Any) -> jax.ShapeDtypeStruct:
