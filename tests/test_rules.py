@@ -111,6 +111,34 @@ class TestLayouts:
             np.testing.assert_array_equal(scale(q[name]), int8_rows(w.T).T)  # per column
         np.testing.assert_array_equal(scale(q["wte.weight"]), int8_rows(params["wte.weight"]))
 
+    @pytest.mark.parametrize("c_attn_rows", [192, 96])  # Qwen-1 [3d, d]; GPTBigCode [d + 2hd, d]
+    def test_gpt2_named_linear_weights_are_out_in(self, c_attn_rows):
+        # nn.Linear weights under GPT-2's names: the tree's c_attn [more outputs, d] tells.
+        params = {
+            "transformer.h.0.attn.c_attn.weight": normal(c_attn_rows, 64),
+            "transformer.h.0.attn.c_proj.weight": normal(64, 64),
+            "transformer.h.0.mlp.c_fc.weight": normal(256, 64),
+            "transformer.h.0.mlp.c_proj.weight": normal(64, 256),
+        }
+        q = qjax.quantize_tree(params, {".*": "int8:per_channel"})
+        for name, w in params.items():
+            np.testing.assert_array_equal(scale(q[name]), int8_rows(w))  # per output row
+        rows = {row.path: row for row in qjax.plan(params, {".*": "int4:per_block:32"})}
+        assert all(row.spec.granularity.axis == 1 for row in rows.values())  # along inputs
+
+    def test_other_torch_weight_names_are_out_in(self):
+        params = {
+            "encoder.layers.0.self_attention.in_proj_weight": normal(192, 64),
+            "encoder.pos_conv.weight_v": normal(96, 6, 128),  # weight norm [out, in/g, k]
+            "blocks.0.fc.weight_orig": normal(64, 128),  # pruning
+            "blocks.1.fc.parametrizations.weight.original1": normal(64, 128),
+        }
+        q = qjax.quantize_tree(params, {".*": "int8:per_channel"})
+        for name, w in params.items():
+            rows = int8_rows(w.reshape(w.shape[0], -1)).reshape((-1,) + (1,) * (w.ndim - 1))
+            np.testing.assert_array_equal(scale(q[name]), rows)
+        assert {row.layout for row in qjax.plan(params, {".*": "int8"})} == {"torch"}
+
     def test_torch_conv_blocks_span_the_kernel_window_per_output_channel(self):
         w = normal(16, 64, 3, 3)  # [out, in, kh, kw]
         q = qjax.quantize_tree({"features.0.weight": w}, {".*": "int4:per_block:32"})

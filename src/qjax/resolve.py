@@ -41,7 +41,7 @@ __all__ = [
     "QjaxRuleWarning",
     "Resolution",
     "RulePlan",
-    "gpt2_conv1d_tree",
+    "gpt2_outputs_first_tree",
     "layout_reading",
     "report_unmatched",
     "with_layout_axes",
@@ -89,34 +89,43 @@ class LayoutReading:
 
 
 def layout_reading(
-    parts: Sequence[str], shape: Sequence[int], layout: str, *, gpt2_conv1d: bool | None = None
+    parts: Sequence[str],
+    shape: Sequence[int],
+    layout: str,
+    *,
+    gpt2_outputs_first: bool | None = None,
 ) -> LayoutReading:
     """The reading of a tensor named ``parts`` (its path, split) of ``shape`` in ``layout``.
 
-    ``gpt2_conv1d``: whether the tree holds the kernels of transformers' Flax GPT-2,
-    whose ``FlaxConv1D`` stores ``[out, in]`` (see :func:`gpt2_conv1d_tree`); None:
-    decided from each kernel's shape where it tells (``c_attn`` ``[3 d, d]``; ``c_fc``
-    with more rows than columns, as the MLP widens; ``c_proj`` with fewer), else read as
-    a Flax Dense ``[in, out]``.
+    ``gpt2_outputs_first``: whether the tree stores its GPT-2-named matrices (``c_attn``,
+    ``c_fc``, ``c_proj``) outputs first, as :func:`gpt2_outputs_first_tree` tells:
+    transformers' Flax ``FlaxConv1D`` kernels and PyTorch ``nn.Linear`` weights (GPTBigCode,
+    Qwen-1) are ``[out, in]``; Flax Dense kernels of those names (nanoGPT ports) and
+    Hugging Face GPT-2's PyTorch ``Conv1D`` weights are ``[in, out]``. None: decided from
+    each matrix's shape where it tells (``c_attn`` and ``c_fc`` have more outputs than
+    inputs, the MLP's ``c_proj`` fewer), else the name's usual layout (a Flax kernel
+    ``[in, out]``, a PyTorch GPT-2 ``Conv1D`` weight ``[in, out]``).
     """
     ndim = len(shape)
     leaf, parent = parts[-1], (parts[-2] if len(parts) > 1 else "")
     if layout == "auto":
-        layout = {"kernel": "flax", "embedding": "flax", "weight": "torch"}.get(leaf, "other")
+        layout = _layout_of(leaf, parent)
     if ndim < 2:
         return LayoutReading(layout, -1, -1, f"{ndim}-D")
     embedding = _EMBEDDING.fullmatch(parent if leaf == "weight" else leaf) is not None
-    if layout == "torch" and parent in _GPT2_CONV1D:
-        return LayoutReading(layout, -1, -2, "GPT-2 Conv1D [in, out]")
+    if ndim == 2 and parent in _GPT2_CONV1D and leaf in ("weight", "kernel"):
+        outputs_first = gpt2_outputs_first
+        if outputs_first is None:
+            outputs_first = _gpt2_outputs_first(parent, shape)
+        if layout == "torch" and not outputs_first:  # None too: GPT-2's usual Conv1D
+            return LayoutReading(layout, -1, -2, "GPT-2 Conv1D [in, out]")
+        if layout != "torch" and outputs_first:
+            return LayoutReading(layout, 0, 1, "GPT-2 FlaxConv1D [out, in]")
     if layout == "torch":
         what = "embedding [rows, features]" if embedding else "[out, in, ...]"
         return LayoutReading(layout, 0, 1, what)
     if embedding:
         return LayoutReading(layout, ndim - 2, ndim - 1, "embedding [rows, features]")
-    if leaf == "kernel" and ndim == 2 and parent in _GPT2_CONV1D:
-        conv1d = _gpt2_conv1d_shape(parent, shape) if gpt2_conv1d is None else gpt2_conv1d
-        if conv1d:
-            return LayoutReading(layout, 0, 1, "GPT-2 FlaxConv1D [out, in]")
     if leaf == "kernel" and ndim == 3 and parent in _ATTENTION_PROJECTIONS and shape[0] >= shape[1]:
         # (fewer heads than inputs: a Dense stacked by nn.scan, [layers, in, out], has not)
         what = "attention projection [in, heads, head_dim]"
@@ -127,35 +136,53 @@ def layout_reading(
     return LayoutReading(layout, -1, -2, "[..., in, out]")
 
 
-def _gpt2_conv1d_shape(parent: str, shape: Sequence[int]) -> bool:
-    """Whether a GPT-2-named 2-D kernel's shape shows transformers' ``FlaxConv1D``
-    ``[out, in]`` rather than a Flax Dense ``[in, out]`` (False where it cannot tell)."""
+def _layout_of(leaf: str, parent: str) -> str:
+    """The layout a leaf's name tells: Flax ``kernel`` / ``embedding``; PyTorch ``weight``
+    and its variants (``nn.MultiheadAttention``'s ``in_proj_weight``, weight norm's
+    ``weight_v`` / ``weight_g``, pruning's ``weight_orig``, parametrizations'
+    ``weight.original0`` / ``original1``); else ``"other"``."""
+    if leaf in ("kernel", "embedding"):
+        return "flax"
+    if leaf == "weight" or leaf.endswith("_weight") or leaf in _TORCH_WEIGHT_VARIANTS:
+        return "torch"
+    if parent == "weight" and leaf in ("original0", "original1"):
+        return "torch"
+    return "other"
+
+
+_TORCH_WEIGHT_VARIANTS = ("weight_v", "weight_g", "weight_orig")
+
+
+def _gpt2_outputs_first(parent: str, shape: Sequence[int]) -> bool | None:
+    """Whether a GPT-2-named matrix's shape shows it stored ``[out, in]``; None where it
+    cannot tell (a square ``c_proj``)."""
     rows, cols = shape
-    if parent == "c_attn":  # query, key and value side by side: 3 d outputs of d inputs
-        return rows == 3 * cols
-    if parent == "c_fc":  # the MLP widens
+    if rows == cols:
+        return None
+    if parent in ("c_attn", "c_fc"):  # query, key and value; the MLP widens
         return rows > cols
-    return parent == "c_proj" and rows < cols  # the MLP's projection narrows
+    return rows < cols if parent == "c_proj" else None  # the MLP's projection narrows
 
 
-def gpt2_conv1d_tree(leaves: Sequence[tuple[str, Sequence[int]]]) -> bool | None:
-    """Whether a tree of ``(path, shape)`` leaves holds transformers' Flax GPT-2 kernels
-    (``FlaxConv1D`` ``[out, in]``), told by its ``c_attn`` kernels ``[3 d, d]``, or by
-    ``[d, 3 d]`` ones that it holds Flax Dense layers of those names; None: no
-    ``c_attn`` kernel tells.
+def gpt2_outputs_first_tree(leaves: Sequence[tuple[str, Sequence[int]]]) -> bool | None:
+    """Whether a tree of ``(path, shape)`` leaves stores its GPT-2-named matrices
+    ``[out, in]``, told by a ``c_attn`` ``kernel`` or ``weight``: query, key and value
+    projected from ``d`` inputs (``[3 d, d]``, or ``[d + 2 kv, d]`` with grouped keys) if
+    it has more rows; None: no ``c_attn`` matrix tells.
 
     Examples:
-      >>> gpt2_conv1d_tree([("h/0/attn/c_attn/kernel", (192, 64))])
+      >>> gpt2_outputs_first_tree([("h/0/attn/c_attn/kernel", (192, 64))])  # FlaxConv1D
       True
-      >>> gpt2_conv1d_tree([("h/0/attn/c_attn/kernel", (64, 192))])
+      >>> gpt2_outputs_first_tree([("h.0.attn.c_attn.weight", (64, 192))])  # Conv1D
       False
+      >>> gpt2_outputs_first_tree([("h.0.attn.c_attn.weight", (96, 64))])  # GPTBigCode
+      True
     """
     for path, shape in leaves:
         parts = re.split(r"[./]", path)
-        if len(parts) > 1 and parts[-2:] == ["c_attn", "kernel"] and len(shape) == 2:
-            rows, cols = shape
-            if rows == 3 * cols or cols == 3 * rows:
-                return rows == 3 * cols
+        if len(parts) > 1 and parts[-2] == "c_attn" and parts[-1] in ("kernel", "weight"):
+            if len(shape) == 2 and shape[0] != shape[1]:
+                return shape[0] > shape[1]
     return None
 
 
@@ -235,12 +262,16 @@ class RulePlan:
         ``/``. None: :func:`default_rules`.
       layout: ``"auto"`` (default) reads each tensor from its name: Flax ``kernel``
         ``[..., in, out]`` and ``embedding`` ``[vocab, features]``; PyTorch ``weight``
-        ``[out, in, ...]`` (Linear, Conv, embeddings, tied ``lm_head``; Hugging Face GPT-2
-        ``Conv1D`` weights are ``[in, out]``); Flax attention kernels (``query`` /
+        ``[out, in, ...]`` (Linear, Conv, embeddings, tied ``lm_head``; also
+        ``in_proj_weight``, ``weight_v``, ``weight_g``, ``weight_orig`` and
+        parametrizations' ``weight.original0/1``); Flax attention kernels (``query`` /
         ``key`` / ``value`` ``[in, heads, head_dim]``: one scale per output, blocks of
-        inputs; ``out`` ``[heads, head_dim, out]``: blocks within each head) and
-        transformers' Flax GPT-2 ``FlaxConv1D`` kernels ``[out, in]`` (:meth:`read_tree`);
-        other names as Flax kernels, reported as ``"other"``. ``"flax"`` or ``"torch"``
+        inputs; ``out`` ``[heads, head_dim, out]``: blocks within each head); GPT-2-named
+        matrices (``c_attn``, ``c_fc``, ``c_proj``) as the tree's ``c_attn`` shows
+        (:meth:`read_tree`): Hugging Face GPT-2's PyTorch ``Conv1D`` weights ``[in, out]``
+        and its Flax port's ``FlaxConv1D`` kernels ``[out, in]``, against ``nn.Linear``
+        (GPTBigCode, Qwen-1) ``[out, in]`` and Flax Dense ``[in, out]``; other names as
+        Flax kernels, reported as ``"other"``. ``"flax"`` or ``"torch"``
         reads every tensor in that layout.
         Shorthand without ``axis=`` is a template: per_channel takes the output channel
         (row) axis, per_block, the MX presets and NF4 block along the contraction (input
@@ -308,16 +339,16 @@ class RulePlan:
         self._match = [re.compile(pattern).fullmatch for pattern, _ in self.rules]
         self._general = [r.general or _is_catch_all(p) for p, r in self.rules]
         self._used = [False] * len(self.rules)
-        self.gpt2_conv1d: bool | None = None
-        """Whether the tree holds transformers' Flax GPT-2 ``FlaxConv1D`` kernels
-        ``[out, in]`` (:meth:`read_tree` sets it); None: each kernel's shape decides."""
+        self.gpt2_outputs_first: bool | None = None
+        """Whether the tree stores its GPT-2-named matrices ``[out, in]`` (:meth:`read_tree`
+        sets it); None: each matrix's shape decides."""
 
     def read_tree(self, leaves: Sequence[tuple[str, Sequence[int]]]) -> None:
         """Reads what the whole tree of ``(path, shape)`` leaves tells about layouts
-        before its tensors are resolved: whether GPT-2-named kernels are
-        transformers' ``FlaxConv1D`` (:func:`gpt2_conv1d_tree`), which a square
-        ``c_proj`` kernel cannot tell on its own."""
-        self.gpt2_conv1d = gpt2_conv1d_tree(leaves)
+        before its tensors are resolved: whether GPT-2-named matrices are stored
+        ``[out, in]`` (:func:`gpt2_outputs_first_tree`), which a square ``c_proj`` cannot
+        tell on its own."""
+        self.gpt2_outputs_first = gpt2_outputs_first_tree(leaves)
 
     def resolve(self, path: str, shape: Sequence[int], dtype: Any) -> Resolution:
         """The :class:`Resolution` of one tensor; records which rule it used.
@@ -332,7 +363,7 @@ class RulePlan:
         ndim = len(shape)
         slashed = path.replace(".", "/")
         reading = layout_reading(
-            re.split(r"[./]", path), shape, self.layout, gpt2_conv1d=self.gpt2_conv1d
+            re.split(r"[./]", path), shape, self.layout, gpt2_outputs_first=self.gpt2_outputs_first
         )
         index = next(
             (i for i, m in enumerate(self._match) if m(path) or m(slashed)),
