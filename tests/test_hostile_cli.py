@@ -300,6 +300,10 @@ def test_help_documents_the_exit_codes(capsys):
         (["--rule", "nothing.*=int4"], "list the paths with qjax plan FILE"),
         (["--keep", "absent"], "--keep: rule 'absent' matched nothing"),
         (["--drop", "gone", "--drop", "layer.*"], "--drop: rule 'gone' matched nothing"),
+        (
+            ["--keep", "layer.*", "--rule", ".*kernel=int4"],
+            "every tensor it matches was taken by --keep or --drop first (e.g. 'layer.kernel'",
+        ),
         (["--keep", "("], "--keep '(': invalid regex"),
         (["--layout", "jax"], "invalid choice: 'jax'"),
         (["--fallback", "per_tensor"], "invalid choice: 'per_tensor'"),

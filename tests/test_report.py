@@ -82,7 +82,9 @@ def test_exact_quantization_gives_infinite_sqnr():
     row = leaf_row("w", x, qjax.quantize(x, qjax.parse_spec("int8:symmetric_with_clipping")))
     assert row["sqnr_db"] == math.inf and row["max_abs_error"] == 0.0
     zeros = np.zeros((32, 32), np.float32)
-    assert leaf_row("z", zeros, qjax.quantize(zeros, qjax.QuantSpec("int8")))["sqnr_db"] == math.inf
+    row = leaf_row("z", zeros, qjax.quantize(zeros, qjax.QuantSpec("int8")))
+    assert row["sqnr_db"] == math.inf
+    assert math.copysign(1.0, row["max_abs_error"]) == 1.0  # 0, not -0 ("-0" in the table)
 
 
 def test_chunked_sums_equal_one_pass(monkeypatch):

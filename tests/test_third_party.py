@@ -185,6 +185,32 @@ class TestQuantizeCheckpoint:
             np.testing.assert_array_equal(restored[name], expected, err_msg=name)
 
 
+    def test_dequantized_save_pretrained_file_loads_with_from_pretrained(
+        self, model, ids, tmp_path
+    ):
+        # from_pretrained refuses a safetensors file without its "format" metadata entry.
+        model.save_pretrained(tmp_path / "float", safe_serialization=True)
+        source = tmp_path / "float" / "model.safetensors"
+        packed, back = tmp_path / "int8.safetensors", tmp_path / "back" / "model.safetensors"
+        back.parent.mkdir()
+        (tmp_path / "float" / "config.json").rename(back.parent / "config.json")
+        assert main(["quantize", str(source), str(packed), "--dtype", "int8", "-q"]) == 0
+        assert main(["dequantize", str(packed), str(back), "-q"]) == 0
+        with safetensors.safe_open(str(back), "numpy") as f:
+            assert f.metadata() == {"format": "flax"}
+        restored = FlaxBertModel.from_pretrained(back.parent)
+        expected = qjax.dequantize_tree(qjax.load(packed))
+        got = jax.tree_util.tree_leaves_with_path(restored.params)
+        assert len(got) == len(jax.tree.leaves(model.params))
+        for path, leaf in got:
+            keys = [k.key for k in path]
+            want = expected
+            for key in ".".join(keys).split("."):
+                want = want[key]
+            np.testing.assert_array_equal(np.asarray(leaf), np.asarray(want), err_msg=str(keys))
+        restored(*ids)  # and it runs
+
+
 class TestRunThirdPartyModel:
     def test_flax_bert_runs_on_packed_weights(self, model, int4_file, tensors, ids):
         loaded = qjax.load_tensors(int4_file)

@@ -137,7 +137,7 @@ def plan_checkpoint(
     keep_match = _patterns(keep, "keep")
     drop_match = _patterns(drop, "drop")
     used: set[tuple[str, str]] = set()
-    rows, dropped = [], set()
+    rows, dropped, taken = [], set(), {}
     for t in tensors:
         forms = (t.name, t.name.replace(".", "/"))
         hit_drop = _first(drop_match, forms)
@@ -148,6 +148,7 @@ def plan_checkpoint(
             note = f"dropped (--drop {pattern})" if hit_drop else f"kept float (--keep {pattern})"
             if hit_drop:
                 dropped.add(t.name)
+            taken[t.name] = f"--{flag} {pattern}"
             resolution = Resolution(None, None, "other", note)
         else:
             try:
@@ -158,8 +159,23 @@ def plan_checkpoint(
     for flag, matchers in (("drop", drop_match), ("keep", keep_match)):
         unused = [p for p, _ in matchers if (flag, p) not in used]
         report_unmatched(unused, strict=True, where=f"--{flag}", listing=CLI_LISTING)
+    _check_shadowed(rule_plan.unmatched(), taken)
     rule_plan.check_unmatched(strict=True, where="--rule", listing=CLI_LISTING)
     return CheckpointPlan(path, tuple(tensors), tuple(rows), frozenset(dropped))
+
+
+def _check_shadowed(patterns: Sequence[str], taken: dict[str, str]) -> None:
+    """Refuses a rule whose tensors ``--keep`` / ``--drop`` all took (``taken``: tensor
+    name -> the flag and pattern that took it), saying so."""
+    for pattern in patterns:
+        match = re.compile(pattern).fullmatch
+        hit = next((n for n in taken if match(n) or match(n.replace(".", "/"))), None)
+        if hit is not None:
+            raise ValueError(
+                f"--rule: rule {pattern!r} applies to no tensor: every tensor it matches "
+                f"was taken by --keep or --drop first (e.g. {hit!r} by {taken[hit]}); "
+                "narrow that pattern or drop the rule"
+            )
 
 
 def quantize_checkpoint(
@@ -230,7 +246,9 @@ def quantize_checkpoint(
         del x, q
         progress(t.name, t.nbytes)
     progress(f"writing {output}", 0)
-    qio.save(output, tree, names=names)
+    own = (qio.METADATA_KEY, qio.CHECKSUM_KEY)  # a source written by qjax: not carried
+    metadata = {k: v for k, v in reader.metadata().items() if k not in own}
+    qio.save(output, tree, names=names, metadata=metadata)
     return rows
 
 
@@ -240,8 +258,10 @@ def dequantize_checkpoint(
     """Writes the float tensors of a qjax file to ``.safetensors`` or ``.npz``, by suffix.
 
     Tensors get their original names back where the file stores them (``qjax quantize``
-    does), else their ``/``-joined paths. QArrays become their ``float_dtype`` (``.npz``
-    cannot hold bfloat16 and the other ml_dtypes floats: those are written as float32);
+    does), else their ``/``-joined paths, and a ``.safetensors`` output the metadata the
+    source file had (transformers' ``from_pretrained`` needs its ``"format"`` entry).
+    QArrays become their ``float_dtype`` (``.npz`` cannot hold bfloat16 and the other
+    ml_dtypes floats: those are written as float32);
     other tensors are written as they are, bit for bit. One tensor is dequantized at a time.
 
     Returns:
@@ -283,7 +303,10 @@ def dequantize_checkpoint(
         return x
 
     items = [(t.name, t.shape, t.dtype) for t in infos]
-    (write_npz if npz else write_safetensors)(output, items, produce)
+    if npz:
+        write_npz(output, items, produce)
+    else:
+        write_safetensors(output, items, produce, qio.user_metadata(path) or None)
     return infos
 
 

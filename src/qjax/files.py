@@ -370,6 +370,10 @@ class FloatCheckpoint:
         """One tensor as a NumPy array that owns its memory."""
         raise NotImplementedError
 
+    def metadata(self) -> dict[str, str]:
+        """The file's own string metadata (a safetensors header's ``__metadata__``)."""
+        return {}
+
 
 class SafetensorsCheckpoint(FloatCheckpoint):
     """A ``.safetensors`` file, each tensor read through a fresh ``safe_open``.
@@ -404,6 +408,10 @@ class SafetensorsCheckpoint(FloatCheckpoint):
                 return f.get_tensor(name)
             except (SafetensorError, ValueError, TypeError) as e:
                 raise ValueError(_one_line(f"{self.path}: tensor {name!r}: {e}")) from None
+
+    def metadata(self) -> dict[str, str]:
+        with self._open() as f:
+            return dict(f.metadata() or {})
 
     def _read_bytes(self, name: str, code: str, shape: tuple[int, ...]) -> np.ndarray:
         """A tensor read as its bytes and viewed as its ml_dtypes type, from the header

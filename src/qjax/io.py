@@ -133,7 +133,13 @@ class _Invalid(Exception):
     """A problem with the file's content; :func:`load` reports it as a ValueError."""
 
 
-def save(path: PathLike, tree: Any, *, names: Mapping[str, str] | None = None) -> None:
+def save(
+    path: PathLike,
+    tree: Any,
+    *,
+    names: Mapping[str, str] | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
     """Saves a pytree of QArrays and arrays to one ``.safetensors`` file, atomically.
 
     The file is written next to ``path`` under a temporary name and then renamed over
@@ -150,6 +156,10 @@ def save(path: PathLike, tree: Any, *, names: Mapping[str, str] | None = None) -
         are :class:`~qjax.QArray` s or jax / NumPy arrays of a numeric or bool dtype.
       names: optional original tensor names by leaf path (keys joined with ``/``, as
         :func:`qjax.leaf_specs` shows them); stored, and given back by :func:`load_tensors`.
+      metadata: optional string entries for the file's safetensors metadata, beside
+        qjax's own (``qjax quantize`` keeps the source file's, such as transformers'
+        ``{"format": "flax"}``, and ``qjax dequantize`` writes them back); given back by
+        :func:`user_metadata`.
 
     Raises:
       TypeError: for a non-string dict key, an unsupported container or leaf type (named
@@ -187,7 +197,7 @@ def save(path: PathLike, tree: Any, *, names: Mapping[str, str] | None = None) -
     if unused:
         raise ValueError(f"names given for paths that hold no array leaf: {unused[:3]}")
     text = json.dumps(header, separators=(",", ":"), allow_nan=False)
-    metadata = {METADATA_KEY: text, CHECKSUM_KEY: _text_crc32(text)}
+    metadata = {**_user_entries(metadata), METADATA_KEY: text, CHECKSUM_KEY: _text_crc32(text)}
     tensors = encoder.tensors
     items = [(name, array.shape, array.dtype) for name, array in tensors.items()]
     from qjax.files import write_safetensors  # qjax.files builds on this module
@@ -262,6 +272,44 @@ def load_tensors(path: PathLike, *, check_finite: bool = True) -> dict[str, Any]
             raise ValueError(f"{os.fspath(path)}: two leaves are named {key!r}")
         out[key] = leaf
     return out
+
+
+def user_metadata(path: PathLike) -> dict[str, str]:
+    """The safetensors metadata entries of a file written by :func:`save` other than qjax's
+    own: what ``metadata=`` gave it.
+
+    Examples:
+      >>> import os, tempfile, jax.numpy as jnp
+      >>> from qjax import io
+      >>> with tempfile.TemporaryDirectory() as tmp:
+      ...     path = os.path.join(tmp, "w.safetensors")
+      ...     io.save(path, {"w": jnp.ones(2)}, metadata={"format": "flax"})
+      ...     io.user_metadata(path)
+      {'format': 'flax'}
+    """
+    from qjax.files import SafetensorsCheckpoint  # qjax.files builds on this module
+
+    entries = SafetensorsCheckpoint(os.fspath(path)).metadata()
+    return {k: v for k, v in entries.items() if k not in (METADATA_KEY, CHECKSUM_KEY)}
+
+
+def _user_entries(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    """``metadata`` checked: string keys and values, none of them qjax's own keys."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata must be a dict of str to str, got {type(metadata).__name__}")
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(
+                f"metadata must map str to str (safetensors stores text), got {key!r}: "
+                f"{type(value).__name__}"
+            )
+        _check_text(key, "metadata key")
+        _check_text(value, f"metadata value of {key!r}")
+        if key in (METADATA_KEY, CHECKSUM_KEY):
+            raise ValueError(f"metadata key {key!r} is qjax's own; choose another key")
+    return dict(metadata)
 
 
 def _read(path: PathLike, check_finite: bool) -> tuple[Any, list[tuple[Path, str | None, Any]]]:

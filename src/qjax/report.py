@@ -327,7 +327,7 @@ def _error_sums(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
         np.subtract(xc, y[start : start + n], out=err)
         signal += float(np.dot(xc, xc))
         noise += float(np.dot(err, err))
-        max_err = float(np.max([max_err, err.max(), -err.min()]))  # NaN stays NaN
+        max_err = abs(float(np.max([max_err, err.max(), -err.min()])))  # NaN stays NaN; no -0
     return signal, noise, max_err
 
 
