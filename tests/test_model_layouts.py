@@ -24,7 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from transformers import BertConfig, FlaxBertForMaskedLM, FlaxGPT2LMHeadModel, GPT2Config
+from transformers import (
+    BertConfig,
+    FlaxBertForMaskedLM,
+    FlaxGPT2LMHeadModel,
+    FlaxGPT2Model,
+    GPT2Config,
+)
 
 import qjax
 from qjax.flax import linen as qlinen
@@ -111,11 +117,13 @@ def test_attention_qat_ptq_and_serving_agree(attention, rule):
     assert not np.array_equal(qat, model.apply(variables, x))
 
 
+GPT2_CONFIG = {"n_embd": 64, "n_layer": 1, "n_head": 2, "vocab_size": 100, "n_positions": 16}
+
+
 @pytest.fixture(scope="module")
 def gpt2_params():
     with third_party():
-        config = GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=100, n_positions=16)
-        return FlaxGPT2LMHeadModel(config, seed=0).params
+        return FlaxGPT2LMHeadModel(GPT2Config(**GPT2_CONFIG), seed=0).params
 
 
 def _gpt2_kernels(params) -> dict[str, jax.Array]:
@@ -219,3 +227,135 @@ def test_transformers_tied_decoder_serves_as_trained():
         with pytest.warns(QjaxRuleWarning, match="applied on its own"):
             served = jax.jit(serve.served(apply, rules))(serve.convert(variables, rules), ids)
     np.testing.assert_array_equal(served, qat)
+
+
+# Layers whose configuration, not their name, tells the layout; layers stacked by nn.scan.
+
+
+def _configured_layers():
+    """(layer, input, an output axis of its kernel, the block of one scale per output for
+    int8:per_channel, the block of int4:per_block:8) for kernels whose name says nothing."""
+    x3 = jax.random.normal(jax.random.key(1), (2, 5, 32))
+    x4 = x3[:, :, None, :8].repeat(5, axis=2)
+    return [
+        (nn.DenseGeneral((4, 16), name="proj"), x3, 1, (32, 1, 1), (8, 1, 1)),  # [in, h, d]
+        # [h, d, out]: both contracted
+        (
+            nn.DenseGeneral(8, axis=(-2, -1), name="proj"),
+            x3.reshape(2, 5, 4, 8),
+            2,
+            (4, 8, 1),
+            (1, 8, 1),
+        ),
+        # [batch, in, out]
+        (nn.DenseGeneral(24, batch_dims=(0,), name="proj"), x3[:, 0], 2, (1, 32, 1), (1, 8, 1)),
+        (nn.Einsum((4, 32, 16), "btd,ndh->btnh", name="proj"), x3, 0, (1, 32, 1), (1, 8, 1)),
+        # [kh, kw, out, in]
+        (
+            nn.ConvTranspose(16, (3, 3), transpose_kernel=True, name="proj"),
+            x4,
+            2,
+            (3, 3, 1, 8),
+            (3, 3, 1, 8),
+        ),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("rule, name", [("int8:per_channel", "int8"), ("int4:per_block:8", "int4")])
+def test_configured_layouts_per_output_in_qat_and_serving(case, rule, name):
+    layer, x, out_axis, channel_block, input_block = _configured_layers()[case]
+    variables = layer.init(jax.random.key(0), x)
+    kernel = variables["params"]["kernel"]
+    gains = jnp.array([1.0, 8.0, 0.25, 3.0]).repeat(kernel.shape[out_axis] // 4)
+    kernel = kernel * gains.reshape([-1 if i == out_axis else 1 for i in range(kernel.ndim)])
+    variables = {"params": {**variables["params"], "kernel": kernel}}
+    block = channel_block if name == "int8" else input_block
+    ref = reference(np.asarray(kernel), name, "symmetric", "scale", block)["dequantized"]
+    expected = layer.apply({"params": {**variables["params"], "kernel": ref}}, x)
+    rules = {".*": rule}
+    qat = jax.jit(qlinen.intercepted(layer.apply, rules))(variables, x)
+    np.testing.assert_array_equal(qat, expected)
+    converted = serve.convert(variables, rules, layer, x)
+    _check(converted["params"]["kernel"], kernel, name, block)
+    np.testing.assert_array_equal(jax.jit(serve.served(layer.apply, rules))(converted, x), qat)
+    (row,) = [r for r in qlinen.plan(layer, x, rules=rules).rows if r.path == "kernel"]
+    assert row.spec == converted["params"]["kernel"].spec
+
+
+class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return jnp.tanh(nn.Dense(32, name="fc")(x)), None
+
+
+class Scanned(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        stack = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=4)
+        return stack(name="layers")(x, None)[0]
+
+
+@pytest.mark.parametrize(
+    "rule, name", [("int8:per_channel", "int8"), ("int4:per_block:16", "int4")]
+)
+def test_scanned_layers_convert_and_serve_one_layer_at_a_time(rule, name):
+    model, x = Scanned(), jax.random.normal(jax.random.key(1), (3, 32))
+    variables = model.init(jax.random.key(0), x)
+    kernels = variables["params"]["layers"]["fc"]["kernel"]  # [4, 32, 32]
+    variables["params"]["layers"]["fc"]["kernel"] = kernels * jnp.arange(1.0, 5.0)[:, None, None]
+    rules = {".*": rule}
+    qat = jax.jit(qlinen.intercepted(model.apply, rules))(variables, x)
+    converted = serve.convert(variables, rules, model, x)
+    stored = converted["params"]["layers"]["fc"]["kernel"]
+    block = (32, 1) if name == "int8" else (16, 1)
+    for i in range(4):
+        one = jax.tree.map(lambda a, i=i: a[i], stored)
+        _check(one, variables["params"]["layers"]["fc"]["kernel"][i], name, block)
+    np.testing.assert_array_equal(jax.jit(serve.served(model.apply, rules))(converted, x), qat)
+
+
+def test_convert_leaves_float_what_qat_left_float(gpt2_params):
+    # transformers' FlaxConv1D is no layer qjax quantizes: QAT runs it float, so must
+    # convert (else dequantizing() would serve a model QAT never saw).
+    ids = jnp.arange(8).reshape(1, 8)
+    inputs = (ids, jnp.ones_like(ids), jnp.arange(8)[None])  # ids, attention mask, positions
+    variables = {"params": gpt2_params["transformer"]}  # no tied head, which QAT reads float
+    rules = {".*": "int8:per_channel"}
+    with third_party():
+        model = FlaxGPT2Model(GPT2Config(**GPT2_CONFIG), _do_init=False)
+        qat = jax.jit(qlinen.intercepted(model.module.apply, rules))(variables, *inputs)
+        converted = serve.convert(variables, rules, model.module, *inputs)
+        leaves = jax.tree_util.tree_leaves_with_path(
+            converted, is_leaf=lambda v: isinstance(v, qjax.QArray)
+        )
+        quantized = {p[-1].key for p, leaf in leaves if isinstance(leaf, qjax.QArray)}
+        assert quantized == {"embedding"}
+        served = qjax.dequantizing(model.module.apply)(converted, *inputs)
+    np.testing.assert_array_equal(served.last_hidden_state, qat.last_hidden_state)
+
+
+@pytest.mark.parametrize("kind", ["LinearGeneral", "Einsum"])
+def test_nnx_configured_layouts_per_output(kind):
+    from flax import nnx
+
+    from qjax.flax import nnx as qnnx
+
+    rngs = nnx.Rngs(0)
+    x = jax.random.normal(jax.random.key(1), (2, 5, 32))
+    if kind == "LinearGeneral":  # [in, heads, head_dim]
+        layer, block, head_axis = nnx.LinearGeneral(32, (4, 16), rngs=rngs), (32, 1, 1), 1
+    else:  # [heads, in, head_dim]
+        layer = nnx.Einsum("btd,ndh->btnh", (4, 32, 16), rngs=rngs)
+        block, head_axis = (1, 32, 1), 0
+    gains = jnp.array([1.0, 8.0, 0.25, 3.0]).reshape(
+        [-1 if i == head_axis else 1 for i in range(3)]
+    )
+    layer.kernel.set_value(layer.kernel.get_value() * gains)
+    ref = reference(np.asarray(layer.kernel.get_value()), "int8", "symmetric", "scale", block)
+    float_kernel = layer.kernel.get_value()
+    layer.kernel.set_value(jnp.asarray(ref["dequantized"]))
+    expected = layer(x)
+    layer.kernel.set_value(float_kernel)
+    qnnx.quantize(layer, {".*": "int8:per_channel"})
+    np.testing.assert_array_equal(layer(x), expected)

@@ -86,6 +86,9 @@ class LayoutReading:
     what: str
     all_channels: bool = False
     input_blocks: bool = False
+    reduced: tuple[int, ...] = ()
+    """Other contracted axes (a DenseGeneral over ``axis=(-2, -1)``): per-channel scales
+    reduce them too, and blocks are size 1 along them."""
 
 
 def layout_reading(
@@ -200,8 +203,7 @@ def with_layout_axes(spec: Format, reading: LayoutReading, ndim: int) -> Format:
         return dataclasses.replace(spec, axis=axis)
     g = spec.granularity
     if g.kind == "per_channel" and reading.all_channels:  # one scale per output
-        whole = tuple(-1 if i == reading.contraction % ndim else 1 for i in range(ndim))
-        new: Granularity = Granularity("explicit", explicit=whole)
+        new: Granularity = _per_output(reading, reading.contraction, ndim)
     elif g.kind == "per_channel":
         new = per_channel(reading.channel)
     else:
@@ -212,6 +214,12 @@ def with_layout_axes(spec: Format, reading: LayoutReading, ndim: int) -> Format:
             channel = "auto"
         new = per_block(reading.contraction, g.block_size, channel_axis=channel)
     return dataclasses.replace(spec, granularity=new)
+
+
+def _per_output(reading: LayoutReading, axis: int, ndim: int) -> Granularity:
+    """One scale per output: whole along ``axis`` and the reading's other contracted axes."""
+    whole = {axis % ndim} | {r % ndim for r in reading.reduced}
+    return Granularity("explicit", explicit=tuple(-1 if i in whole else 1 for i in range(ndim)))
 
 
 def _auto_channel(axis: int, ndim: int) -> int | None:
@@ -426,8 +434,7 @@ class RulePlan:
             return fallback, f"fallback {fallback}: {reason}"
         channel = spec.granularity.channel_axis
         if reading.all_channels:  # one scale per output
-            whole = tuple(-1 if i == axis else 1 for i in range(len(shape)))
-            g_all = Granularity("explicit", explicit=whole)
+            g_all = _per_output(reading, axis, len(shape))
             return dataclasses.replace(spec, granularity=g_all), f"fallback {g_all}: {reason}"
         if channel in ("all", "auto"):  # the layout's channel axis, written as it writes it
             auto = _auto_channel(axis, len(shape))

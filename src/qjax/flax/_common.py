@@ -10,11 +10,13 @@ import dataclasses
 import functools
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from qjax import granularity as gran
 from qjax.calibration import ema
@@ -29,7 +31,7 @@ from qjax.lsq import (
 from qjax.ops import fake_quant
 from qjax.palettize import TableFormat
 from qjax.qparams import QParams, block_range, compute_qparams, qparams_from_minmax
-from qjax.resolve import layout_reading, report_unmatched, with_layout_axes
+from qjax.resolve import LayoutReading, layout_reading, report_unmatched, with_layout_axes
 from qjax.rules import Calibration, LeafRule, parse_leaf_rule, parse_spec
 from qjax.spec import QuantSpec, as_spec
 
@@ -44,6 +46,7 @@ __all__ = [
     "activation_qparams",
     "as_layer_quant",
     "compile_rules",
+    "layer_reading",
     "learned_activation",
     "learned_input_init",
     "learned_input_qparams",
@@ -303,12 +306,102 @@ class Rule:
     fullmatch: Callable[[str], Any]
     template: LeafRule | None = None
 
-    def weight_spec(self, param_path: str, shape: tuple[int, ...]) -> QuantSpec | None:
-        """The weight spec for the weight at ``param_path`` (``".../kernel"``) of ``shape``."""
+    def weight_spec(
+        self, param_path: str, shape: tuple[int, ...], layer: Any = None, einsum_str: Any = None
+    ) -> QuantSpec | None:
+        """The weight spec for the weight at ``param_path`` (``".../kernel"``) of ``shape``;
+        ``layer`` (and an Einsum's call-time ``einsum_str``): the layer that owns it, whose
+        configuration tells its layout where the name does not (:func:`layer_reading`)."""
         if self.quant is None or self.quant.weight is None or self.template is None:
             return None if self.quant is None else self.quant.weight
-        reading = layout_reading(param_path.split("/"), shape, "flax")
+        reading = layer_reading(layer, param_path, shape, einsum_str)
         return with_layout_axes(self.template.spec, reading, len(shape))
+
+
+_NAMED_DEFAULT = "[..., in, out]"
+"""What :func:`~qjax.resolve.layout_reading` calls a kernel its name tells nothing about."""
+
+
+def layer_reading(
+    layer: Any, param_path: str, shape: tuple[int, ...], einsum_str: Any = None
+) -> LayoutReading:
+    """How a layer's weight is read: from the layer's configuration where its name tells
+    nothing more than ``[..., in, out]``, else from the name
+    (:func:`~qjax.resolve.layout_reading`: attention projections, GPT-2, embeddings).
+
+    The configuration tells: a DenseGeneral / LinearGeneral with batch dims, several
+    contracted axes or several output axes (``[batch..., in..., out...]``), an Einsum by
+    its equation, a ConvTranspose with ``transpose_kernel=True`` (``[..., out, in]``).
+    Such kernels get one scale per output (per batch index too), and blocks of inputs
+    along the innermost contracted axis. ``einsum_str``: an Einsum's call-time equation.
+
+    Examples:
+      >>> import flax.linen as nn
+      >>> r = layer_reading(nn.DenseGeneral((4, 16)), "proj/kernel", (32, 4, 16))
+      >>> r.contraction, r.all_channels
+      (-3, True)
+      >>> layer_reading(nn.Dense(8), "fc/kernel", (32, 8)).what
+      '[..., in, out]'
+    """
+    named = layout_reading(param_path.split("/"), shape, "flax")
+    if layer is None or named.what != _NAMED_DEFAULT or len(shape) < 2:
+        return named
+    return _configured_reading(layer, len(shape), einsum_str) or named
+
+
+def _configured_reading(layer: Any, ndim: int, einsum_str: Any) -> LayoutReading | None:
+    """The reading a layer's configuration gives, or None where it is ``[..., in, out]``."""
+    if isinstance(layer, nn.ConvTranspose | nnx.ConvTranspose) and layer.transpose_kernel:
+        return LayoutReading("flax", -2, -1, "ConvTranspose(transpose_kernel) [..., out, in]")
+    if isinstance(layer, nn.DenseGeneral):
+        batch, inputs = len(layer.batch_dims), len(_as_tuple(layer.axis))
+    elif isinstance(layer, nnx.LinearGeneral):
+        batch, inputs = len(layer.batch_axis), len(layer.in_features)
+    elif isinstance(layer, nn.Einsum | nnx.Einsum):
+        return _einsum_reading(einsum_str or layer.einsum_str, ndim)
+    else:
+        return None
+    contracted = list(range(batch, batch + inputs))
+    outputs = list(range(batch + inputs, ndim))
+    return _contraction_reading(contracted, outputs, ndim, type(layer).__name__)
+
+
+def _einsum_reading(equation: Any, ndim: int) -> LayoutReading | None:
+    """The reading of an Einsum kernel (the equation's second operand), or None where the
+    equation is not ``"lhs,kernel->out"`` with one label per kernel axis."""
+    if not isinstance(equation, str):
+        return None
+    operands, _, out = equation.replace(" ", "").partition("->")
+    parts = operands.split(",")
+    if len(parts) != 2 or "." in parts[1] or len(parts[1]) != ndim:
+        return None
+    lhs, kernel = parts
+    contracted = [i for i, c in enumerate(kernel) if c not in out]
+    outputs = [i for i, c in enumerate(kernel) if c in out and c not in lhs]
+    return _contraction_reading(contracted, outputs, ndim, f"Einsum {kernel!r}")
+
+
+def _contraction_reading(
+    contracted: list[int], outputs: list[int], ndim: int, what: str
+) -> LayoutReading | None:
+    """A reading with one scale per output (and batch index) and blocks along the last
+    contracted axis; None for a plain ``[in, out]`` or where nothing is contracted."""
+    if not contracted or (ndim, contracted, outputs) == (2, [0], [1]):
+        return None
+    c = contracted[-1]
+    return LayoutReading(
+        "flax",
+        (outputs[-1] if outputs else c) - ndim,
+        c - ndim,
+        f"{what} kernel, contracted axes {tuple(contracted)}",
+        all_channels=True,
+        input_blocks=True,
+        reduced=tuple(a - ndim for a in contracted[:-1]),
+    )
+
+
+def _as_tuple(value: Any) -> tuple:
+    return tuple(value) if isinstance(value, Sequence) else (value,)
 
 
 class Rules:
@@ -479,10 +572,17 @@ def plan_row(
     layer: type | None,
     weight: str | None,
     hookless: bool = False,
+    *,
+    module: Any = None,
+    einsum_str: Any = None,
+    stacked: int = 0,
 ) -> ModelPlanRow:
     """The :class:`ModelPlanRow` of one parameter; ``weight`` names the layer's weight parameter.
 
     ``hookless``: the layer type is one qjax cannot quantize (NNX ConvTranspose, Embed).
+    ``module`` (and an Einsum's call-time ``einsum_str``): the layer, whose configuration
+    tells its weight's layout (:func:`layer_reading`); ``stacked``: leading axes of the
+    value that stack copies of the layer (the spec is one layer's).
     """
     shape, dtype = tuple(value.shape), jnp.dtype(value.dtype).name
     layer_name = None if layer is None else layer.__name__
@@ -505,10 +605,10 @@ def plan_row(
     if quant.act is not None and weight == "embedding":
         why = refuse_embed_activation(module_path, rule.pattern)
         return row(rule.pattern, None, None, "error: " + why)
-    spec = rule.weight_spec(param, shape)
+    spec = rule.weight_spec(param, shape[stacked:], module, einsum_str)
     if spec is None:
         return row(rule.pattern, None, quant.act, "the rule quantizes only the input")
-    problem = weight_spec_problem(shape, value.dtype, spec)
+    problem = weight_spec_problem(shape[stacked:], value.dtype, spec)
     if problem is not None:
         why = cannot_quantize(module_path, layer_name, name, shape, rule.pattern, problem)
         return row(rule.pattern, None, None, "error: " + why)

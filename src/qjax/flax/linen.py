@@ -17,6 +17,7 @@ checkpoint without them quantizes activations dynamically.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -58,6 +59,7 @@ from qjax.tree import path_str
 __all__ = [
     "STATS",
     "ActQuant",
+    "Layer",
     "LayerQuant",
     "ModelPlan",
     "ModelPlanRow",
@@ -66,6 +68,8 @@ __all__ = [
     "QuantDense",
     "QuantDenseGeneral",
     "QuantEinsum",
+    "call_equation",
+    "census",
     "intercept",
     "intercepted",
     "layer_rule",
@@ -110,10 +114,11 @@ class _QuantizingScope:
         rule: Rule | None,
         learn: bool,
         calibration: Calibration | None = None,
+        equation: str | None = None,
     ):
         self._scope, self._name, self._spec = module.scope, name, spec
         self._module, self._rule, self._learn = module, rule, learn
-        self._calibration = calibration
+        self._calibration, self._equation = calibration, equation
         self.weight_qparams: QParams | None = None
 
     def __getattr__(self, attr: str) -> Any:
@@ -126,7 +131,8 @@ class _QuantizingScope:
         path = "/".join(self._module.path)
         spec = self._spec
         if self._rule is not None:
-            spec = self._rule.weight_spec(f"{path}/{name}" if path else name, value.shape)
+            param_path = f"{path}/{name}" if path else name
+            spec = self._rule.weight_spec(param_path, value.shape, self._module, self._equation)
         try:
             self.weight_qparams = compute_qparams(jax.lax.stop_gradient(value), spec)
         except ValueError as e:
@@ -245,15 +251,24 @@ def learned_weight_qparams(
     return learned_qparams(values[0], values[1] if len(values) > 1 else None, spec)
 
 
+def call_equation(module: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> str | None:
+    """An Einsum's equation given at call time (``Einsum.__call__(inputs, einsum_str)``)."""
+    if not isinstance(module, nn.Einsum):
+        return None
+    return kwargs.get("einsum_str", args[1] if len(args) > 1 else None)
+
+
 @contextlib.contextmanager
 def _weights_quantized(
-    module: nn.Module, quant: LayerQuant, rule: Rule | None
+    module: nn.Module, quant: LayerQuant, rule: Rule | None, equation: str | None
 ) -> Iterator[_QuantizingScope | None]:
     name = weight_name(module)
     if quant.weight is None or name is None:
         yield None
         return
-    scope = _QuantizingScope(module, name, quant.weight, rule, quant.learn_scale, quant.calibration)
+    scope = _QuantizingScope(
+        module, name, quant.weight, rule, quant.learn_scale, quant.calibration, equation
+    )
     with swapped_attributes(module, {"scope": scope}):
         yield scope
 
@@ -327,7 +342,7 @@ def quantized_call(
     if quant.act is not None and args and jnp.issubdtype(jnp.asarray(args[0]).dtype, jnp.floating):
         x_q, act_qparams = _quantize_activation(module, args[0], quant.act, quant.learn_scale, rule)
         args = (x_q, *args[1:])
-    with _weights_quantized(module, quant, rule) as scope:
+    with _weights_quantized(module, quant, rule, call_equation(module, args, kwargs)) as scope:
         if contraction is None:
             return fun(*args, **kwargs)
         hooks = {
@@ -583,6 +598,83 @@ def intercepted(fn: Callable, rules: Mapping[str, RuleValue], *, strict: bool = 
     return wrapper
 
 
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """A layer of a Linen model as :func:`census` saw it run.
+
+    Attributes:
+      module: the module (its type and configuration tell its weight's layout).
+      weight_shape: its weight's shape as the layer reads it: one layer's, where
+        ``nn.scan`` / ``nn.vmap`` stack copies of it; None for a layer with no weight.
+      equation: an Einsum's call-time ``einsum_str``.
+    """
+
+    module: nn.Module
+    weight_shape: tuple[int, ...] | None
+    equation: str | None = None
+
+    def stacked(self, ndim: int) -> int:
+        """The leading axes of a stored weight of rank ``ndim`` that stack the layer."""
+        return 0 if self.weight_shape is None else max(ndim - len(self.weight_shape), 0)
+
+    def plan_args(self, ndim: int) -> dict[str, Any]:
+        return {"module": self.module, "einsum_str": self.equation, "stacked": self.stacked(ndim)}
+
+
+def census(
+    model: nn.Module, *args: Any, method: Callable | str | None = None, **kwargs: Any
+) -> tuple[dict[str, Layer], Any]:
+    """Every layer of ``model`` by module path, and the abstract params, from one abstract
+    ``model.init`` (``jax.eval_shape``: no compute, no weights) on example inputs.
+
+    Examples:
+      >>> import flax.linen as nn, jax.numpy as jnp
+      >>> from qjax.flax import linen as qlinen
+      >>> class Block(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x, _):
+      ...         return nn.Dense(8, name="fc")(x), None
+      >>> Stack = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+      ...                 length=3)
+      >>> layers, params = qlinen.census(Stack(), jnp.ones((2, 8)), None)
+      >>> layers["fc"].weight_shape, params["fc"]["kernel"].shape  # one layer's; stored
+      ((8, 8), (3, 8, 8))
+    """
+    layers: dict[str, Layer] = {}
+
+    def record(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        module, path = context.module, "/".join(context.module.path)
+        name = weight_name(module)
+        weight = None
+        if name is not None and module.scope is not None:
+            weight = nn.meta.unbox(module.scope.get_variable("params", name))
+        if path not in layers or layers[path].weight_shape is None:
+            shape = None if weight is None else tuple(jnp.shape(weight))
+            called = context.method_name == "__call__"
+            equation = call_equation(module, args, kwargs) if called else None
+            layers[path] = Layer(module, shape, equation)
+        return out
+
+    # Arrays (and ShapeDtypeStructs) enter eval_shape abstractly; other leaves, such as
+    # deterministic=True, stay Python values the model may branch on.
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    arrays = [i for i, leaf in enumerate(leaves) if _is_array(leaf)]
+
+    def init(*values: Any) -> Any:
+        filled = list(leaves)
+        for i, value in zip(arrays, values):
+            filled[i] = value
+        call_args, call_kwargs = jax.tree.unflatten(treedef, filled)
+        with nn.intercept_methods(record):
+            keys = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+            return model.init(keys, *call_args, method=method, **call_kwargs)
+
+    shapes = [jax.ShapeDtypeStruct(leaves[i].shape, leaves[i].dtype) for i in arrays]
+    variables = jax.eval_shape(init, *shapes)
+    return layers, nn.meta.unbox(variables.get("params", {}))
+
+
 def _is_array(leaf: Any) -> bool:
     return hasattr(leaf, "shape") and hasattr(leaf, "dtype")
 
@@ -628,31 +720,14 @@ def plan(
       rules that match no layer: '.*_1/kernel'
     """
     compiled = Rules(rules)
-    layers: dict[str, type] = {}
-
-    def record(next_fun, args, kwargs, context):
-        layers.setdefault("/".join(context.module.path), type(context.module))
-        return next_fun(*args, **kwargs)
-
-    # Arrays (and ShapeDtypeStructs) enter eval_shape abstractly; other leaves, such as
-    # deterministic=True, stay Python values the model may branch on.
-    leaves, treedef = jax.tree.flatten((args, kwargs))
-    arrays = [i for i, leaf in enumerate(leaves) if _is_array(leaf)]
-
-    def init(*values: Any) -> Any:
-        filled = list(leaves)
-        for i, value in zip(arrays, values):
-            filled[i] = value
-        call_args, call_kwargs = jax.tree.unflatten(treedef, filled)
-        with nn.intercept_methods(record):
-            keys = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
-            return model.init(keys, *call_args, method=method, **call_kwargs)
-
-    shapes = [jax.ShapeDtypeStruct(leaves[i].shape, leaves[i].dtype) for i in arrays]
-    params = nn.meta.unbox(jax.eval_shape(init, *shapes).get("params", {}))
+    layers, params = census(model, *args, method=method, **kwargs)
     rows = []
     for keys, value in jax.tree_util.tree_flatten_with_path(params)[0]:
         param = path_str(keys)
-        layer = layers.get(param.rpartition("/")[0])
-        rows.append(plan_row(compiled, param, value, layer, weight_name(layer or object)))
+        found = layers.get(param.rpartition("/")[0])
+        if found is None:
+            rows.append(plan_row(compiled, param, value, None, None))
+            continue
+        layer, extra = found.module, found.plan_args(jnp.ndim(value))
+        rows.append(plan_row(compiled, param, value, type(layer), weight_name(layer), **extra))
     return ModelPlan(tuple(rows), tuple(compiled.unmatched()))

@@ -267,7 +267,7 @@ def _plan(
     if quant is not None and quant.weight is not None:
         kernel = getattr(module, name).get_value()
         shape = jnp.shape(kernel)[_stacked_axes(module, jnp.ndim(kernel)) :]  # one layer's
-        spec = rule.weight_spec(f"{path}/{name}" if path else name, shape)
+        spec = rule.weight_spec(f"{path}/{name}" if path else name, shape, module)
         problem = weight_spec_problem(shape, jnp.result_type(kernel), spec)
         if problem is not None:
             layer = type(module).__name__
@@ -435,12 +435,16 @@ def plan(model: nnx.Module, rules: Mapping[str, RuleValue]) -> ModelPlan:
       layers/2/kernel  (32, 10)  Linear  '.*2/kernel'  float (the rule keeps it float)
     """
     compiled = Rules(rules, collection=None)
-    layers = {"/".join(map(str, parts)): type(module) for parts, module in nnx.iter_modules(model)}
+    modules = {"/".join(map(str, parts)): module for parts, module in nnx.iter_modules(model)}
     rows = []
     for parts, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        path = "/".join(map(str, parts))
-        layer = layers.get(path.rpartition("/")[0])
+        path, value = "/".join(map(str, parts)), variable.get_value()
+        module = modules.get(path.rpartition("/")[0])
+        layer = None if module is None else type(module)
         name = None if layer is None else weight_name(layer)
         hookless = layer is not None and not any(issubclass(layer, cls) for cls in HOOKS)
-        rows.append(plan_row(compiled, path, variable.get_value(), layer, name, hookless))
+        stacked = 0 if module is None else _stacked_axes(module, jnp.ndim(value))
+        rows.append(
+            plan_row(compiled, path, value, layer, name, hookless, module=module, stacked=stacked)
+        )
     return ModelPlan(tuple(rows), tuple(compiled.unmatched()))

@@ -59,8 +59,11 @@ from qjax.flax.linen import (
     STATS,
     WEIGHT_NAMES,
     ActQuant,
+    Layer,
     LayerQuant,
     RuleValue,
+    call_equation,
+    census,
     layer_rule,
     learned_input_qparams,
     learned_weight_qparams,
@@ -100,9 +103,26 @@ WEIGHT_PARAMS = frozenset(WEIGHT_NAMES.values())
 
 
 def convert(
-    variables: Mapping[str, Any], rules: Mapping[str, RuleValue], *, strict: bool = False
+    variables: Mapping[str, Any],
+    rules: Mapping[str, RuleValue],
+    model: nn.Module | None = None,
+    *args: Any,
+    strict: bool = False,
+    method: Callable | str | None = None,
+    **kwargs: Any,
 ) -> dict[str, Any]:
     """Turns QAT-trained float variables into the tree :func:`serving` runs.
+
+    With the ``model`` and example inputs (as for :func:`~qjax.flax.linen.plan`), each
+    weight is read as QAT read it, from one abstract run of the model
+    (:func:`~qjax.flax.linen.census`): the copies of a layer stacked by ``nn.scan`` /
+    ``nn.vmap`` are quantized each on its own, a layer's configuration tells its layout
+    (a DenseGeneral with several output axes, an Einsum, a ConvTranspose with
+    ``transpose_kernel``), and the kernels of layers QAT leaves float (transformers'
+    ``FlaxConv1D``, ``ConvLocal``) stay float. Without them, weights are read from their
+    names alone (``kernel [..., in, out]``, attention projections, embeddings): enough for
+    Dense, Conv, Embed and Flax attention, and :func:`serving` refuses a weight whose
+    spec then differs from QAT's.
 
     Args:
       variables: the model's variables: ``params`` (float), and ``quant_stats`` where
@@ -113,6 +133,10 @@ def convert(
         None}`` (the rule language of :mod:`qjax.flax`). The weight of each matched
         layer, ``params/<module path>/kernel`` (or ``/embedding``), is quantized with its
         rule's weight spec.
+      model: the Linen module QAT trained (for a transformers ``FlaxPreTrainedModel``, its
+        ``.module``); None: read weights from their names.
+      *args, **kwargs: example inputs for ``model.init`` (arrays or
+        ``jax.ShapeDtypeStruct``); ``method`` as for ``init``.
       strict: a rule that matches no weight is a :class:`~qjax.resolve.QjaxRuleWarning`,
         or with ``strict=True`` a ``ValueError``.
 
@@ -143,21 +167,26 @@ def convert(
             "model.init / training returned, e.g. {'params': ..., 'quant_stats': ...}"
         )
     params = nn.meta.unbox(variables["params"])
+    layers = None if model is None else census(model, *args, method=method, **kwargs)[0]
 
     def convert_leaf(path: tuple, leaf: Any) -> Any:
         name = path_str(path)
         module_path, _, leaf_name = name.rpartition("/")
+        layer = Layer(None, np.shape(leaf)) if layers is None else layers.get(module_path)
+        if layers is not None and (layer is None or weight_name(layer.module) != leaf_name):
+            return leaf  # not a layer's weight: QAT leaves it float
         rule = compiled.find(module_path, leaf_name) if leaf_name in WEIGHT_PARAMS else None
         if rule is None or rule.quant is None or isinstance(leaf, QArray):
             return leaf
         _check_calibrated(variables, name, rule.quant)
-        spec = rule.weight_spec(name, np.shape(leaf))
+        stacked = layer.stacked(np.ndim(leaf))
+        spec = rule.weight_spec(name, np.shape(leaf)[stacked:], layer.module, layer.equation)
         if spec is None:
             return leaf
         qparams = None
         if rule.quant.learn_scale:  # LSQ: the scales QAT learned, not fresh ones
             qparams = learned_weight_qparams(params, module_path, leaf_name, spec)
-        return _quantize_weight(leaf, spec, f"params/{name}", rule.pattern, qparams)
+        return _quantize_weight(leaf, spec, f"params/{name}", rule.pattern, qparams, stacked)
 
     converted = jax.tree_util.tree_map_with_path(convert_leaf, params, is_leaf=_is_qarray)
     compiled.check(strict=strict, where="qjax.flax.serve.convert")
@@ -284,8 +313,15 @@ def _check_options(integer_dots: Any, weight_only: Any) -> None:
 
 
 def _quantize_weight(
-    leaf: Any, spec: QuantSpec, name: str, rule: str, qparams: QParams | None = None
+    leaf: Any,
+    spec: QuantSpec,
+    name: str,
+    rule: str,
+    qparams: QParams | None = None,
+    stacked: int = 0,
 ) -> QArray:
+    """``leaf`` quantized with ``spec``; with ``stacked`` leading axes (copies of a layer
+    stacked by ``nn.scan`` / ``nn.vmap``), each copy on its own, as QAT saw it."""
     if not isinstance(leaf, jax.core.Tracer):
         bad = int(np.size(leaf) - np.count_nonzero(np.isfinite(np.asarray(leaf))))
         if bad:
@@ -294,8 +330,11 @@ def _quantize_weight(
                 "QAT model produced them: fix training, or keep the layer float with a "
                 "rule mapping its module path to None"
             )
+    one = functools.partial(quantize, spec=spec)
+    for _ in range(stacked):
+        one = jax.vmap(one)
     try:
-        return quantize(leaf, spec, qparams=qparams)
+        return one(leaf, qparams=qparams)
     except (ValueError, TypeError) as e:
         module_path = name.removeprefix("params/").rpartition("/")[0]
         raise type(e)(
@@ -353,8 +392,9 @@ def _interceptor(compiled: Rules, integer_dots: IntegerDots, weight_only: Weight
             if quant is None:
                 return next_fun(*args, **kwargs)
             return quantized_call(module, next_fun, args, kwargs, quant, rule)
-        path = "/".join(module.path)
-        spec = None if rule is None else rule.weight_spec(f"{path}/{name}", np.shape(stored))
+        path, equation = "/".join(module.path), call_equation(module, args, kwargs)
+        shape = np.shape(stored)
+        spec = None if rule is None else rule.weight_spec(f"{path}/{name}", shape, module, equation)
         _check_stored(_param_name(path, name), spec, stored)
         if quant is None:
             return next_fun(*args, **kwargs)
@@ -388,8 +428,10 @@ def _check_stored(name: str, spec: QuantSpec | None, stored: Any) -> None:
             )
         if stored.spec != spec:
             raise ValueError(
-                f"{name} was converted with {stored.spec}, but the rules give {spec}; "
-                "serve with the rules that convert used"
+                f"{name} was converted with {stored.spec}, but the rules give {spec} for "
+                "its layer; serve with the rules that convert used, and pass the model to "
+                "convert (convert(variables, rules, model, *example_inputs)) so that it "
+                "reads each layer as QAT did"
             )
     elif spec is not None:
         raise ValueError(
