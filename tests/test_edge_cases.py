@@ -66,6 +66,24 @@ def test_non_finite_values_spoil_only_their_block(spec, bad):
     )
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("scale", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("target", ["int8", "float8_e4m3fn"])
+def test_a_spoiled_block_is_nan_whatever_the_scale_dtype(target, scale, bad):
+    # A narrow scale dtype saturated an infinite scale to its max: the block came back
+    # finite (zeros and one huge value), hiding the inf that float32 scales show as NaN.
+    x = np.array([[0.5, -1.0, bad, 2.0], [0.5, -1.0, 1.5, 2.0]], np.float32)
+    spec = f"{target}:per_channel:axis=0:scale={scale}"
+    for out in (
+        qjax.dequantize(qjax.quantize(x, spec)),
+        jax.jit(lambda a: qjax.dequantize(qjax.quantize(a, spec)))(x),
+        jax.jit(lambda a: qjax.fake_quant(a, spec))(x),
+    ):
+        out = np.asarray(out)
+        assert np.isnan(out[0]).all(), out[0]
+        assert np.isfinite(out[1]).all()
+
+
 @pytest.mark.parametrize("name", ["float8_e4m3fn", "float8_e5m2", "float4_e2m1fn"])
 def test_float_targets_saturate_instead_of_nan(name):
     spec = qjax.QuantSpec(name)

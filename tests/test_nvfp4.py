@@ -162,6 +162,21 @@ def test_stacked_layers_get_one_tensor_scale_each():
     np.testing.assert_array_equal(bits(fq), bits(stacked))
 
 
+def test_stacked_layers_whose_other_axes_have_length_one():
+    # A tensor scale (3, 1) for data (3, 1) was read as one per element, not one per layer.
+    spec = qjax.QuantSpec(
+        "float8_e4m3fn", scale_dtype="float8_e4m3fn", tensor_scale=True,
+        granularity=qjax.per_channel(-1),
+    )  # fmt: skip
+    x = np.array([[0.5], [-3.0], [40.0]], np.float32)
+    qs = jax.vmap(lambda v: qjax.quantize(v, spec))(x)
+    assert qs.tensor_scale.shape == (3, 1)
+    for i in range(3):
+        one = qjax.quantize(x[i], spec)
+        np.testing.assert_array_equal(np.asarray(qs.tensor_scale[i]), np.asarray(one.tensor_scale))
+        np.testing.assert_array_equal(bits(qs.dequantize()[i]), bits(one.dequantize()))
+
+
 def test_packed_and_unpacked_storage_agree():
     x = cases()["normal"]
     packed, plain = quantize(x), qjax.quantize(x, SPEC, packed=False)

@@ -84,8 +84,10 @@ def round_to_format(v: jax.Array, mantissa_bits: int, emin: int) -> jax.Array:
 def round_to_scale_dtype(scale: jax.Array, scale_dtype: str) -> jax.Array:
     """``scale.astype(scale_dtype)``, rounded first so that no compiler can skip it.
 
-    A scale beyond the scale dtype's largest finite value is saturated to it (65504 for
-    float16, 2**127 for float8_e8m0fnu), where the cast would give inf (NaN for e8m0).
+    A finite scale beyond the scale dtype's largest finite value is saturated to it (65504
+    for float16, 2**127 for float8_e8m0fnu), where the cast would give inf (NaN for e8m0);
+    an infinite or NaN scale (a block holding inf or NaN) stays non-finite, so the block
+    dequantizes to NaN as with float32 scales.
     Scales computed from float32 data reach that only in float16 (ranges past about
     8.4e6 for int8); values past the range then clamp to ``qmin`` / ``qmax``. A scale
     already in ``scale_dtype`` is returned as it is.
@@ -102,8 +104,8 @@ def round_to_scale_dtype(scale: jax.Array, scale_dtype: str) -> jax.Array:
         return scale
     scale = scale.astype(jnp.float32)
     if scale_dtype != "float32":
-        limit = jnp.float32(ml_dtypes.finfo(target).max)
-        scale = jnp.clip(scale, -limit, limit)
+        limit = jnp.float32(ml_dtypes.finfo(target).max)  # inf and NaN (a spoiled block) pass
+        scale = jnp.where(jnp.isfinite(scale), jnp.clip(scale, -limit, limit), scale)
     if scale_dtype in NARROW_SCALE_DTYPES:
         info = ml_dtypes.finfo(target)
         scale = round_to_format(scale, int(info.nmant), int(info.minexp))

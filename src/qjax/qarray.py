@@ -296,7 +296,9 @@ def _check_tensor_scale(qa: QArray, shape: tuple[int, ...], strict: bool) -> Non
         return
     ts_shape, dtype = found
     same = len(ts_shape) == len(shape)
-    stacked = next((k for k, d in enumerate(ts_shape) if not same or d != shape[k]), 0)
+    # The first axis where the tensor scale differs from the array: the stacked axes end
+    # there (all of them, for an array whose other axes have length 1).
+    stacked = next((k for k, d in enumerate(ts_shape) if not same or d != shape[k]), len(shape))
     if not same or any(d != 1 for d in ts_shape[stacked:]):
         raise ValueError(
             f"QArray tensor_scale has shape {ts_shape}, but an array of shape {shape} needs "

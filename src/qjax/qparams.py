@@ -141,7 +141,8 @@ def check_scale_holds(x: jax.Array, spec: QuantSpec, what: str = "quantize") -> 
 def refuse_float16_overflow(scale: jax.Array, spec: QuantSpec, what: str) -> None:
     """Raises ValueError if a concrete float32 ``scale`` is too large for a float16 scale."""
     scale = np.asarray(scale, np.float32)
-    largest = float(np.nanmax(scale, initial=0.0))
+    # An inf scale comes from an inf in x: that block is spoiled (NaN), not out of range.
+    largest = float(np.max(scale, where=np.isfinite(scale), initial=0.0))
     if not overflows_scale_dtype(largest, "float16"):
         return
     if spec.scheme == "asymmetric":
