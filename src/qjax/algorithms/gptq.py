@@ -357,7 +357,7 @@ def _gptq(
 
     def start_group(at, rows, current, picked):
         """At the first row ``at`` (block-relative) of a quant block: its params from
-        ``rows`` (its current values), recorded in ``picked``; elsewhere ``current``."""
+        ``rows``, recorded in ``picked``; elsewhere ``current``."""
 
         def new():
             qp = group_params(jax.lax.dynamic_slice_in_dim(rows, 0, g))
@@ -368,8 +368,16 @@ def _gptq(
 
     def run_block(block_w, u_block, first):
         """GPTQ on one block of rows (current values), ``chunk`` rows per inner step; the
-        error of each chunk updates the rest of the block with one matmul."""
+        error of each chunk updates the rest of the block with one matmul.
+
+        A quant block's params come from its rows as they were when this block started,
+        before the errors of the rows quantized inside it, as in the GPTQ reference
+        (IST-DASLab's ``gptq.py``: ``find_params(W[:, i:i + groupsize])`` reads ``W``,
+        which only the blocks before have updated). From the updated rows, each error
+        rounded inside the block would widen the range of the groups after it.
+        """
         b = block_w.shape[0]
+        at_start = block_w
         columns = jnp.arange(b)
 
         def one_chunk(j, state):
@@ -380,7 +388,7 @@ def _gptq(
             u_chunk = jax.lax.dynamic_slice_in_dim(u_rows, lo, chunk, axis=1)
             d, strict = jnp.diagonal(u_chunk), jnp.triu(u_chunk, 1)
             if not static and g >= chunk:
-                tail = jax.lax.dynamic_slice_in_dim(block_w, lo, g)
+                tail = jax.lax.dynamic_slice_in_dim(at_start, lo, g)
                 current, picked = start_group(lo, tail, current, picked)
 
             def one_row(r, c):
@@ -389,7 +397,7 @@ def _gptq(
                     qp = jax.tree.map(lambda t: t[row_block[first + lo + r]], table)
                 else:
                     if g < chunk:
-                        rest = jax.lax.dynamic_slice_in_dim(w1, r, g)
+                        rest = jax.lax.dynamic_slice_in_dim(at_start, lo + r, g)
                         current, picked = start_group(lo + r, rest, current, picked)
                     qp = current
                 row = w1[r]
