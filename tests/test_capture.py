@@ -18,6 +18,7 @@ import pytest
 from flax import nnx
 from jax import lax
 
+import qjax
 from qjax import capture
 
 
@@ -269,11 +270,33 @@ def test_nnx_linear_stack():
     graphdef, state = nnx.split(Stack(nnx.Rngs(0)))
     x = rand(0, (3, 4))
     stats = capture.capture(lambda s, x: nnx.merge(graphdef, s)(x), state, x)
-    assert sorted(stats) == ["layers/0/kernel/value", "layers/1/kernel/value"]
+    # Keyed as quantize_tree names the State's leaves: no trailing Variable ".value".
+    assert sorted(stats) == ["layers/0/kernel", "layers/1/kernel"]
     l0 = state["layers"][0]
     h = np.tanh(x @ np.asarray(l0["kernel"][...]) + np.asarray(l0["bias"][...]))
-    check(stats["layers/0/kernel/value"], x, (0,))
-    check(stats["layers/1/kernel/value"], h, (0,))
+    check(stats["layers/0/kernel"], x, (0,))
+    check(stats["layers/1/kernel"], h, (0,))
+
+
+def test_nnx_state_quantizes_with_default_rules_and_attention_layouts():
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.attn = nnx.MultiHeadAttention(4, 64, decode=False, rngs=rngs)
+            self.fc = nnx.Linear(64, 256, rngs=rngs)
+
+        def __call__(self, x):
+            return self.fc(self.attn(x))
+
+    graphdef, state = nnx.split(Block(nnx.Rngs(0)))
+    fn = lambda s, x: nnx.merge(graphdef, s)(x)  # noqa: E731
+    stats = capture.accumulate(fn, state, [rand(i, (2, 8, 64)) for i in range(2)])
+    rtn = qjax.quantize_tree(state)  # default rules: every kernel, read by its layout
+    gptq = qjax.quantize_tree(state, {".*": "int4:per_block:16"}, method="gptq", statistics=stats)
+    for tree in (rtn, gptq):
+        kernels = [tree["attn"][p]["kernel"] for p in ("query", "key", "value", "out")]
+        assert all(isinstance(k.get_value(), qjax.QArray) for k in kernels + [tree["fc"]["kernel"]])
+    query = gptq["attn"]["query"]["kernel"].get_value()  # [in 64, heads 4, head_dim 16]
+    assert query.scale.shape == (4, 4, 16)  # blocks of 16 inputs, one per (head, head_dim)
 
 
 # --- scan ------------------------------------------------------------------------------

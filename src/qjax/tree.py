@@ -37,7 +37,21 @@ __all__ = [
 
 
 def path_str(path: tuple) -> str:
-    """A pytree key path joined with ``/``: ``params/Dense_0/kernel``, ``layers/3/w``."""
+    """A pytree key path joined with ``/``: ``params/Dense_0/kernel``, ``layers/3/w``.
+
+    The ``.value`` attribute that ends the path of an NNX ``Variable`` (an ``nnx.State``
+    leaf) is left out: ``attn/query/kernel``, as in the pure dict (``nnx.to_pure_dict``),
+    so rules, layouts and statistics read the same names either way.
+
+    Examples:
+      >>> import jax
+      >>> from flax import nnx
+      >>> state = nnx.state(nnx.Linear(4, 2, rngs=nnx.Rngs(0)))
+      >>> [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(state)]
+      ['bias', 'kernel']
+    """
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        path = path[:-1]
     parts = []
     for key in path:
         for attr in ("key", "name", "idx"):
