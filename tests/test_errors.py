@@ -76,6 +76,15 @@ def test_granularity_that_does_not_fit_is_refused_on_use(shape, granularity, mes
             op(x, spec)
 
 
+@pytest.mark.parametrize("shape", [(64,), (4, 32)])
+def test_shorthand_per_block_that_does_not_fit_names_the_axis_it_chose(shape):
+    # The user wrote no axis: the message says the shorthand blocks axis -2, and how to pick.
+    for op in (qjax.quantize, qjax.compute_qparams, qjax.fake_quant):
+        with pytest.raises(ValueError, match=r"so it blocks axis -2.*'int4:per_block:32:axis=-1'"):
+            op(jnp.ones(shape, jnp.float32), "int4:per_block:32")
+    qjax.quantize(jnp.ones(shape, jnp.float32), "int4:per_block:32:axis=-1")  # as suggested
+
+
 @pytest.mark.parametrize("dtype", [jnp.int32, jnp.int8, jnp.uint8, jnp.bool_])
 def test_non_float_input_is_a_type_error(dtype):
     x = jnp.ones((4, 4), dtype)

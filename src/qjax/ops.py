@@ -23,7 +23,7 @@ from qjax.qparams import (
     expand_qparams,
     overflows_scale_dtype,
 )
-from qjax.spec import QuantSpec, SpecLike, as_spec
+from qjax.spec import QuantSpec, SpecLike, as_spec, check_shorthand_fits
 
 __all__ = ["dequantize", "fake_quant", "quantize", "straight_through"]
 
@@ -88,8 +88,9 @@ def quantize(
       >>> qs.scale.shape, qs.shape
       ((3, 1), (3, 4))
     """
-    spec = as_spec(spec)
+    given, spec = spec, as_spec(spec)
     x = _float_array(x, "quantize")
+    check_shorthand_fits(given, spec, x.shape, "quantize")
     if qparams is None:
         check_scale_holds(x, spec, "quantize")
     target = spec.target
@@ -235,8 +236,9 @@ def fake_quant(
       >>> qjax.fake_quant(jnp.array([0.25, -1.0]), "int4:symmetric_with_clipping")  # 1/7 steps
       Array([ 0.2857143, -1.       ], dtype=float32)
     """
-    spec = as_spec(spec)
+    given, spec = spec, as_spec(spec)
     x = _float_array(x, "fake_quant")
+    check_shorthand_fits(given, spec, x.shape, "fake_quant")
     if qparams is None:
         check_scale_holds(x, spec, "fake_quant")
     return _fake_quant(x, _user_qparams(qparams, x.shape, spec), spec)

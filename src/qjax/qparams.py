@@ -16,7 +16,7 @@ from qjax import granularity as gran
 from qjax import packing
 from qjax.dtypes import target_dtype
 from qjax.exact import exact_divide, round_to_format, round_to_scale_dtype
-from qjax.spec import QuantSpec, SpecLike, as_spec
+from qjax.spec import QuantSpec, SpecLike, as_spec, check_shorthand_fits
 
 __all__ = [
     "QParams",
@@ -325,8 +325,9 @@ def compute_qparams(x: jax.typing.ArrayLike, spec: SpecLike) -> QParams:
       >>> qp.scale.shape, qp.scale * 127.5  # one scale per output channel
       ((1, 2), Array([[1., 4.]], dtype=float32))
     """
-    spec = as_spec(spec)
+    given, spec = spec, as_spec(spec)
     x = check_float_input(x, "compute_qparams")
+    check_shorthand_fits(given, spec, x.shape, "compute_qparams")
     check_scale_holds(x, spec, "compute_qparams")
     return _compute_qparams(x, spec)
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax.dtypes import TargetDType, target_dtype
-from qjax.granularity import GranularityLike, as_granularity, per_block
+from qjax.granularity import GranularityLike, as_granularity, block_shape, per_block
 
 __all__ = [
     "FORMULATIONS",
@@ -333,3 +333,28 @@ def _dtype_name(value: object, field: str, example: str) -> str:
         f"QuantSpec {field} must be a dtype name such as {example!r} or a dtype such as "
         f"jnp.{example}, got {value!r} ({type(value).__name__})"
     )
+
+
+def check_shorthand_fits(
+    given: SpecLike, spec: QuantSpec, shape: tuple[int, ...], what: str
+) -> None:
+    """Refuses ``per_block`` shorthand without ``axis=`` that does not fit ``shape``, saying
+    which axis the shorthand chose: the user never wrote it.
+
+    Examples:
+      >>> spec = as_spec("int4:per_block:32")
+      >>> check_shorthand_fits("int4:per_block:32", spec, (64,), "quantize")
+      Traceback (most recent call last):
+        ...
+      ValueError: quantize: per_block axis -2 is out of range ... add ':axis=N' ...
+    """
+    if not isinstance(given, str) or "axis=" in given or spec.granularity.kind != "per_block":
+        return
+    try:
+        block_shape(shape, spec.granularity)
+    except ValueError as e:
+        raise ValueError(
+            f"{what}: {e}; the shorthand {given!r} has no axis=, so it blocks axis "
+            f"{spec.granularity.axis}, the input axis of a Flax kernel [..., in, out]: add "
+            f"':axis=N' to block another axis (e.g. {given + ':axis=-1'!r})"
+        ) from None
