@@ -55,9 +55,6 @@ FORMATS = {  # the names of qwix_calibrated.FORMATS, as qjax shorthand
     "int2/32": "int2:per_block:32",
     "mxfp4": "mxfp4",
     "int8/ch": "int8:per_channel",
-    # Qwix's symmetric int grid (scale = amax / 7), for --no-qwix runs on the same grid
-    "int4c/128": "int4:symmetric_with_clipping:per_block:128",
-    "int4c/32": "int4:symmetric_with_clipping:per_block:32",
 }
 WEIGHT_FORMATS = ("int4/128", "int4/32", "int2/32", "mxfp4")
 W8A8_RULES = {
