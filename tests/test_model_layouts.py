@@ -359,3 +359,19 @@ def test_nnx_configured_layouts_per_output(kind):
     layer.kernel.set_value(float_kernel)
     qnnx.quantize(layer, {".*": "int8:per_channel"})
     np.testing.assert_array_equal(layer(x), expected)
+
+
+# DenseGeneral over heads; Einsum (AWQ's channel scales serve on Dense-like layers only)
+@pytest.mark.parametrize("case, method", [(0, "gptq"), (0, "awq"), (3, "gptq")])
+def test_calibrated_ptq_reads_configured_layouts_from_the_captured_dot(case, method):
+    # quantize_tree has no layer, only names; the statistics' contracted axes tell it what
+    # the layer's configuration tells QAT, so the calibrated tree serves like QAT's.
+    layer, x, _, _, _ = _configured_layers()[case]
+    variables = layer.init(jax.random.key(0), x)
+    rules = {".*kernel": "int4:per_block:8"}
+    stats = qjax.capture.accumulate(layer.apply, variables, [x])
+    tree = qjax.quantize_tree(variables, rules, method=method, statistics=stats)
+    (row,) = [r for r in qlinen.plan(layer, x, rules=rules).rows if r.path == "kernel"]
+    assert tree["params"]["kernel"].spec == row.spec
+    served = jax.jit(serve.served(layer.apply, rules))(tree, x)
+    np.testing.assert_array_equal(served, layer.apply(qjax.dequantize_tree(tree), x))

@@ -34,6 +34,7 @@ from qjax.spec import QuantSpec
 
 __all__ = [
     "LAYOUTS",
+    "NAMED_DEFAULT",
     "Format",
     "LayoutReading",
     "Plan",
@@ -41,6 +42,7 @@ __all__ = [
     "QjaxRuleWarning",
     "Resolution",
     "RulePlan",
+    "contraction_reading",
     "gpt2_outputs_first_tree",
     "layout_reading",
     "report_unmatched",
@@ -60,6 +62,10 @@ _GPT2_CONV1D = ("c_attn", "c_proj", "c_fc", "q_attn")
 _ATTENTION_PROJECTIONS = ("query", "key", "value")
 """Flax ``MultiHeadDotProductAttention`` (Linen) / ``MultiHeadAttention`` (NNX) input
 projections: DenseGeneral kernels ``[in, heads, head_dim]``."""
+
+
+NAMED_DEFAULT = "[..., in, out]"
+"""What :func:`layout_reading` calls a kernel its name tells nothing about."""
 
 
 class QjaxRuleWarning(UserWarning):
@@ -136,7 +142,35 @@ def layout_reading(
     if leaf == "kernel" and ndim == 3 and parent == "out":
         what = "attention output [heads, head_dim, out]"
         return LayoutReading(layout, -1, -2, what, input_blocks=True)
-    return LayoutReading(layout, -1, -2, "[..., in, out]")
+    return LayoutReading(layout, -1, -2, NAMED_DEFAULT)
+
+
+def contraction_reading(
+    contracted: Sequence[int], outputs: Sequence[int], ndim: int, what: str
+) -> LayoutReading | None:
+    """A kernel read from its contracted axes (a DenseGeneral's configuration, an Einsum's
+    equation, or the dot that capture saw): one scale per output (and batch index), blocks
+    of inputs along the last contracted axis. None for a plain ``[in, out]`` or where
+    nothing is contracted.
+
+    Examples:
+      >>> r = contraction_reading([0], [1, 2], 3, "[in, heads, head_dim]")
+      >>> r.contraction, r.channel, r.all_channels, r.input_blocks
+      (-3, -1, True, True)
+    """
+    contracted, outputs = sorted(contracted), sorted(outputs)
+    if not contracted or (ndim, contracted, outputs) == (2, [0], [1]):
+        return None
+    c = contracted[-1]
+    return LayoutReading(
+        "flax",
+        (outputs[-1] if outputs else c) - ndim,
+        c - ndim,
+        f"{what}, contracted axes {tuple(contracted)}",
+        all_channels=True,
+        input_blocks=True,
+        reduced=tuple(a - ndim for a in contracted[:-1]),
+    )
 
 
 def _layout_of(leaf: str, parent: str) -> str:
@@ -217,8 +251,12 @@ def with_layout_axes(spec: Format, reading: LayoutReading, ndim: int) -> Format:
 
 
 def _per_output(reading: LayoutReading, axis: int, ndim: int) -> Granularity:
-    """One scale per output: whole along ``axis`` and the reading's other contracted axes."""
+    """One scale per output: whole along ``axis`` and the reading's other contracted axes
+    (``per_channel`` where a single axis is left, as a name's reading would write it)."""
     whole = {axis % ndim} | {r % ndim for r in reading.reduced}
+    if len(whole) == ndim - 1:
+        (kept,) = set(range(ndim)) - whole
+        return per_channel(kept - ndim)
     return Granularity("explicit", explicit=tuple(-1 if i in whole else 1 for i in range(ndim)))
 
 
@@ -358,8 +396,21 @@ class RulePlan:
         tell on its own."""
         self.gpt2_outputs_first = gpt2_outputs_first_tree(leaves)
 
-    def resolve(self, path: str, shape: Sequence[int], dtype: Any) -> Resolution:
+    def resolve(
+        self,
+        path: str,
+        shape: Sequence[int],
+        dtype: Any,
+        *,
+        contracted: Sequence[int] | None = None,
+    ) -> Resolution:
         """The :class:`Resolution` of one tensor; records which rule it used.
+
+        ``contracted``: the axes a captured dot contracts (calibration statistics'
+        ``weight_axes``, one layer's): for a kernel of three or more axes whose name tells
+        nothing (``[..., in, out]``), they decide its layout where they differ from a
+        conv's (every axis but the last), as the layer's configuration does in QAT
+        (a DenseGeneral with several output axes, an Einsum).
 
         Raises:
           ValueError: when the spec cannot fit the tensor (a block that does not divide
@@ -373,6 +424,11 @@ class RulePlan:
         reading = layout_reading(
             re.split(r"[./]", path), shape, self.layout, gpt2_outputs_first=self.gpt2_outputs_first
         )
+        if contracted is not None and reading.what == NAMED_DEFAULT and ndim >= 3:
+            axes = sorted(a % ndim for a in contracted)
+            if axes != list(range(ndim - 1)):
+                outputs = [a for a in range(ndim) if a not in axes]
+                reading = contraction_reading(axes, outputs, ndim, "captured dot") or reading
         index = next(
             (i for i, m in enumerate(self._match) if m(path) or m(slashed)),
             None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -336,10 +336,11 @@ def _quantize_calibrated(
                 f"statistics[{name!r}] must be an InputStats from qjax.capture.accumulate, "
                 f"got {type(stats).__name__}"
             )
-        layer = leaf
+        layer, contracted = leaf, None
         if stats is not None and hasattr(leaf, "shape") and not _is_quantized(leaf):
             layer = jax.ShapeDtypeStruct(tuple(leaf.shape)[stats.stacked :], leaf.dtype)
-        resolution = _resolve(rule_plan, name, layer)
+            contracted = [a - stats.stacked for a in stats.weight_axes]
+        resolution = _resolve(rule_plan, name, layer, contracted)
         if resolution.spec is None:
             continue
         if isinstance(resolution.spec, TableFormat):
@@ -482,14 +483,17 @@ def _is_quantized(x: Any) -> bool:
     return isinstance(x, QArray | LUTArray)
 
 
-def _resolve(rule_plan: RulePlan, name: str, leaf: Any) -> Resolution:
-    """The leaf's resolution; QArrays, LUTArrays and leaves without a dtype stay as they are."""
+def _resolve(
+    rule_plan: RulePlan, name: str, leaf: Any, contracted: Sequence[int] | None = None
+) -> Resolution:
+    """The leaf's resolution; QArrays, LUTArrays and leaves without a dtype stay as they are.
+    ``contracted``: the axes its captured dot contracts (see :meth:`RulePlan.resolve`)."""
     if _is_quantized(leaf):
         return Resolution(None, None, "other", "already quantized")
     if not hasattr(leaf, "dtype") or not hasattr(leaf, "shape"):
         return Resolution(None, None, "other", "not an array")
     try:
-        return rule_plan.resolve(name, leaf.shape, leaf.dtype)
+        return rule_plan.resolve(name, leaf.shape, leaf.dtype, contracted=contracted)
     except ValueError as e:
         raise ValueError(f"parameter {e}") from None
 

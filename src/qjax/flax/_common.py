@@ -31,7 +31,14 @@ from qjax.lsq import (
 from qjax.ops import fake_quant
 from qjax.palettize import TableFormat
 from qjax.qparams import QParams, block_range, compute_qparams, qparams_from_minmax
-from qjax.resolve import LayoutReading, layout_reading, report_unmatched, with_layout_axes
+from qjax.resolve import (
+    NAMED_DEFAULT,
+    LayoutReading,
+    contraction_reading,
+    layout_reading,
+    report_unmatched,
+    with_layout_axes,
+)
 from qjax.rules import Calibration, LeafRule, parse_leaf_rule, parse_spec
 from qjax.spec import QuantSpec, as_spec
 
@@ -318,10 +325,6 @@ class Rule:
         return with_layout_axes(self.template.spec, reading, len(shape))
 
 
-_NAMED_DEFAULT = "[..., in, out]"
-"""What :func:`~qjax.resolve.layout_reading` calls a kernel its name tells nothing about."""
-
-
 def layer_reading(
     layer: Any, param_path: str, shape: tuple[int, ...], einsum_str: Any = None
 ) -> LayoutReading:
@@ -344,7 +347,7 @@ def layer_reading(
       '[..., in, out]'
     """
     named = layout_reading(param_path.split("/"), shape, "flax")
-    if layer is None or named.what != _NAMED_DEFAULT or len(shape) < 2:
+    if layer is None or named.what != NAMED_DEFAULT or len(shape) < 2:
         return named
     return _configured_reading(layer, len(shape), einsum_str) or named
 
@@ -363,7 +366,7 @@ def _configured_reading(layer: Any, ndim: int, einsum_str: Any) -> LayoutReading
         return None
     contracted = list(range(batch, batch + inputs))
     outputs = list(range(batch + inputs, ndim))
-    return _contraction_reading(contracted, outputs, ndim, type(layer).__name__)
+    return contraction_reading(contracted, outputs, ndim, type(layer).__name__)
 
 
 def _einsum_reading(equation: Any, ndim: int) -> LayoutReading | None:
@@ -378,26 +381,7 @@ def _einsum_reading(equation: Any, ndim: int) -> LayoutReading | None:
     lhs, kernel = parts
     contracted = [i for i, c in enumerate(kernel) if c not in out]
     outputs = [i for i, c in enumerate(kernel) if c in out and c not in lhs]
-    return _contraction_reading(contracted, outputs, ndim, f"Einsum {kernel!r}")
-
-
-def _contraction_reading(
-    contracted: list[int], outputs: list[int], ndim: int, what: str
-) -> LayoutReading | None:
-    """A reading with one scale per output (and batch index) and blocks along the last
-    contracted axis; None for a plain ``[in, out]`` or where nothing is contracted."""
-    if not contracted or (ndim, contracted, outputs) == (2, [0], [1]):
-        return None
-    c = contracted[-1]
-    return LayoutReading(
-        "flax",
-        (outputs[-1] if outputs else c) - ndim,
-        c - ndim,
-        f"{what} kernel, contracted axes {tuple(contracted)}",
-        all_channels=True,
-        input_blocks=True,
-        reduced=tuple(a - ndim for a in contracted[:-1]),
-    )
+    return contraction_reading(contracted, outputs, ndim, f"Einsum {kernel!r}")
 
 
 def _as_tuple(value: Any) -> tuple:
