@@ -466,3 +466,20 @@ def test_non_finite_statistics_are_refused_naming_the_parameter(method):
     stats = capture.accumulate(lambda p, x: x @ p["w"], params, batches)
     with pytest.raises(ValueError, match=r"statistics\['w'\] hold NaN or inf"):
         qjax.quantize_tree(params, {"w": "int8:per_channel"}, method=method, statistics=stats)
+
+
+@pytest.mark.parametrize("method", ["awq", "smoothquant"])
+def test_statistics_without_hessian_are_checked_too(method):
+    params = {"w": jax.random.normal(jax.random.key(0), (128, 64))}
+    batch = jax.random.normal(jax.random.key(1), (64, 128)).at[3, 5].set(jnp.nan)
+    stats = capture.accumulate(lambda p, x: x @ p["w"], params, [batch], hessian=False)
+    with pytest.raises(ValueError, match=r"statistics\['w'\] hold NaN or inf"):
+        qjax.quantize_tree(params, {"w": "int8:per_channel"}, method=method, statistics=stats)
+
+
+def test_finite_activations_whose_sums_overflow_are_not_called_non_finite():
+    params = {"w": jax.random.normal(jax.random.key(0), (128, 64))}
+    batch = jax.random.normal(jax.random.key(1), (64, 128)) * 1e19  # X^T X past float32
+    stats = capture.accumulate(lambda p, x: x @ p["w"], params, [batch])
+    with pytest.raises(ValueError, match=r"overflow float32 \(hessian\).*largest \|x\| = "):
+        qjax.quantize_tree(params, {"w": "int8:per_channel"}, method="gptq", statistics=stats)

@@ -537,10 +537,23 @@ def _check_finite_statistics(name: str, stats: Any) -> None:
     parameter: one non-finite activation would otherwise set a scale (SmoothQuant, AWQ)
     or break GPTQ's Hessian with a message that blames the row count."""
     fields = ("hessian", "abs_sum", "abs_max", "mean_abs")
-    values = [getattr(stats, f) for f in fields]
-    if any(v is None or isinstance(v, jax.core.Tracer) for v in values):
+    values = {f: getattr(stats, f) for f in fields}
+    if any(isinstance(v, jax.core.Tracer) for v in values.values()):
         return
-    bad = [f for f, v in zip(fields, values) if not np.all(np.isfinite(np.asarray(v)))]
+    present = {f: np.asarray(v) for f, v in values.items() if v is not None}  # hessian=False
+    bad = [f for f, v in present.items() if not np.all(np.isfinite(v))]
+    # Sums of |x| are NaN only when some x was; +inf there, or anything non-finite in the
+    # Hessian alone, with every |x| finite, is the sums overflowing.
+    nan = np.isnan(present["abs_sum"]).any() or not np.all(np.isfinite(present["abs_max"]))
+    if bad and not nan:
+        largest = float(np.max(present["abs_max"], initial=0.0))
+        raise ValueError(
+            f"statistics[{name!r}] overflow float32 ({', '.join(bad)}): the activations at "
+            f"this parameter's input are finite (largest |x| = {largest:.3g}), but their "
+            "sums over the calibration rows are not; scale those activations down (or "
+            "calibrate on fewer rows per capture), or keep the parameter float with a rule "
+            f"like ({re.escape(name)!r}, None)"
+        )
     if bad:
         raise ValueError(
             f"statistics[{name!r}] hold NaN or inf ({', '.join(bad)}): a calibration batch "
