@@ -317,6 +317,18 @@ def test_fallbacks_one_block_or_table_per_channel_or_a_clear_error():
         qjax.plan({"w": normal(4, 64)}, {"w": "nf4:axis=2"})
 
 
+def test_nf4_fallback_that_would_outgrow_float_keeps_the_tensor_float():
+    # A depthwise conv [out, 1, kh, kw]: one input per block would store 4.5 bytes a value.
+    depthwise, conv = normal(128, 1, 3, 3), normal(64, 96, 3, 3)
+    params = {"dw.weight": depthwise, "conv.weight": conv}
+    rows = {row.path: row for row in qjax.plan(params, {".*": "nf4"})}
+    assert rows["dw.weight"].spec is None
+    assert rows["dw.weight"].note.startswith("kept float: fallback nf4:per_block:1:axis=1")
+    assert rows["conv.weight"].spec is not None  # blocks of 96 inputs: 0.54 bytes a value
+    q = qjax.quantize_tree(params, {".*": "nf4"})
+    assert q["dw.weight"] is depthwise and isinstance(q["conv.weight"], LUTArray)
+
+
 def test_plan_and_leaf_specs_print_rules_that_paste_back():
     params = {"Dense_0": {"kernel": KERNEL}, "fc.weight": WEIGHT, "fc.bias": normal(32)}
     rules = {".*kernel": "nf4", ".*": "lut4:per_grouped_channel:8:scaled"}

@@ -453,6 +453,10 @@ class RulePlan:
             return stays(f"below min_size {self.min_size}")
         spec = with_layout_axes(rule.spec, reading, ndim) if rule.template else rule.spec
         spec, note = self._fit(path, shape, spec, reading)
+        if note and isinstance(spec, TableFormat) and spec.kind == "nf4":
+            stored = 0.5 + 4 / spec.block_size  # a 4-bit index, a float32 absmax per block
+            if stored >= kind.itemsize:  # a depthwise conv's [out, 1, kh, kw]
+                return stays(f"kept float: {note}, which would store more than {kind.name}")
         return Resolution(spec, shown, reading.layout, note, rule.calibration)
 
     def _fit(
