@@ -375,3 +375,59 @@ def test_calibrated_ptq_reads_configured_layouts_from_the_captured_dot(case, met
     assert tree["params"]["kernel"].spec == row.spec
     served = jax.jit(serve.served(layer.apply, rules))(tree, x)
     np.testing.assert_array_equal(served, layer.apply(qjax.dequantize_tree(tree), x))
+
+
+class CallTimeEinsum(nn.Module):
+    @nn.compact
+    def __call__(self, x):  # the equation given with the call; the layer keeps its bias
+        return nn.Einsum((4, 32, 16), name="proj")(x, "btd,ndh->btnh")
+
+
+def test_call_time_einsum_equation_reaches_plan_and_convert():
+    model, x = CallTimeEinsum(), jax.random.normal(jax.random.key(1), (2, 5, 32))
+    variables = model.init(jax.random.key(0), x)
+    rules = {".*": "int4:per_block:8"}
+    qat = jax.jit(qlinen.intercepted(model.apply, rules))(variables, x)
+    converted = serve.convert(variables, rules, model, x)
+    kernel = variables["params"]["proj"]["kernel"]
+    _check(converted["params"]["proj"]["kernel"], kernel, "int4", (1, 8, 1))
+    (row,) = [r for r in qlinen.plan(model, x, rules=rules).rows if r.path == "proj/kernel"]
+    assert row.spec == converted["params"]["proj"]["kernel"].spec
+    np.testing.assert_array_equal(jax.jit(serve.served(model.apply, rules))(converted, x), qat)
+
+
+class ScannedAlongAxisOne(nn.Module):
+    @nn.compact
+    def __call__(self, x):  # MaxText's param_scan_axis=1
+        stack = nn.scan(Block, variable_axes={"params": 1}, split_rngs={"params": True}, length=4)
+        return stack(name="layers")(x, None)[0]
+
+
+def test_layers_stacked_along_another_axis_are_refused_by_convert():
+    model, x = ScannedAlongAxisOne(), jax.random.normal(jax.random.key(1), (3, 32))
+    variables = model.init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"along axes \(1,\).*leading axes only"):
+        serve.convert(variables, {".*": "int8:per_channel"}, model, x)
+
+
+@pytest.mark.parametrize(
+    "layer, x, block",
+    [  # contracted over (heads, head_dim); a matrix stored [out, in] and used as x @ w.T
+        (nn.Einsum((4, 8, 32), "btnh,nhd->btd"), jnp.ones((2, 5, 4, 8)), (1, 8, 1)),
+        (nn.Einsum((16, 32), "btd,hd->bth"), jnp.ones((2, 5, 32)), (1, 8)),
+    ],
+)
+def test_calibrated_ptq_reads_every_captured_contraction(layer, x, block):
+    x = x * jax.random.normal(jax.random.key(2), x.shape)
+    variables = layer.init(jax.random.key(0), x)
+    rules = {".*kernel": "int4:per_block:8"}
+    stats = qjax.capture.accumulate(layer.apply, variables, [x])
+    tree = qjax.quantize_tree(variables, rules, method="gptq", statistics=stats)
+    qa = tree["params"]["kernel"]
+    assert qa.scale.shape == tuple(d // b for d, b in zip(qa.shape, block))
+    (row,) = [r for r in qlinen.plan(layer, x, rules=rules).rows if r.path == "kernel"]
+    assert qa.spec == row.spec
+    np.testing.assert_array_equal(
+        jax.jit(serve.served(layer.apply, rules))(tree, x),
+        layer.apply(qjax.dequantize_tree(tree), x),
+    )

@@ -559,14 +559,14 @@ def plan_row(
     *,
     module: Any = None,
     einsum_str: Any = None,
-    stacked: int = 0,
+    layer_shape: tuple[int, ...] | None = None,
 ) -> ModelPlanRow:
     """The :class:`ModelPlanRow` of one parameter; ``weight`` names the layer's weight parameter.
 
     ``hookless``: the layer type is one qjax cannot quantize (NNX ConvTranspose, Embed).
     ``module`` (and an Einsum's call-time ``einsum_str``): the layer, whose configuration
-    tells its weight's layout (:func:`layer_reading`); ``stacked``: leading axes of the
-    value that stack copies of the layer (the spec is one layer's).
+    tells its weight's layout (:func:`layer_reading`); ``layer_shape``: one layer's weight
+    shape where the value stacks copies of the layer (the spec is one layer's).
     """
     shape, dtype = tuple(value.shape), jnp.dtype(value.dtype).name
     layer_name = None if layer is None else layer.__name__
@@ -589,10 +589,11 @@ def plan_row(
     if quant.act is not None and weight == "embedding":
         why = refuse_embed_activation(module_path, rule.pattern)
         return row(rule.pattern, None, None, "error: " + why)
-    spec = rule.weight_spec(param, shape[stacked:], module, einsum_str)
+    one = shape if layer_shape is None else tuple(layer_shape)
+    spec = rule.weight_spec(param, one, module, einsum_str)
     if spec is None:
         return row(rule.pattern, None, quant.act, "the rule quantizes only the input")
-    problem = weight_spec_problem(shape[stacked:], value.dtype, spec)
+    problem = weight_spec_problem(one, value.dtype, spec)
     if problem is not None:
         why = cannot_quantize(module_path, layer_name, name, shape, rule.pattern, problem)
         return row(rule.pattern, None, None, "error: " + why)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -613,12 +614,31 @@ class Layer:
     weight_shape: tuple[int, ...] | None
     equation: str | None = None
 
-    def stacked(self, ndim: int) -> int:
-        """The leading axes of a stored weight of rank ``ndim`` that stack the layer."""
-        return 0 if self.weight_shape is None else max(ndim - len(self.weight_shape), 0)
+    def stack_axes(self, stored: tuple[int, ...]) -> tuple[int, ...]:
+        """The axes of a stored weight of shape ``stored`` that stack copies of the layer:
+        those whose removal leaves :attr:`weight_shape` (leading ones where several
+        choices would, as ``variable_axes={"params": 0}`` stacks them).
 
-    def plan_args(self, ndim: int) -> dict[str, Any]:
-        return {"module": self.module, "einsum_str": self.equation, "stacked": self.stacked(ndim)}
+        Examples:
+          >>> import flax.linen as nn
+          >>> Layer(nn.Dense(8), (16, 8)).stack_axes((16, 4, 8))  # variable_axes 1
+          (1,)
+          >>> Layer(nn.Dense(8), (8, 8)).stack_axes((3, 8, 8))
+          (0,)
+        """
+        if self.weight_shape is None or len(stored) <= len(self.weight_shape):
+            return ()
+        extra = len(stored) - len(self.weight_shape)
+        fits = [
+            axes
+            for axes in itertools.combinations(range(len(stored)), extra)
+            if tuple(d for i, d in enumerate(stored) if i not in axes) == self.weight_shape
+        ]
+        return tuple(range(extra)) if tuple(range(extra)) in fits or not fits else fits[0]
+
+    def plan_args(self) -> dict[str, Any]:
+        shape = self.weight_shape
+        return {"module": self.module, "einsum_str": self.equation, "layer_shape": shape}
 
 
 def census(
@@ -649,11 +669,14 @@ def census(
         weight = None
         if name is not None and module.scope is not None:
             weight = nn.meta.unbox(module.scope.get_variable("params", name))
-        if path not in layers or layers[path].weight_shape is None:
-            shape = None if weight is None else tuple(jnp.shape(weight))
-            called = context.method_name == "__call__"
-            equation = call_equation(module, args, kwargs) if called else None
-            layers[path] = Layer(module, shape, equation)
+        shape = None if weight is None else tuple(jnp.shape(weight))
+        known = layers.get(path)
+        if context.method_name == "__call__":  # an Einsum's equation may come with the call
+            equation = call_equation(module, args, kwargs)
+            if known is None or known.weight_shape is None or known.equation is None:
+                layers[path] = Layer(module, shape or (known and known.weight_shape), equation)
+        elif known is None or known.weight_shape is None:
+            layers[path] = Layer(module, shape, None if known is None else known.equation)
         return out
 
     # Arrays (and ShapeDtypeStructs) enter eval_shape abstractly; other leaves, such as
@@ -728,6 +751,6 @@ def plan(
         if found is None:
             rows.append(plan_row(compiled, param, value, None, None))
             continue
-        layer, extra = found.module, found.plan_args(jnp.ndim(value))
+        layer, extra = found.module, found.plan_args()
         rows.append(plan_row(compiled, param, value, type(layer), weight_name(layer), **extra))
     return ModelPlan(tuple(rows), tuple(compiled.unmatched()))

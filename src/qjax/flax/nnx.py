@@ -444,7 +444,8 @@ def plan(model: nnx.Module, rules: Mapping[str, RuleValue]) -> ModelPlan:
         name = None if layer is None else weight_name(layer)
         hookless = layer is not None and not any(issubclass(layer, cls) for cls in HOOKS)
         stacked = 0 if module is None else _stacked_axes(module, jnp.ndim(value))
+        one = jnp.shape(value)[stacked:]
         rows.append(
-            plan_row(compiled, path, value, layer, name, hookless, module=module, stacked=stacked)
+            plan_row(compiled, path, value, layer, name, hookless, module=module, layer_shape=one)
         )
     return ModelPlan(tuple(rows), tuple(compiled.unmatched()))

@@ -179,14 +179,22 @@ def convert(
         if rule is None or rule.quant is None or isinstance(leaf, QArray):
             return leaf
         _check_calibrated(variables, name, rule.quant)
-        stacked = layer.stacked(np.ndim(leaf))
-        spec = rule.weight_spec(name, np.shape(leaf)[stacked:], layer.module, layer.equation)
+        stack_axes = layer.stack_axes(np.shape(leaf))
+        if stack_axes != tuple(range(len(stack_axes))):
+            raise ValueError(
+                f"params/{name} {np.shape(leaf)} stacks copies of its layer along axes "
+                f"{stack_axes} (nn.scan / nn.vmap with variable_axes other than 0); a "
+                "QArray stacks layers along leading axes only: stack the params along axis "
+                f"0, or keep the layer float with the rule {re.escape(module_path)!r}: None"
+            )
+        one = layer.weight_shape if stack_axes else np.shape(leaf)
+        spec = rule.weight_spec(name, one, layer.module, layer.equation)
         if spec is None:
             return leaf
         qparams = None
         if rule.quant.learn_scale:  # LSQ: the scales QAT learned, not fresh ones
             qparams = learned_weight_qparams(params, module_path, leaf_name, spec)
-        return _quantize_weight(leaf, spec, f"params/{name}", rule.pattern, qparams, stacked)
+        return _quantize_weight(leaf, spec, f"params/{name}", rule.pattern, qparams, stack_axes)
 
     converted = jax.tree_util.tree_map_with_path(convert_leaf, params, is_leaf=_is_qarray)
     compiled.check(strict=strict, where="qjax.flax.serve.convert")
@@ -318,10 +326,11 @@ def _quantize_weight(
     name: str,
     rule: str,
     qparams: QParams | None = None,
-    stacked: int = 0,
+    stack_axes: tuple[int, ...] = (),
 ) -> QArray:
-    """``leaf`` quantized with ``spec``; with ``stacked`` leading axes (copies of a layer
-    stacked by ``nn.scan`` / ``nn.vmap``), each copy on its own, as QAT saw it."""
+    """``leaf`` quantized with ``spec``; with leading ``stack_axes`` (copies of a layer
+    stacked by ``nn.scan`` / ``nn.vmap``, learned scales stacked alike), each copy on its
+    own, as QAT saw it."""
     if not isinstance(leaf, jax.core.Tracer):
         bad = int(np.size(leaf) - np.count_nonzero(np.isfinite(np.asarray(leaf))))
         if bad:
@@ -330,11 +339,14 @@ def _quantize_weight(
                 "QAT model produced them: fix training, or keep the layer float with a "
                 "rule mapping its module path to None"
             )
-    one = functools.partial(quantize, spec=spec)
-    for _ in range(stacked):
+
+    def one(x: jax.Array, qparams: QParams | None) -> QArray:
+        return quantize(x, spec, qparams=qparams)
+
+    for _ in stack_axes:  # leading axes
         one = jax.vmap(one)
     try:
-        return one(leaf, qparams=qparams)
+        return one(leaf, qparams)
     except (ValueError, TypeError) as e:
         module_path = name.removeprefix("params/").rpartition("/")[0]
         raise type(e)(
