@@ -477,6 +477,16 @@ def test_statistics_without_hessian_are_checked_too(method):
         qjax.quantize_tree(params, {"w": "int8:per_channel"}, method=method, statistics=stats)
 
 
+@pytest.mark.parametrize("hessian", [True, False])
+def test_statistics_of_no_rows_are_refused_as_such(hessian):
+    params = {"w": jax.random.normal(jax.random.key(0), (64, 32))}
+    empty = [jnp.zeros((0, 64))]
+    stats = capture.accumulate(lambda p, x: x @ p["w"], params, empty, hessian=hessian)
+    method = "gptq" if hessian else "smoothquant"
+    with pytest.raises(ValueError, match=r"statistics\['w'\] saw no calibration rows"):
+        qjax.quantize_tree(params, {"w": "int8:per_channel"}, method=method, statistics=stats)
+
+
 def test_finite_activations_whose_sums_overflow_are_not_called_non_finite():
     params = {"w": jax.random.normal(jax.random.key(0), (128, 64))}
     batch = jax.random.normal(jax.random.key(1), (64, 128)) * 1e19  # X^T X past float32

@@ -83,6 +83,9 @@ def test_shorthand_per_block_that_does_not_fit_names_the_axis_it_chose(shape):
         with pytest.raises(ValueError, match=r"so it blocks axis -2.*'int4:per_block:32:axis=-1'"):
             op(jnp.ones(shape, jnp.float32), "int4:per_block:32")
     qjax.quantize(jnp.ones(shape, jnp.float32), "int4:per_block:32:axis=-1")  # as suggested
+    with pytest.raises(ValueError) as preset:  # a preset blocks its own axis: no such hint
+        qjax.quantize(jnp.ones((64, 48), jnp.float32), "mxfp4")
+    assert "shorthand" not in str(preset.value)
 
 
 @pytest.mark.parametrize("dtype", [jnp.int32, jnp.int8, jnp.uint8, jnp.bool_])

@@ -177,6 +177,12 @@ def test_stacked_layers_whose_other_axes_have_length_one():
         np.testing.assert_array_equal(bits(qs.dequantize()[i]), bits(one.dequantize()))
 
 
+def test_a_tensor_scale_per_element_is_refused():
+    qa = qjax.quantize(np.ones((4, 16), np.float32), SPEC)
+    with pytest.raises(ValueError, match=r"tensor_scale has shape \(4, 16\)"):
+        dataclasses.replace(qa, tensor_scale=jnp.full((4, 16), 3.0, jnp.float32))
+
+
 def test_packed_and_unpacked_storage_agree():
     x = cases()["normal"]
     packed, plain = quantize(x), qjax.quantize(x, SPEC, packed=False)

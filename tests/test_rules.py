@@ -139,6 +139,26 @@ class TestLayouts:
             np.testing.assert_array_equal(scale(q[name]), rows)
         assert {row.layout for row in qjax.plan(params, {".*": "int8"})} == {"torch"}
 
+    def test_a_jax_name_ending_in_weight_is_not_read_as_torch(self):
+        rows = qjax.plan({"moe": {"router_weight": normal(512, 64)}}, {".*": "int4:per_block:32"})
+        assert rows[0].layout == "other" and rows[0].spec.granularity.axis == -2
+
+    def test_gpt2_layouts_are_told_per_framework_in_one_tree(self):
+        # A PyTorch GPT-2 (Conv1D [in, out]) beside transformers' Flax one ([out, in]).
+        tree = {
+            "teacher.h.0.attn.c_attn.weight": normal(64, 192),
+            "teacher.h.0.mlp.c_fc.weight": normal(64, 256),
+            "student": {
+                "attn": {"c_attn": {"kernel": normal(192, 64)}},
+                "mlp": {"c_fc": {"kernel": normal(256, 64)}},
+            },
+        }
+        rows = qjax.plan(tree, {".*": "int8:per_channel"})
+        axes = {row.path: row.spec.granularity.axis for row in rows}
+        assert axes["teacher.h.0.attn.c_attn.weight"] == -1  # per output column
+        assert axes["student/attn/c_attn/kernel"] == 0  # per output row
+        assert axes["student/mlp/c_fc/kernel"] == 0
+
     def test_torch_conv_blocks_span_the_kernel_window_per_output_channel(self):
         w = normal(16, 64, 3, 3)  # [out, in, kh, kw]
         q = qjax.quantize_tree({"features.0.weight": w}, {".*": "int4:per_block:32"})

@@ -295,11 +295,14 @@ def _check_tensor_scale(qa: QArray, shape: tuple[int, ...], strict: bool) -> Non
     if found is None:
         return
     ts_shape, dtype = found
-    same = len(ts_shape) == len(shape)
-    # The first axis where the tensor scale differs from the array: the stacked axes end
-    # there (all of them, for an array whose other axes have length 1).
-    stacked = next((k for k, d in enumerate(ts_shape) if not same or d != shape[k]), len(shape))
-    if not same or any(d != 1 for d in ts_shape[stacked:]):
+    # One scale per copy of the array stacked along leading axes (vmap): (layers, 1, 1).
+    # Per layer, packed data has at least one axis; unpacked data may be 0-d.
+    most = len(shape) - 1 if qa.packed else len(shape)
+    stacked = len(ts_shape) == len(shape) and any(
+        tuple(ts_shape[:k]) == tuple(shape[:k]) and all(d == 1 for d in ts_shape[k:])
+        for k in range(most + 1)
+    )
+    if not stacked:
         raise ValueError(
             f"QArray tensor_scale has shape {ts_shape}, but an array of shape {shape} needs "
             f"{(1,) * len(shape)} (one scale per tensor), or that shape after stacked leading "

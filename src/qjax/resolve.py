@@ -180,14 +180,19 @@ def _layout_of(leaf: str, parent: str) -> str:
     ``weight.original0`` / ``original1``); else ``"other"``."""
     if leaf in ("kernel", "embedding"):
         return "flax"
-    if leaf == "weight" or leaf.endswith("_weight") or leaf in _TORCH_WEIGHT_VARIANTS:
+    if leaf == "weight" or leaf in _TORCH_WEIGHT_VARIANTS:
         return "torch"
     if parent == "weight" and leaf in ("original0", "original1"):
         return "torch"
     return "other"
 
 
-_TORCH_WEIGHT_VARIANTS = ("weight_v", "weight_g", "weight_orig")
+_TORCH_WEIGHT_VARIANTS = frozenset(
+    ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")  # MultiheadAttention
+    + ("weight_v", "weight_g", "weight_orig")  # weight norm, pruning
+)
+"""PyTorch's names for ``[out, in, ...]`` weights other than ``weight`` (a name such as a
+JAX model's ``router_weight`` tells nothing)."""
 
 
 def _gpt2_outputs_first(parent: str, shape: Sequence[int]) -> bool | None:
@@ -201,23 +206,26 @@ def _gpt2_outputs_first(parent: str, shape: Sequence[int]) -> bool | None:
     return rows < cols if parent == "c_proj" else None  # the MLP's projection narrows
 
 
-def gpt2_outputs_first_tree(leaves: Sequence[tuple[str, Sequence[int]]]) -> bool | None:
-    """Whether a tree of ``(path, shape)`` leaves stores its GPT-2-named matrices
-    ``[out, in]``, told by a ``c_attn`` ``kernel`` or ``weight``: query, key and value
-    projected from ``d`` inputs (``[3 d, d]``, or ``[d + 2 kv, d]`` with grouped keys) if
-    it has more rows; None: no ``c_attn`` matrix tells.
+def gpt2_outputs_first_tree(
+    leaves: Sequence[tuple[str, Sequence[int]]], leaf: str = "kernel"
+) -> bool | None:
+    """Whether a tree of ``(path, shape)`` leaves stores its GPT-2-named matrices named
+    ``leaf`` (``"kernel"``: Flax, ``"weight"``: PyTorch) ``[out, in]``, told by its
+    ``c_attn`` of that name: query, key and value projected from ``d`` inputs (``[3 d,
+    d]``, or ``[d + 2 kv, d]`` with grouped keys) if it has more rows; None: no such
+    ``c_attn`` tells. Each framework is told apart, as the two store GPT-2 oppositely.
 
     Examples:
       >>> gpt2_outputs_first_tree([("h/0/attn/c_attn/kernel", (192, 64))])  # FlaxConv1D
       True
-      >>> gpt2_outputs_first_tree([("h.0.attn.c_attn.weight", (64, 192))])  # Conv1D
+      >>> gpt2_outputs_first_tree([("h.0.attn.c_attn.weight", (64, 192))], "weight")  # Conv1D
       False
-      >>> gpt2_outputs_first_tree([("h.0.attn.c_attn.weight", (96, 64))])  # GPTBigCode
+      >>> gpt2_outputs_first_tree([("h.0.attn.c_attn.weight", (96, 64))], "weight")  # BigCode
       True
     """
     for path, shape in leaves:
         parts = re.split(r"[./]", path)
-        if len(parts) > 1 and parts[-2] == "c_attn" and parts[-1] in ("kernel", "weight"):
+        if len(parts) > 1 and parts[-2:] == ["c_attn", leaf]:
             if len(shape) == 2 and shape[0] != shape[1]:
                 return shape[0] > shape[1]
     return None
@@ -385,16 +393,19 @@ class RulePlan:
         self._match = [re.compile(pattern).fullmatch for pattern, _ in self.rules]
         self._general = [r.general or _is_catch_all(p) for p, r in self.rules]
         self._used = [False] * len(self.rules)
-        self.gpt2_outputs_first: bool | None = None
-        """Whether the tree stores its GPT-2-named matrices ``[out, in]`` (:meth:`read_tree`
-        sets it); None: each matrix's shape decides."""
+        self.gpt2_outputs_first: dict[str, bool | None] = {}
+        """Whether the tree stores its GPT-2-named matrices ``[out, in]``, by leaf name
+        (``kernel``, ``weight``; :meth:`read_tree` sets it); None or absent: each matrix's
+        shape decides."""
 
     def read_tree(self, leaves: Sequence[tuple[str, Sequence[int]]]) -> None:
         """Reads what the whole tree of ``(path, shape)`` leaves tells about layouts
         before its tensors are resolved: whether GPT-2-named matrices are stored
         ``[out, in]`` (:func:`gpt2_outputs_first_tree`), which a square ``c_proj`` cannot
         tell on its own."""
-        self.gpt2_outputs_first = gpt2_outputs_first_tree(leaves)
+        self.gpt2_outputs_first = {
+            leaf: gpt2_outputs_first_tree(leaves, leaf) for leaf in ("kernel", "weight")
+        }
 
     def resolve(
         self,
@@ -407,10 +418,10 @@ class RulePlan:
         """The :class:`Resolution` of one tensor; records which rule it used.
 
         ``contracted``: the axes a captured dot contracts (calibration statistics'
-        ``weight_axes``, one layer's): for a kernel of three or more axes whose name tells
-        nothing (``[..., in, out]``), they decide its layout where they differ from a
-        conv's (every axis but the last), as the layer's configuration does in QAT
-        (a DenseGeneral with several output axes, an Einsum).
+        ``weight_axes``, one layer's; capture sees dots only, never convolutions): for a
+        kernel whose name tells nothing (``[..., in, out]``), they decide its layout, as
+        the layer's configuration does in QAT (a DenseGeneral with several output or
+        contracted axes, an Einsum, a matrix used as ``x @ w.T``).
 
         Raises:
           ValueError: when the spec cannot fit the tensor (a block that does not divide
@@ -421,14 +432,13 @@ class RulePlan:
         shape = tuple(int(d) for d in shape)
         ndim = len(shape)
         slashed = path.replace(".", "/")
-        reading = layout_reading(
-            re.split(r"[./]", path), shape, self.layout, gpt2_outputs_first=self.gpt2_outputs_first
-        )
-        if contracted is not None and reading.what == NAMED_DEFAULT and ndim >= 3:
+        parts = re.split(r"[./]", path)
+        first = self.gpt2_outputs_first.get(parts[-1])
+        reading = layout_reading(parts, shape, self.layout, gpt2_outputs_first=first)
+        if contracted is not None and reading.what == NAMED_DEFAULT and ndim >= 2:
             axes = sorted(a % ndim for a in contracted)
-            if axes != list(range(ndim - 1)):
-                outputs = [a for a in range(ndim) if a not in axes]
-                reading = contraction_reading(axes, outputs, ndim, "captured dot") or reading
+            outputs = [a for a in range(ndim) if a not in axes]
+            reading = contraction_reading(axes, outputs, ndim, "captured dot") or reading
         index = next(
             (i for i, m in enumerate(self._match) if m(path) or m(slashed)),
             None,

@@ -536,10 +536,19 @@ def _check_finite_statistics(name: str, stats: Any) -> None:
     """Refuses calibration statistics with NaN or inf values (concrete ones), naming the
     parameter: one non-finite activation would otherwise set a scale (SmoothQuant, AWQ)
     or break GPTQ's Hessian with a message that blames the row count."""
-    fields = ("hessian", "abs_sum", "abs_max", "mean_abs")
+    fields = ("hessian", "abs_sum", "abs_max")  # mean_abs is abs_sum / count
     values = {f: getattr(stats, f) for f in fields}
-    if any(isinstance(v, jax.core.Tracer) for v in values.values()):
+    if any(isinstance(v, jax.core.Tracer) for v in (*values.values(), stats.count)):
         return
+    count = np.asarray(stats.count)
+    if np.any(count == 0):
+        which = " in some of its stacked layers" if count.size > 1 else ""
+        raise ValueError(
+            f"statistics[{name!r}] saw no calibration rows{which} (count 0): the batches "
+            "given to qjax.capture had no rows where they reach this parameter; capture on "
+            f"batches with rows, or keep the parameter float with a rule like "
+            f"({re.escape(name)!r}, None)"
+        )
     present = {f: np.asarray(v) for f, v in values.items() if v is not None}  # hessian=False
     bad = [f for f, v in present.items() if not np.all(np.isfinite(v))]
     # Sums of |x| are NaN only when some x was; +inf there, or anything non-finite in the

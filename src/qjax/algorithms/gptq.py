@@ -81,9 +81,11 @@ def gptq(
     Quant params: a block of the spec's granularity that spans all ``k`` inputs (per
     tensor, per output channel) gets its params up front from the whole weight. A block
     shorter than ``k`` along the inputs (``per_block`` along the input axis, MX, per input
-    channel) gets them when GPTQ reaches its first row, from the current (error-updated)
-    rows of that block; blocks that are not contiguous in the flattened input order (a
-    conv kernel blocked along its channel axis only) are processed one after the other.
+    channel) gets them when GPTQ reaches its first row, from that block's rows as they were
+    when their lazy block began (the reference's ``find_params`` on ``W``, which only the
+    earlier lazy blocks have updated); blocks that are not contiguous in the flattened
+    input order (a conv kernel blocked along its channel axis only) are processed one
+    after the other.
     With ``act_order=True`` the blocks are no longer contiguous in processing order, so
     their params come from the original weight up front ("static groups").
 
