@@ -248,7 +248,7 @@ def test_invalid_rules_are_named():
         qnnx.quantize(model, {"head": "int5"})
     with pytest.raises(TypeError, match="rule 'head': expected a LayerQuant"):
         qnnx.quantize(model, {"head": 3})
-    with pytest.raises(ValueError, match=r"rule 'head\[': invalid regular expression"):
+    with pytest.raises(ValueError, match=r"rule 'head\[': invalid regex"):
         qnnx.quantize(model, {"head[": "int8"})
     integer = qnnx.LayerQuant(weight=INT8, act=STATIC, integer_dot=True)
     with pytest.raises(ValueError, match="rule 'head': integer_dot=True is implemented for Linen"):

@@ -128,6 +128,26 @@ def test_strict_unmatched_rules_raise_everywhere(cnn_variables):
         serve.served(CNN().apply, rules, strict=True)(converted, X)
 
 
+def test_a_catch_all_fallback_is_no_unmatched_rule(cnn_variables):
+    rules = {".*kernel": INT8, ".*": None}  # "everything else float": nothing else here
+    reference_out = linen_apply(cnn_variables, {".*kernel": INT8}, strict=True)
+    np.testing.assert_array_equal(linen_apply(cnn_variables, rules, strict=True), reference_out)
+    converted = serve.convert(cnn_variables, rules, strict=True)
+    serve.served(CNN().apply, rules, strict=True)(converted, X)
+    model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+    qnnx.quantize(model, {".*kernel": INT8, ".*": None}, strict=True)
+
+
+def test_rules_in_every_form_ptq_takes(cnn_variables):
+    expected = linen_apply(cnn_variables, {"conv": "int8", "head": None})
+    for rules in (["conv=int8", "head=keep"], [("conv", "int8"), ("head", None)]):
+        np.testing.assert_array_equal(linen_apply(cnn_variables, rules, strict=True), expected)
+    with pytest.raises(ValueError, match="starts or ends with whitespace"):
+        linen_apply(cnn_variables, {"conv ": "int8"})
+    with pytest.raises(TypeError, match="rules is one string"):
+        linen_apply(cnn_variables, "conv=int8")
+
+
 def test_nnx_strict_unmatched_rule_raises_and_leaves_the_model_as_it_was():
     model = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"'blocks/\.\*' matched nothing"):

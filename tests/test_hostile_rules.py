@@ -288,7 +288,8 @@ def test_bad_options_name_the_argument(kwargs, error, message):
 
 
 def test_numpy_integers_are_sizes():
-    q = qjax.quantize_tree(KERNEL, {".*": "int8"}, min_size=np.int64(5000))
+    with pytest.warns(qjax.QjaxRuleWarning, match="quantized nothing"):
+        q = qjax.quantize_tree(KERNEL, {".*": "int8"}, min_size=np.int64(5000))
     assert not isinstance(q["Dense_0"]["kernel"], qjax.QArray)
 
 

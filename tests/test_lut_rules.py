@@ -444,11 +444,17 @@ def test_cli_dtype_nf4_and_table_rules_save_and_load(checkpoint, tmp_path, capsy
 
 
 def test_cli_plan_shows_table_specs_with_layout_axes(checkpoint, capsys):
-    code, out, err = run(capsys, "plan", checkpoint, "--dtype", "lut4", "--rule", "fc.*=nf4")
-    assert code == 0, err
-    lines = {line.split()[0]: line for line in out.splitlines()[1:]}
+    def plan_lines(*rules: str) -> dict[str, str]:
+        flags = [arg for rule in rules for arg in ("--rule", rule)]
+        code, out, err = run(capsys, "plan", checkpoint, "--dtype", "lut4", *flags)
+        assert code == 0, err
+        return {line.split()[0]: line for line in out.splitlines()[1:]}
+
+    lines = plan_lines("fc.*=nf4")
     assert "lut4:per_tensor" in lines["Dense_0.kernel"]
     assert "nf4:per_block:64:axis=1" in lines["fc.weight"]
+    assert "float" in lines["fc.bias"]  # a rule naming the layer, not its 1-D bias
+    lines = plan_lines("fc.bias=nf4", "fc.*=nf4")
     assert "nf4" in lines["fc.bias"]  # a rule that names a tensor quantizes it, 1-D or not
     code, out, err = run(capsys, "plan", checkpoint, "--dtype", "nf4", "--block-size", "32")
     assert code == 0 and "nf4:per_block:32:axis=-2" in out, err

@@ -410,6 +410,16 @@ def test_layers_stacked_along_another_axis_are_refused_by_convert():
         serve.convert(variables, {".*": "int8:per_channel"}, model, x)
 
 
+def test_convert_refuses_variables_of_another_model():
+    model, x = ScannedAlongAxisOne(), jax.random.normal(jax.random.key(1), (3, 32))
+    variables = nn.Dense(8).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"2 of its params are missing, e\.g\. params/layers/fc/"):
+        serve.convert(variables, {".*": "int8:per_channel"}, model, x)
+    narrower = nn.Dense(8).init(jax.random.key(0), jnp.ones((3, 16)))  # other inputs
+    with pytest.raises(ValueError, match=r"differ in shape.*\(16, 8\) in the variables"):
+        serve.convert(narrower, {".*": "int8:per_channel"}, nn.Dense(8), x)
+
+
 @pytest.mark.parametrize(
     "layer, x, block",
     [  # contracted over (heads, head_dim); a matrix stored [out, in] and used as x @ w.T

@@ -327,8 +327,11 @@ class TestMinSizeAndRank:
     def test_catch_all_and_default_rules_skip_small_leaves_with_a_note(self):
         params = {"head": {"kernel": normal(16, 10)}}
         for rules in (None, {".*": "int8"}):
-            q = qjax.quantize_tree(params, rules)
+            with pytest.warns(qjax.QjaxRuleWarning, match=r"quantized nothing.*1 under min_size"):
+                q = qjax.quantize_tree(params, rules)
             assert not isinstance(q["head"]["kernel"], qjax.QArray)
+            with pytest.raises(ValueError, match="quantized nothing"):
+                qjax.quantize_tree(params, rules, strict=True)
             (row,) = qjax.plan(params, rules)
             assert row.note == "below min_size 1024"
 
@@ -354,6 +357,28 @@ class TestMinSizeAndRank:
             scale(q["dense"]["bias"]), np.abs(params["dense"]["bias"]).max(keepdims=True) / 127.5
         )
         assert not isinstance(q["norm"]["scale"], qjax.QArray)
+
+    def test_a_rule_naming_a_group_skips_its_1d_leaves_as_qat_does(self):
+        params = {
+            "params": {
+                "dense": {"kernel": normal(16, 8), "bias": normal(8)},
+                "ln": {"scale": normal(8)},
+            },
+            "torch.fc.weight": normal(8, 16),
+            "torch.fc.bias": normal(8),
+        }
+        for rules in ({"params/.*": "int8", "torch.*": "int8"}, {".*(dense|ln|fc).*": "int8"}):
+            q = qjax.quantize_tree(params, rules)  # small kernels too: the rules name them
+            assert isinstance(q["params"]["dense"]["kernel"], qjax.QArray)
+            assert isinstance(q["torch.fc.weight"], qjax.QArray)
+            assert not isinstance(q["params"]["dense"]["bias"], qjax.QArray)
+            assert not isinstance(q["params"]["ln"]["scale"], qjax.QArray)
+            assert not isinstance(q["torch.fc.bias"], qjax.QArray)
+            notes = {row.path: row.note for row in qjax.plan(params, rules)}
+            assert notes["params/ln/scale"] == notes["torch.fc.bias"] == "1-D"
+        q = qjax.quantize_tree(params, {"params/ln/scale": "int8", "torch.fc.b.*": "int8"})
+        assert isinstance(q["params"]["ln"]["scale"], qjax.QArray)  # named: quantized
+        assert isinstance(q["torch.fc.bias"], qjax.QArray)
 
     def test_a_rule_naming_1d_leaves_blocks_them_or_falls_back_per_tensor(self):
         bias, odd = normal(64), normal(40)

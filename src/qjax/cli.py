@@ -86,8 +86,10 @@ _RULES_EPILOG = """which tensors get which spec (all go through qjax.RulePlan, a
      lookup table: nf4 (QLoRA NF4, absmax per block of 64 inputs; nf4:per_block:128),
      lut4 (a k-means table per tensor; lut1, lut2, lut3, lut6, lut8; per_tensor or
      per_grouped_channel:16 output channels, scaled for per-channel scales), or
-     "keep" to leave the tensor float. A rule names its tensors: it quantizes them
-     whatever their size and rank.
+     "keep" to leave the tensor float. A rule that names its tensors ('.*q_proj.*weight')
+     quantizes them whatever their size and rank; one that matches any name ('.*') is a
+     catch-all, as in 3; one that names a group but not its tensors ('encoder.*')
+     leaves 1-D tensors float.
   3. Otherwise the catch-all rule from --dtype, --granularity, --block-size, --axis,
      --scheme, --formulation and --calibration (int8 per output channel by default;
      --dtype keep turns it off) applies to floating tensors with at least 2 dimensions

@@ -15,7 +15,7 @@ import math
 import numbers
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Union
 
 import jax.numpy as jnp
@@ -44,6 +44,7 @@ __all__ = [
     "RulePlan",
     "contraction_reading",
     "gpt2_outputs_first_tree",
+    "is_catch_all",
     "layout_reading",
     "report_unmatched",
     "with_layout_axes",
@@ -275,10 +276,23 @@ def _auto_channel(axis: int, ndim: int) -> int | None:
     return ndim - 2 if axis % ndim == ndim - 1 else ndim - 1
 
 
-def _is_catch_all(pattern: str) -> bool:
-    """True for a pattern that matches any path (``.*``, ``.+``, ...): it names no tensor."""
+def is_catch_all(pattern: str) -> bool:
+    """True for a pattern that matches any path (``.*``, ``.+``, ...): it names no tensor.
+
+    Examples:
+      >>> from qjax.resolve import is_catch_all
+      >>> is_catch_all(".*"), is_catch_all("params/.*"), is_catch_all(".*kernel")
+      (True, False, False)
+    """
     probe = "\x00catch-all probe/\x01.0"
     return re.fullmatch(pattern, probe) is not None
+
+
+def _matches_any_leaf(match: Callable[[str], Any], path: str) -> bool:
+    """Whether a rule matching ``path`` would match any other leaf name in its place
+    (``params/.*``, ``.*attention.*``): such a rule names a subtree, not the leaf."""
+    heads = (p[: max(p.rfind("/"), p.rfind(".")) + 1] for p in (path, path.replace(".", "/")))
+    return any(match(head + "\x00any leaf") is not None for head in heads)
 
 
 # Resolution.
@@ -391,8 +405,10 @@ class RulePlan:
         parsed = default_rules() if rules is None else parse_rules(rules)
         self.rules: tuple[Rule, ...] = tuple(parsed)
         self._match = [re.compile(pattern).fullmatch for pattern, _ in self.rules]
-        self._general = [r.general or _is_catch_all(p) for p, r in self.rules]
+        self._general = [r.general or is_catch_all(p) for p, r in self.rules]
         self._used = [False] * len(self.rules)
+        self._quantized = 0
+        self._skipped: dict[str, int] = {}
         self.gpt2_outputs_first: dict[str, bool | None] = {}
         """Whether the tree stores its GPT-2-named matrices ``[out, in]``, by leaf name
         (``kernel``, ``weight``; :meth:`read_tree` sets it); None or absent: each matrix's
@@ -443,13 +459,17 @@ class RulePlan:
             (i for i, m in enumerate(self._match) if m(path) or m(slashed)),
             None,
         )
+        if index is not None:
+            names_leaf = not (self._general[index] or _matches_any_leaf(self._match[index], path))
         if index is None:
             return Resolution(None, None, reading.layout, "no rule matches")
         self._used[index] = True
         pattern, rule = self.rules[index]
         shown = pattern if self.user_rules else None
 
-        def stays(note: str) -> Resolution:
+        def stays(note: str, skipped: str | None = None) -> Resolution:
+            if skipped is not None:
+                self._skipped[skipped] = self._skipped.get(skipped, 0) + 1
             return Resolution(None, shown, reading.layout, note)
 
         kind = jnp.dtype(dtype)
@@ -457,16 +477,17 @@ class RulePlan:
             return stays(f"{kind.name} is not floating point")
         if rule.spec is None:
             return stays("kept float by the rule")
-        if self._general[index] and ndim < 2:
-            return stays(f"{ndim}-D")
+        if not names_leaf and ndim < 2:
+            return stays(f"{ndim}-D", "fewer than 2 dimensions")
         if self._general[index] and math.prod(shape) < self.min_size:
-            return stays(f"below min_size {self.min_size}")
+            return stays(f"below min_size {self.min_size}", f"under min_size={self.min_size}")
         spec = with_layout_axes(rule.spec, reading, ndim) if rule.template else rule.spec
         spec, note = self._fit(path, shape, spec, reading)
         if note and isinstance(spec, TableFormat) and spec.kind == "nf4":
             stored = 0.5 + 4 / spec.block_size  # a 4-bit index, a float32 absmax per block
             if stored >= kind.itemsize:  # a depthwise conv's [out, 1, kh, kw]
                 return stays(f"kept float: {note}, which would store more than {kind.name}")
+        self._quantized += 1
         return Resolution(spec, shown, reading.layout, note, rule.calibration)
 
     def _fit(
@@ -541,6 +562,35 @@ class RulePlan:
             listing=listing,
             stacklevel=stacklevel + 1,
         )
+
+    def check_quantized(self, *, strict: bool, where: str, stacklevel: int = 2) -> None:
+        """Warns (:class:`QjaxRuleWarning`), or raises with ``strict``, when the rules
+        matched tensors but quantized none of them, each left float for its size or rank
+        (a catch-all on a small model). ``stacklevel`` as for :meth:`check_unmatched`.
+
+        Examples:
+          >>> from qjax.resolve import RulePlan
+          >>> plan = RulePlan({".*": "int8"})
+          >>> plan.resolve("params/Dense_0/kernel", (16, 8), "float32").note
+          'below min_size 1024'
+          >>> plan.check_quantized(strict=True, where="quantize_tree")
+          Traceback (most recent call last):
+            ...
+          ValueError: quantize_tree: the rules quantized nothing: every tensor they matched ...
+        """
+        if self._quantized or not self._skipped:
+            return
+        why = ", ".join(f"{n} {reason}" for reason, n in self._skipped.items())
+        message = (
+            f"{where}: the rules quantized nothing: every tensor they matched stayed float "
+            f"({why}). Catch-all rules ('.*') and the default rules skip tensors under "
+            "min_size elements or with fewer than 2 dimensions, rules that name a group "
+            "('params/.*') those with fewer than 2 dimensions: pass min_size=0, or write "
+            "a rule that names the tensors (e.g. '.*kernel')"
+        )
+        if strict:
+            raise ValueError(message)
+        warnings.warn(message, QjaxRuleWarning, stacklevel=stacklevel + 1)
 
 
 def _check_fits(shape: tuple[int, ...], spec: Format) -> None:

@@ -40,6 +40,7 @@ __all__ = [
     "parse_leaf_rule",
     "parse_rules",
     "parse_spec",
+    "rule_items",
 ]
 
 DEFAULT_MIN_SIZE = 1024
@@ -553,6 +554,20 @@ def parse_rules(rules: RulesLike) -> list[Rule]:
       >>> print(parse_rules([".*mlp.*=nf4", ".*=lut4:per_grouped_channel:16"])[1][1])
       lut4:per_grouped_channel:16
     """
+    return [(pattern, _as_leaf_rule(pattern, value)) for pattern, value in rule_items(rules)]
+
+
+def rule_items(rules: RulesLike, *, allow_empty: bool = False) -> list[tuple[str, Any]]:
+    """The ``(regex, value)`` pairs of rules given in any form :func:`parse_rules` accepts,
+    in match order, each pattern checked (a str, a valid regex, no surrounding
+    whitespace; not empty unless ``allow_empty``: a Flax model's root layer has the empty
+    path); the values are left for the caller to read.
+
+    Examples:
+      >>> from qjax.rules import rule_items
+      >>> rule_items([".*kernel=int8", (".*", None)])
+      [('.*kernel', 'int8'), ('.*', None)]
+    """
     if isinstance(rules, Mapping):
         items: Sequence[Any] = list(rules.items())
     elif isinstance(rules, (list, tuple)):
@@ -566,7 +581,7 @@ def parse_rules(rules: RulesLike) -> list[Rule]:
             "rules must be a mapping {regex: spec}, a list of (regex, spec) pairs or "
             f"'REGEX=SPEC' strings, or None for the defaults; got {type(rules).__name__}"
         )
-    out: list[Rule] = []
+    out: list[tuple[str, Any]] = []
     for item in items:
         if isinstance(item, str):
             pattern, value = _split_rule(item)
@@ -577,18 +592,18 @@ def parse_rules(rules: RulesLike) -> list[Rule]:
                 f"rule {item!r} must be a (regex, spec) pair or a 'REGEX=SPEC' string"
                 + (f", got {len(item)} items" if isinstance(item, (tuple, list)) else "")
             )
-        out.append((_check_pattern(pattern), _as_leaf_rule(pattern, value)))
+        out.append((_check_pattern(pattern, allow_empty), value))
     return out
 
 
-def _check_pattern(pattern: object) -> str:
+def _check_pattern(pattern: object, allow_empty: bool = False) -> str:
     if not isinstance(pattern, str):
         raise TypeError(
             f"rule pattern must be a str (a regex matched on tensor paths), got "
             f"{type(pattern).__name__} {pattern!r}"
             + ("; pass pattern.pattern" if isinstance(pattern, re.Pattern) else "")
         )
-    if not pattern:
+    if not pattern and not allow_empty:
         raise ValueError("rule pattern is empty; write a regex such as '.*kernel' ('.*' for all)")
     if pattern != pattern.strip():
         raise ValueError(

@@ -186,7 +186,8 @@ def quantize_tree(
         whatever its size and rank.
       fallback: ``"per_channel"`` (default): a leaf whose blocked axis the block size does
         not divide is quantized per channel (shown by :func:`plan`); None raises instead.
-      strict: a rule that matches no leaf raises ``ValueError`` instead of a
+      strict: a rule that matches no leaf, or rules that quantize nothing (every leaf
+        they match under ``min_size`` or 1-D), raise ``ValueError`` instead of a
         :class:`~qjax.QjaxRuleWarning`.
       check_finite: with concrete (not traced) leaves, refuse values that are NaN or inf
         once cast to float32, the precision quantization computes in (float64 values
@@ -247,16 +248,18 @@ def quantize_tree(
     calibrated = as_method(method)
     if calibrated is not None or statistics is not None:
         out = _quantize_calibrated(params, rule_plan, calibrated, statistics, check_finite)
-        rule_plan.check_unmatched(strict=strict, where="quantize_tree")
-        return out
+    else:
 
-    def quantize_one(path: tuple, leaf: Any) -> Any:
-        name = path_str(path)
-        return quantize_leaf(name, leaf, _resolve(rule_plan, name, leaf), check_finite=check_finite)
+        def quantize_one(path: tuple, leaf: Any) -> Any:
+            name = path_str(path)
+            resolution = _resolve(rule_plan, name, leaf)
+            return quantize_leaf(name, leaf, resolution, check_finite=check_finite)
 
-    out = jax.tree_util.tree_map_with_path(quantize_one, params, is_leaf=_is_quantized)
+        out = jax.tree_util.tree_map_with_path(quantize_one, params, is_leaf=_is_quantized)
     rule_plan.check_unmatched(strict=strict, where="quantize_tree")
+    rule_plan.check_quantized(strict=strict, where="quantize_tree")
     return out
+
 
 
 def quantize_leaf(

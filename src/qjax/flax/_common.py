@@ -35,15 +35,17 @@ from qjax.resolve import (
     NAMED_DEFAULT,
     LayoutReading,
     contraction_reading,
+    is_catch_all,
     layout_reading,
     report_unmatched,
     with_layout_axes,
 )
-from qjax.rules import Calibration, LeafRule, parse_leaf_rule, parse_spec
+from qjax.rules import Calibration, LeafRule, parse_leaf_rule, parse_spec, rule_items
 from qjax.spec import QuantSpec, as_spec
 
 __all__ = [
     "ActQuant",
+    "FlaxRules",
     "LayerQuant",
     "ModelPlan",
     "ModelPlanRow",
@@ -52,7 +54,6 @@ __all__ = [
     "Rules",
     "activation_qparams",
     "as_layer_quant",
-    "compile_rules",
     "layer_reading",
     "learned_activation",
     "learned_input_init",
@@ -230,6 +231,9 @@ def split_lsq(text: str) -> tuple[str, bool]:
 
 
 RuleValue = Union[LayerQuant, QuantSpec, str, None]
+FlaxRules = Union[Mapping[str, RuleValue], Sequence[Union[tuple[str, RuleValue], str]]]
+"""Rules as :func:`qjax.rules.parse_rules` takes them (a mapping ``{regex: value}``, a
+list of pairs or of ``"REGEX=SPEC"`` strings), with :class:`LayerQuant` values too."""
 
 
 def as_layer_quant(value: RuleValue, where: str) -> LayerQuant | None:
@@ -280,21 +284,6 @@ def _shorthand_template(value: RuleValue) -> LeafRule | None:
         return None
     leaf = parse_leaf_rule(split_lsq(value)[0])
     return leaf if leaf.template else None
-
-
-def compile_rules(
-    rules: Mapping[str, RuleValue],
-) -> list[tuple[Callable[[str], Any], LayerQuant | None, str]]:
-    """``(fullmatch, LayerQuant | None, pattern)`` per rule, in order; errors name the rule."""
-    compiled = []
-    for pattern, value in rules.items():
-        where = f"rule {pattern!r}"
-        try:
-            match = re.compile(pattern).fullmatch
-        except re.error as e:
-            raise ValueError(f"{where}: invalid regular expression: {e}") from None
-        compiled.append((match, as_layer_quant(value, where), pattern))
-    return compiled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -407,12 +396,15 @@ class Rules:
       ['unused']
     """
 
-    def __init__(self, rules: Mapping[str, RuleValue], *, collection: str | None = "params"):
-        if not isinstance(rules, Mapping):
-            raise TypeError(f"rules must be a mapping {{regex: spec}}, got {type(rules).__name__}")
+    def __init__(self, rules: FlaxRules, *, collection: str | None = "params"):
         self.rules = [
-            Rule(p, q, m, _shorthand_template(value))
-            for (m, q, p), value in zip(compile_rules(rules), rules.values())
+            Rule(
+                pattern,
+                as_layer_quant(value, f"rule {pattern!r}"),
+                re.compile(pattern).fullmatch,
+                _shorthand_template(value),
+            )
+            for pattern, value in rule_items(rules, allow_empty=True)
         ]
         self.collection = collection
         self._won: set[str] = set()
@@ -439,8 +431,13 @@ class Rules:
         return next((r for r in self.rules if any(r.fullmatch(n) for n in names)), None)
 
     def unmatched(self) -> list[str]:
-        """The patterns that have won no layer so far, in rule order."""
-        return [rule.pattern for rule in self.rules if rule.pattern not in self._won]
+        """The patterns that have won no layer so far, in rule order; catch-alls (``.*``:
+        "every other layer") name no layer and are not listed."""
+        return [
+            rule.pattern
+            for rule in self.rules
+            if rule.pattern not in self._won and not is_catch_all(rule.pattern)
+        ]
 
     def check(self, *, strict: bool, where: str, stacklevel: int = 2) -> None:
         """Warns (or with ``strict``, raises ValueError) about the rules that won no layer.

@@ -30,12 +30,12 @@ import jax.numpy as jnp
 
 from qjax.flax._common import (
     ActQuant,
+    FlaxRules,
     LayerQuant,
     ModelPlan,
     ModelPlanRow,
     Rule,
     Rules,
-    RuleValue,
     activation_qparams,
     cannot_quantize,
     learned_activation,
@@ -523,7 +523,7 @@ def _interceptor(rules: Rules) -> Callable:
 
 
 @contextlib.contextmanager
-def intercept(rules: Mapping[str, RuleValue], *, strict: bool = False) -> Iterator[None]:
+def intercept(rules: FlaxRules, *, strict: bool = False) -> Iterator[None]:
     """Quantizes the layers of an unmodified Linen model while the context is active.
 
     Args:
@@ -571,7 +571,7 @@ def intercept(rules: Mapping[str, RuleValue], *, strict: bool = False) -> Iterat
     compiled.check(strict=strict, where="qjax.flax.linen.intercept", stacklevel=3)
 
 
-def intercepted(fn: Callable, rules: Mapping[str, RuleValue], *, strict: bool = False) -> Callable:
+def intercepted(fn: Callable, rules: FlaxRules, *, strict: bool = False) -> Callable:
     """``fn`` run inside :func:`intercept` ``(rules, strict=strict)``: a new function, safe
     to ``jax.jit``.
 
@@ -705,7 +705,7 @@ def _is_array(leaf: Any) -> bool:
 def plan(
     model: nn.Module,
     *args: Any,
-    rules: Mapping[str, RuleValue],
+    rules: FlaxRules,
     method: Callable | str | None = None,
     **kwargs: Any,
 ) -> ModelPlan:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
 
 import jax
@@ -28,11 +28,11 @@ from flax import nnx
 
 from qjax.flax._common import (
     ActQuant,
+    FlaxRules,
     LayerQuant,
     ModelPlan,
     ModelPlanRow,
     Rules,
-    RuleValue,
     cannot_quantize,
     learned_activation,
     learned_input_init,
@@ -313,7 +313,7 @@ def _stacked_axes(module: nnx.Module, ndim: int) -> int:
     return max(ndim - rank, 0)
 
 
-def quantize(model: M, rules: Mapping[str, RuleValue], *, strict: bool = False) -> M:
+def quantize(model: M, rules: FlaxRules, *, strict: bool = False) -> M:
     """Quantizes the matched layers of an NNX model, in place.
 
     Each ``Linear``, ``LinearGeneral``, ``Conv`` and ``Einsum`` (or subclass) that a rule
@@ -411,7 +411,7 @@ def calibrate(model: M, enabled: bool = True) -> M:
     return model
 
 
-def plan(model: nnx.Module, rules: Mapping[str, RuleValue]) -> ModelPlan:
+def plan(model: nnx.Module, rules: FlaxRules) -> ModelPlan:
     """What :func:`quantize` ``(model, rules)`` would do to each parameter, without doing it.
 
     Lists every ``nnx.Param`` with its path, shape, the layer type that owns it, the rule

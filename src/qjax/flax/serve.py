@@ -59,9 +59,9 @@ from qjax.flax.linen import (
     STATS,
     WEIGHT_NAMES,
     ActQuant,
+    FlaxRules,
     Layer,
     LayerQuant,
-    RuleValue,
     call_equation,
     census,
     layer_rule,
@@ -104,7 +104,7 @@ WEIGHT_PARAMS = frozenset(WEIGHT_NAMES.values())
 
 def convert(
     variables: Mapping[str, Any],
-    rules: Mapping[str, RuleValue],
+    rules: FlaxRules,
     model: nn.Module | None = None,
     *args: Any,
     strict: bool = False,
@@ -167,7 +167,10 @@ def convert(
             "model.init / training returned, e.g. {'params': ..., 'quant_stats': ...}"
         )
     params = nn.meta.unbox(variables["params"])
-    layers = None if model is None else census(model, *args, method=method, **kwargs)[0]
+    layers = None
+    if model is not None:
+        layers, abstract = census(model, *args, method=method, **kwargs)
+        _check_matches_model(abstract, params)
 
     def convert_leaf(path: tuple, leaf: Any) -> Any:
         name = path_str(path)
@@ -201,9 +204,38 @@ def convert(
     return {**variables, "params": converted}
 
 
+def _check_matches_model(abstract: Any, params: Any) -> None:
+    """Refuses params that are not the ``model``'s: every weight would stay float."""
+
+    def shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+        flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_qarray)[0]
+        return {path_str(keys): tuple(np.shape(leaf)) for keys, leaf in flat}
+
+    expected, got = shapes(abstract), shapes(params)
+    missing = [name for name in expected if name not in got]
+    differ = [name for name in expected if name in got and got[name] != expected[name]]
+    if not missing and not differ:
+        return
+    if missing:
+        example = next(iter(got), None)
+        found = f"the variables have e.g. params/{example}" if example else "params is empty"
+        problem = f"{len(missing)} of its params are missing, e.g. params/{missing[0]} ({found})"
+    else:
+        name = differ[0]
+        problem = (
+            f"{len(differ)} of its params differ in shape, e.g. params/{name}: "
+            f"{got[name]} in the variables, {expected[name]} from the model"
+        )
+    raise ValueError(
+        f"serve.convert: the variables do not fit the model run on the example inputs: "
+        f"{problem}. Pass the model the variables were trained with (for a transformers "
+        "model, its .module) and example inputs of the shapes it was trained on"
+    )
+
+
 @contextlib.contextmanager
 def serving(
-    rules: Mapping[str, RuleValue],
+    rules: FlaxRules,
     *,
     integer_dots: IntegerDots = "as_trained",
     weight_only: WeightOnly = "exact",
@@ -276,7 +308,7 @@ def serving(
 
 def served(
     fn: Callable,
-    rules: Mapping[str, RuleValue],
+    rules: FlaxRules,
     *,
     integer_dots: IntegerDots = "as_trained",
     weight_only: WeightOnly = "exact",
