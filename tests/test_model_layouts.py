@@ -191,6 +191,17 @@ def test_a_tied_head_stays_float_in_qat_and_serving():
     np.testing.assert_array_equal(served, qat)
 
 
+def test_a_quantized_tied_table_read_outside_its_layer_says_what_to_do():
+    model, ids = TiedHead(), jnp.arange(12).reshape(2, 6)
+    variables = model.init(jax.random.key(0), ids)
+    rules = {".*embed.*": "int8:per_channel"}
+    converted = serve.convert(variables, rules)
+    with pytest.raises(AttributeError, match=r"attribute 'T'.*tied.*Keep that weight float"):
+        serve.served(model.apply, rules)(converted, ids)
+    dequantized = qjax.dequantizing(model.apply)(converted, ids)  # the way that works
+    np.testing.assert_array_equal(dequantized, model.apply(qjax.dequantize_tree(converted), ids))
+
+
 def test_a_rule_for_only_the_tied_head_matches_no_layer():
     model, ids = TiedHead(), jnp.arange(12).reshape(2, 6)
     variables = model.init(jax.random.key(0), ids)

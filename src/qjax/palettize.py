@@ -44,6 +44,7 @@ import numpy as np
 from qjax import granularity as gran
 from qjax import packing
 from qjax.exact import exact_divide
+from qjax.qarray import not_an_array
 
 __all__ = [
     "NF4_BLOCK_SIZE",
@@ -273,6 +274,9 @@ class LUTArray:
                 f"its table of {entries} entries; indices must be in [0, {entries - 1}]"
             )
         return self
+
+    def __getattr__(self, name: str) -> Any:
+        raise not_an_array(self, name)
 
     def __repr__(self) -> str:
         def shape(leaf: Any) -> Any:

@@ -184,6 +184,9 @@ class QArray:
         scaled = values * self.channel_scale.astype(jnp.float32)
         return saturate(scaled, self.float_dtype).astype(self.float_dtype)
 
+    def __getattr__(self, name: str) -> Any:
+        raise not_an_array(self, name)
+
     def __repr__(self) -> str:
         return (
             f"QArray(shape={self.shape}, spec={self.spec}, scale_shape="
@@ -192,6 +195,23 @@ class QArray:
 
 
 jax.tree_util.register_dataclass(QArray)
+
+
+def not_an_array(weight: object, name: str) -> AttributeError:
+    """The error for an array attribute (``.T``, ``.astype``, ...) asked of a quantized
+    weight: code that reads the weight outside its own layer, which serving cannot see
+    (a tied language-model head reading the embedding table), gets the weight itself."""
+    kind = type(weight).__name__
+    if name.startswith("__"):
+        return AttributeError(f"{kind!r} object has no attribute {name!r}")
+    return AttributeError(
+        f"{kind!r} object has no attribute {name!r}: a {kind} is a quantized weight, not an "
+        "array. Its own layer reads it when served (qjax.flax.serve.served); code that "
+        "reads it elsewhere, such as a tied language-model head taking the embedding "
+        "table's transpose, gets the quantized weight itself. Keep that weight float (a "
+        "rule such as '.*embed.*': None; QAT read it float there too), or run the tree "
+        f"through qjax.dequantizing, or call .dequantize() for a {kind}'s float values"
+    )
 
 
 def _check_static(qa: QArray) -> None:
