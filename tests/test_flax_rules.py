@@ -128,6 +128,27 @@ def test_strict_unmatched_rules_raise_everywhere(cnn_variables):
         serve.served(CNN().apply, rules, strict=True)(converted, X)
 
 
+def test_shorthand_falls_back_per_channel_where_its_block_does_not_divide(cnn_variables):
+    rules = {".*kernel": "int4:per_block:16"}  # conv (3, 3, 3, 8): 3 inputs; head 288 = 18 × 16
+    conv = np.asarray(cnn_variables["params"]["conv"]["kernel"])
+    ptq = qjax.quantize_tree(cnn_variables, rules)["params"]["conv"]["kernel"]
+    amax = np.abs(conv).reshape(-1, 8).max(axis=0)
+    np.testing.assert_array_equal(np.asarray(ptq.scale).reshape(-1), amax / np.float32(7.5))
+    rows = {row.path: row for row in qlinen.plan(CNN(), X, rules=rules).rows}
+    assert rows["conv/kernel"].spec == ptq.spec
+    assert rows["conv/kernel"].note.startswith("fallback per_channel(axis=-1): block 16")
+    assert rows["head/kernel"].spec.granularity.block_size == 16
+    converted = serve.convert(cnn_variables, rules, CNN(), X)
+    assert converted["params"]["conv"]["kernel"].spec == ptq.spec
+    np.testing.assert_array_equal(converted["params"]["conv"]["kernel"].codes(), ptq.codes())
+    np.testing.assert_array_equal(
+        jax.jit(serve.served(CNN().apply, rules))(converted, X), linen_apply(cnn_variables, rules)
+    )
+    explicit = {".*kernel": qjax.QuantSpec("int4", granularity=qjax.per_block(-2, 16))}
+    with pytest.raises(ValueError, match="block size 16 does not divide axis 2 of size 3"):
+        linen_apply(cnn_variables, explicit)  # a QuantSpec is used as given
+
+
 def test_a_catch_all_fallback_is_no_unmatched_rule(cnn_variables):
     rules = {".*kernel": INT8, ".*": None}  # "everything else float": nothing else here
     reference_out = linen_apply(cnn_variables, {".*kernel": INT8}, strict=True)

@@ -43,6 +43,7 @@ __all__ = [
     "Resolution",
     "RulePlan",
     "contraction_reading",
+    "fit_to_shape",
     "gpt2_outputs_first_tree",
     "is_catch_all",
     "layout_reading",
@@ -288,6 +289,69 @@ def is_catch_all(pattern: str) -> bool:
     return re.fullmatch(pattern, probe) is not None
 
 
+def fit_to_shape(
+    path: str,
+    shape: tuple[int, ...],
+    spec: Format,
+    reading: LayoutReading,
+    fallback: str | None = "per_channel",
+) -> tuple[Format, str]:
+    """The spec once checked against a tensor's shape, and a note: where its block (or
+    group) does not divide the blocked axis, with ``fallback="per_channel"`` the
+    per-channel spec of the tensor's layout (``reading``) and a note saying so, with
+    None a ``ValueError`` naming ``path`` and an axis that would fit.
+
+    Examples:
+      >>> from qjax.resolve import fit_to_shape, layout_reading
+      >>> from qjax.rules import parse_spec
+      >>> reading = layout_reading(["conv", "kernel"], (3, 3, 3, 16), "flax")
+      >>> spec, note = fit_to_shape("conv/kernel", (3, 3, 3, 16),
+      ...                           parse_spec("int4:per_block:16:axis=-2"), reading)
+      >>> print(spec.granularity); print(note)
+      per_channel(axis=-1)
+      fallback per_channel(axis=-1): block 16 does not divide axis 2 (size 3)
+    """
+    try:
+        _check_fits(shape, spec)
+        return spec, ""
+    except ValueError as e:
+        misfit = _misfit(shape, spec)
+        if misfit is None:
+            raise ValueError(f"{path!r} (shape {shape}): {e}") from None
+    axis, size = misfit
+    table = isinstance(spec, TableFormat)
+    unit = "group" if table and spec.kind == "kmeans" else "block"
+    reason = f"{unit} {size} does not divide axis {axis} (size {shape[axis]})"
+    table_fallback = _table_fallback(spec, shape[axis]) if table else None
+    if fallback is None:
+        fits = [i for i, d in enumerate(shape) if i != axis and d % size == 0]
+        role = "output channel" if unit == "group" else "input"
+        hint = (
+            f"; it divides axis {fits[0]} (size {shape[fits[0]]}): if that is the {role} "
+            f"axis, give axis={fits[0]} or the right layout"
+            if fits
+            else ""
+        )
+        instead = f"{table_fallback} with a rule" if table else "per_channel with a rule"
+        raise ValueError(
+            f"{path!r} (shape {shape}, read as {reading.layout} {reading.what}): {reason}"
+            f"{hint}; or choose a {unit} size that divides {shape[axis]}, quantize it "
+            f"{instead}, or pass fallback='per_channel'"
+        )
+    if isinstance(spec, TableFormat):
+        return table_fallback, f"fallback {table_fallback}: {reason}"
+    channel = spec.granularity.channel_axis
+    if reading.all_channels:  # one scale per output
+        g_all = _per_output(reading, axis, len(shape))
+        return dataclasses.replace(spec, granularity=g_all), f"fallback {g_all}: {reason}"
+    if channel in ("all", "auto"):  # the layout's channel axis, written as it writes it
+        auto = _auto_channel(axis, len(shape))
+        same = channel == "all" or auto == reading.channel % len(shape)
+        channel = reading.channel if same else auto
+    g: Granularity = per_tensor() if channel is None else per_channel(channel)
+    return dataclasses.replace(spec, granularity=g), f"fallback {g}: {reason}"
+
+
 def _matches_any_leaf(match: Callable[[str], Any], path: str) -> bool:
     """Whether a rule matching ``path`` would match any other leaf name in its place
     (``params/.*``, ``.*attention.*``): such a rule names a subtree, not the leaf."""
@@ -482,57 +546,13 @@ class RulePlan:
         if self._general[index] and math.prod(shape) < self.min_size:
             return stays(f"below min_size {self.min_size}", f"under min_size={self.min_size}")
         spec = with_layout_axes(rule.spec, reading, ndim) if rule.template else rule.spec
-        spec, note = self._fit(path, shape, spec, reading)
+        spec, note = fit_to_shape(path, shape, spec, reading, self.fallback)
         if note and isinstance(spec, TableFormat) and spec.kind == "nf4":
             stored = 0.5 + 4 / spec.block_size  # a 4-bit index, a float32 absmax per block
             if stored >= kind.itemsize:  # a depthwise conv's [out, 1, kh, kw]
                 return stays(f"kept float: {note}, which would store more than {kind.name}")
         self._quantized += 1
         return Resolution(spec, shown, reading.layout, note, rule.calibration)
-
-    def _fit(
-        self, path: str, shape: tuple[int, ...], spec: Format, reading: LayoutReading
-    ) -> tuple[Format, str]:
-        """The spec (or its fallback) once checked against the shape, and a note."""
-        try:
-            _check_fits(shape, spec)
-            return spec, ""
-        except ValueError as e:
-            misfit = _misfit(shape, spec)
-            if misfit is None:
-                raise ValueError(f"{path!r} (shape {shape}): {e}") from None
-        axis, size = misfit
-        table = isinstance(spec, TableFormat)
-        unit = "group" if table and spec.kind == "kmeans" else "block"
-        reason = f"{unit} {size} does not divide axis {axis} (size {shape[axis]})"
-        fallback = _table_fallback(spec, shape[axis]) if table else None
-        if self.fallback is None:
-            fits = [i for i, d in enumerate(shape) if i != axis and d % size == 0]
-            role = "output channel" if unit == "group" else "input"
-            hint = (
-                f"; it divides axis {fits[0]} (size {shape[fits[0]]}): if that is the {role} "
-                f"axis, give axis={fits[0]} or the right layout"
-                if fits
-                else ""
-            )
-            instead = f"{fallback} with a rule" if table else "per_channel with a rule"
-            raise ValueError(
-                f"{path!r} (shape {shape}, read as {reading.layout} {reading.what}): {reason}"
-                f"{hint}; or choose a {unit} size that divides {shape[axis]}, quantize it "
-                f"{instead}, or pass fallback='per_channel'"
-            )
-        if isinstance(spec, TableFormat):
-            return fallback, f"fallback {fallback}: {reason}"
-        channel = spec.granularity.channel_axis
-        if reading.all_channels:  # one scale per output
-            g_all = _per_output(reading, axis, len(shape))
-            return dataclasses.replace(spec, granularity=g_all), f"fallback {g_all}: {reason}"
-        if channel in ("all", "auto"):  # the layout's channel axis, written as it writes it
-            auto = _auto_channel(axis, len(shape))
-            same = channel == "all" or auto == reading.channel % len(shape)
-            channel = reading.channel if same else auto
-        g: Granularity = per_tensor() if channel is None else per_channel(channel)
-        return dataclasses.replace(spec, granularity=g), f"fallback {g}: {reason}"
 
     def unmatched(self) -> list[str]:
         """The patterns of the given rules that no resolved tensor used so far.

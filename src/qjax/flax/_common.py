@@ -35,6 +35,7 @@ from qjax.resolve import (
     NAMED_DEFAULT,
     LayoutReading,
     contraction_reading,
+    fit_to_shape,
     is_catch_all,
     layout_reading,
     report_unmatched,
@@ -308,10 +309,23 @@ class Rule:
         """The weight spec for the weight at ``param_path`` (``".../kernel"``) of ``shape``;
         ``layer`` (and an Einsum's call-time ``einsum_str``): the layer that owns it, whose
         configuration tells its layout where the name does not (:func:`layer_reading`)."""
+        return self.weight_spec_note(param_path, shape, layer, einsum_str)[0]
+
+    def weight_spec_note(
+        self, param_path: str, shape: tuple[int, ...], layer: Any = None, einsum_str: Any = None
+    ) -> tuple[QuantSpec | None, str]:
+        """:meth:`weight_spec`, and a note where shorthand falls back: its axes follow the
+        weight's layout, and a block that does not divide the weight's input axis (a
+        3-channel input conv) gives per-channel scales, as :func:`qjax.quantize_tree`
+        does (:func:`~qjax.resolve.fit_to_shape`). An explicit QuantSpec is used as given."""
         if self.quant is None or self.quant.weight is None or self.template is None:
-            return None if self.quant is None else self.quant.weight
+            return (None if self.quant is None else self.quant.weight), ""
         reading = layer_reading(layer, param_path, shape, einsum_str)
-        return with_layout_axes(self.template.spec, reading, len(shape))
+        spec = with_layout_axes(self.template.spec, reading, len(shape))
+        try:
+            return fit_to_shape(param_path, shape, spec, reading)
+        except ValueError:  # an axis out of range: the caller says so, naming the layer
+            return spec, ""
 
 
 def layer_reading(
@@ -587,14 +601,15 @@ def plan_row(
         why = refuse_embed_activation(module_path, rule.pattern)
         return row(rule.pattern, None, None, "error: " + why)
     one = shape if layer_shape is None else tuple(layer_shape)
-    spec = rule.weight_spec(param, one, module, einsum_str)
+    spec, fallback = rule.weight_spec_note(param, one, module, einsum_str)
     if spec is None:
         return row(rule.pattern, None, quant.act, "the rule quantizes only the input")
     problem = weight_spec_problem(one, value.dtype, spec)
     if problem is not None:
         why = cannot_quantize(module_path, layer_name, name, shape, rule.pattern, problem)
         return row(rule.pattern, None, None, "error: " + why)
-    return row(rule.pattern, spec, quant.act, learned_note(quant))
+    notes = [note for note in (fallback, learned_note(quant)) if note]
+    return row(rule.pattern, spec, quant.act, "; ".join(notes))
 
 
 def rounded(values: jax.Array) -> jax.Array:
