@@ -358,6 +358,25 @@ class TestMinSizeAndRank:
         )
         assert not isinstance(q["norm"]["scale"], qjax.QArray)
 
+    def test_rules_that_do_not_name_them_leave_stacked_biases_and_norm_scales_float(self):
+        params = {  # nn.scan-stacked: [layers, features]
+            "Scan_0": {
+                "LayerNorm_0": {"scale": normal(12, 256)},
+                "Dense_0": {"kernel": normal(12, 256, 256), "bias": normal(12, 256)},
+            },
+            "experts.gate_up_proj_bias": normal(8, 512),
+        }
+        for rules in ({".*": "int8"}, {"Scan_0/.*": "int8", "experts.*": "int8"}):
+            q = qjax.quantize_tree(params, rules)
+            assert isinstance(q["Scan_0"]["Dense_0"]["kernel"], qjax.QArray)
+            for leaf in (q["Scan_0"]["LayerNorm_0"]["scale"], q["Scan_0"]["Dense_0"]["bias"]):
+                assert not isinstance(leaf, qjax.QArray)
+            assert not isinstance(q["experts.gate_up_proj_bias"], qjax.QArray)
+        notes = {row.path: row.note for row in qjax.plan(params, {".*": "int8"})}
+        assert notes["Scan_0/LayerNorm_0/scale"] == "a scale (name it to quantize it)"
+        named = qjax.quantize_tree(params, {".*LayerNorm_0/scale": "int8"})
+        assert isinstance(named["Scan_0"]["LayerNorm_0"]["scale"], qjax.QArray)
+
     def test_a_rule_naming_a_group_skips_its_1d_leaves_as_qat_does(self):
         params = {
             "params": {

@@ -89,12 +89,13 @@ _RULES_EPILOG = """which tensors get which spec (all go through qjax.RulePlan, a
      "keep" to leave the tensor float. A rule that names its tensors ('.*q_proj.*weight')
      quantizes them whatever their size and rank; one that matches any name ('.*') is a
      catch-all, as in 3; one that names a group but not its tensors ('encoder.*')
-     leaves 1-D tensors float.
+     leaves 1-D tensors, biases and norm scales (*bias, scale) float.
   3. Otherwise the catch-all rule from --dtype, --granularity, --block-size, --axis,
      --scheme, --formulation and --calibration (int8 per output channel by default;
      --dtype keep turns it off) applies to floating tensors with at least 2 dimensions
-     and --min-size elements; the others (biases, norm scales, integer tensors such as
-     position_ids) are written as they are.
+     and --min-size elements that are not biases or norm scales (*bias, scale: stacked
+     layers store them 2-D); the others (integer tensors such as position_ids too) are
+     written as they are.
   A --rule, --keep or --drop that matches no tensor is an error naming it.
 
 calibrated methods (--method gptq, awq or smoothquant; default rtn, round to nearest):

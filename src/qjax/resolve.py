@@ -352,6 +352,11 @@ def fit_to_shape(
     return dataclasses.replace(spec, granularity=g), f"fallback {g}: {reason}"
 
 
+_BIAS_OR_NORM = re.compile(r"(.*_)?bias|scale")
+"""Leaf names of biases and norm scales, which rules that do not name them leave float
+whatever their rank (stacked layers store them ``[layers, features]``)."""
+
+
 def _matches_any_leaf(match: Callable[[str], Any], path: str) -> bool:
     """Whether a rule matching ``path`` would match any other leaf name in its place
     (``params/.*``, ``.*attention.*``): such a rule names a subtree, not the leaf."""
@@ -543,6 +548,8 @@ class RulePlan:
             return stays("kept float by the rule")
         if not names_leaf and ndim < 2:
             return stays(f"{ndim}-D", "fewer than 2 dimensions")
+        if not names_leaf and _BIAS_OR_NORM.fullmatch(parts[-1]):  # stacked: [layers, d]
+            return stays(f"a {parts[-1]} (name it to quantize it)", "biases or norm scales")
         if self._general[index] and math.prod(shape) < self.min_size:
             return stays(f"below min_size {self.min_size}", f"under min_size={self.min_size}")
         spec = with_layout_axes(rule.spec, reading, ndim) if rule.template else rule.spec
