@@ -553,3 +553,37 @@ def test_plain_sub_byte_integer_leaves_dequantize_as_bytes(tmp_path, capsys):
         back = load_file(out) if suffix == ".safetensors" else dict(np.load(out))
         assert back["codes"].dtype == np.int8
         np.testing.assert_array_equal(back["codes"], np.arange(-4, 4))
+
+
+def test_a_qjax_file_is_not_quantized_again(tmp_path, capsys, good_npz):
+    quantized = tmp_path / "q.safetensors"
+    assert run(capsys, "quantize", good_npz, quantized, "-q")[0] == 0
+    for argv in (["quantize", quantized, tmp_path / "qq.safetensors"], ["plan", quantized]):
+        one_line_error(capsys, argv, "is a qjax file (quantized already)", "qjax dequantize")
+    assert not (tmp_path / "qq.safetensors").exists()
+
+
+def test_kept_non_finite_buffers_come_back_from_inspect_and_dequantize(tmp_path, capsys):
+    source = tmp_path / "m.safetensors"
+    mask = np.triu(np.full((8, 8), -np.inf, np.float32), 1)
+    weight = RNG.standard_normal((64, 64)).astype(np.float32)
+    save_file(
+        {"attn.masked_bias": np.array(-np.inf, np.float32), "mask": mask, "fc.weight": weight},
+        source,
+    )
+    quantized, back = tmp_path / "q.safetensors", tmp_path / "b.safetensors"
+    assert run(capsys, "quantize", source, quantized, "--keep", "mask", "-q")[0] == 0
+    code, out, err = run(capsys, "inspect", quantized)
+    assert code == 0 and "attn.masked_bias" in out, err
+    assert run(capsys, "dequantize", quantized, back, "-q")[0] == 0
+    restored = load_file(back)
+    np.testing.assert_array_equal(restored["mask"], mask)
+    np.testing.assert_array_equal(restored["attn.masked_bias"], np.float32(-np.inf))
+
+
+def test_a_lookup_table_rule_on_an_empty_tensor(tmp_path, capsys):
+    source, quantized, back = (tmp_path / n for n in ("m.npz", "q.safetensors", "b.npz"))
+    np.savez(source, **{"a.empty.weight": np.zeros((0, 64), np.float32)})
+    assert run(capsys, "quantize", source, quantized, "--rule", "a.empty.weight=nf4", "-q")[0] == 0
+    assert run(capsys, "dequantize", quantized, back, "-q")[0] == 0
+    assert np.load(back)["a.empty.weight"].shape == (0, 64)

@@ -130,7 +130,14 @@ def plan_checkpoint(
       ids        8      int64    other   float                     -     dropped (--drop ids)
     """
     path = os.fspath(path)
-    tensors = open_checkpoint(path).tensors()
+    reader = open_checkpoint(path)
+    if qio.METADATA_KEY in reader.metadata():
+        raise ValueError(
+            f"{path} is a qjax file (quantized already): its tensors are codes and scales, "
+            "not the model's weights. Quantize the float checkpoint it came from, or turn "
+            "it back into one with `qjax dequantize` (qjax.checkpoints.dequantize_checkpoint)"
+        )
+    tensors = reader.tensors()
     _check_paths(tensors)
     rule_plan = RulePlan(rules, layout=layout, min_size=min_size, fallback=fallback)
     rule_plan.read_tree([(t.name, t.shape) for t in tensors])
@@ -284,7 +291,7 @@ def dequantize_checkpoint(
     path = os.fspath(path)
     output = _check_output(output, FLOAT_SUFFIXES, path)
     npz = output.lower().endswith(".npz")
-    leaves = qio.load_tensors(path)
+    leaves = qio.load_tensors(path, check_finite=False)  # as quantize wrote them
     infos = [
         TensorInfo(name, tuple(leaf.shape), _float_dtype(leaf, npz))
         for name, leaf in leaves.items()
@@ -321,7 +328,8 @@ def inspect_checkpoint(path: PathLike) -> list[dict[str, Any]]:
       >>> [(r["path"], r["spec"], r["bytes_after"]) for r in inspect_checkpoint(path)]
       [('w', 'int8:symmetric:scale:per_tensor', 36)]
     """
-    return [stored_row(name, leaf) for name, leaf in qio.load_tensors(path).items()]
+    leaves = qio.load_tensors(path, check_finite=False)  # a kept -inf mask buffer is no damage
+    return [stored_row(name, leaf) for name, leaf in leaves.items()]
 
 
 def refuse_tables(plan: CheckpointPlan, method: Method) -> None:

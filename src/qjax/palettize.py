@@ -793,7 +793,7 @@ class TableFormat:
         groups, entries = tuple(la.table.shape[:-1]), la.table.shape[-1]
         scale = None if la.scale is None else tuple(la.scale.shape)
         if scale is not None and _has_nf4_table(la):
-            blocks = [d // s for d, s in zip(shape, scale)]
+            blocks = [d // s if s else 1 for d, s in zip(shape, scale)]  # s = 0: empty axis
             long = [i for i, b in enumerate(blocks) if b > 1] or [ndim - 1]
             if len(long) > 1:
                 return None
