@@ -81,7 +81,8 @@ _RULES_EPILOG = """which tensors get which spec (all go through qjax.RulePlan, a
   1. --drop REGEX: the tensor is left out of the output. --keep REGEX: it is written
      as it is (float). Both repeatable; --drop wins over --keep, both over rules.
   2. --rule REGEX=SPEC, in the order given: the first match wins. SPEC is shorthand
-     such as int8, int4:per_block:32, uint8:asymmetric:per_channel:axis=0, mxfp4,
+     such as int8:per_channel (a bare int8 is one scale per tensor), int4:per_block:32,
+     uint8:asymmetric:per_channel:axis=0, mxfp4,
      int4:per_block:32:mse (a calibration: minmax, absmax, mse, percentile=P), a
      lookup table: nf4 (QLoRA NF4, absmax per block of 64 inputs; nf4:per_block:128),
      lut4 (a k-means table per tensor; lut1, lut2, lut3, lut6, lut8; per_tensor or
@@ -125,7 +126,7 @@ examples:
   qjax quantize model.safetensors model-int4.safetensors --dtype int4 --block-size 32
   qjax quantize model.safetensors model-nf4.safetensors --dtype nf4
   qjax quantize model.safetensors q.safetensors --rule '.*mlp.*=lut4:per_grouped_channel:16'
-  qjax quantize model.npz q.safetensors --rule '.*attention.*=int8' --keep '.*head.*'
+  qjax quantize model.npz q.safetensors --rule '.*attention.*=int8:per_channel' --keep '.*head.*'
   qjax plan model.safetensors --dtype int4 --block-size 32
   qjax quantize model.safetensors q.safetensors --dtype int4 --block-size 128 \
       --method gptq --model mymodel.py:forward --calibration-data batches.npy
