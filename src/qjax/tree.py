@@ -352,9 +352,11 @@ def _quantize_calibrated(
             raise ValueError(
                 f"parameter {name!r} matches rule {resolution.pattern!r} "
                 f"({resolution.spec}), but no statistics were captured for it: the function "
-                "given to qjax.capture reads it with no dot (an embedding lookup, a norm), "
-                "or it was left out of `paths`. Keep it float with a rule of its own "
-                "(PATTERN: None) or quantize it separately with method='rtn'"
+                "given to qjax.capture reads it with no matrix product (an embedding "
+                "lookup, a norm, or a convolution: capture records dot_general only, so "
+                "convolutions are not calibrated), or it was left out of `paths`. Keep it "
+                "float with a rule of its own (PATTERN: None) or quantize it separately "
+                "with method='rtn'"
             )
         if resolution.calibration is not None:
             raise ValueError(
