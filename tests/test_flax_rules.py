@@ -149,6 +149,18 @@ def test_shorthand_falls_back_per_channel_where_its_block_does_not_divide(cnn_va
         linen_apply(cnn_variables, explicit)  # a QuantSpec is used as given
 
 
+def test_activation_shorthand_blocks_the_features_not_the_tokens():
+    model, x = nn.Dense(16), jax.random.normal(jax.random.key(2), (2, 40, 128))  # 40 tokens
+    variables = model.init(jax.random.key(0), x)
+    features = qjax.QuantSpec("int8", granularity=qjax.per_block(-1, 32))
+    shorthand = {"": qlinen.LayerQuant(weight="int8:per_channel", act="int8:per_block:32")}
+    explicit = {"": qlinen.LayerQuant(weight="int8:per_channel", act=features)}
+    np.testing.assert_array_equal(
+        linen_apply(variables, shorthand, model, x), linen_apply(variables, explicit, model, x)
+    )
+    assert qlinen.ActQuant("int8:per_block:32").spec == features
+
+
 def test_a_catch_all_fallback_is_no_unmatched_rule(cnn_variables):
     rules = {".*kernel": INT8, ".*": None}  # "everything else float": nothing else here
     reference_out = linen_apply(cnn_variables, {".*kernel": INT8}, strict=True)

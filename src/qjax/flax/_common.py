@@ -66,6 +66,22 @@ __all__ = [
 ]
 
 
+def activation_spec(value: QuantSpec | str, where: str) -> QuantSpec:
+    """An activation's spec: shorthand ``per_block`` without ``axis=`` blocks the last
+    axis, the features a layer contracts (a weight's shorthand blocks a kernel's inputs,
+    axis -2).
+
+    Examples:
+      >>> print(activation_spec("int8:per_block:32", "act").granularity)
+      per_block(axis=-1, block_size=32)
+    """
+    spec = as_spec(value, where)
+    g = spec.granularity
+    if isinstance(value, str) and g.kind == "per_block" and "axis=" not in value:
+        spec = dataclasses.replace(spec, granularity=gran.per_block(-1, g.block_size))
+    return spec
+
+
 @dataclasses.dataclass(frozen=True)
 class ActQuant:
     """How a layer's input activation is quantized.
@@ -85,7 +101,7 @@ class ActQuant:
     momentum: float = 0.9
 
     def __post_init__(self):
-        object.__setattr__(self, "spec", as_spec(self.spec, "ActQuant spec"))
+        object.__setattr__(self, "spec", activation_spec(self.spec, "ActQuant spec"))
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
 
@@ -93,6 +109,10 @@ class ActQuant:
 @dataclasses.dataclass(frozen=True)
 class LayerQuant:
     """What a quantized layer does: a weight spec and an optional activation spec.
+
+    Both take shorthand text: a weight's follows the weight's layout (per output channel,
+    blocks along the inputs), an activation's ``per_block`` blocks its last axis, the
+    features the layer contracts (:func:`activation_spec`).
 
     ``integer_dot=True`` (Linen: :func:`qjax.flax.linen.intercept` and ``QuantDense``)
     runs a Dense / DenseGeneral forward as int8 x int8 -> int32, the way the served model
@@ -151,7 +171,7 @@ class LayerQuant:
                     "LayerQuant act must be an ActQuant, a QuantSpec or shorthand text "
                     f"(dynamic ranges), or None, got {type(self.act).__name__}"
                 )
-            object.__setattr__(self, "act", ActQuant(as_spec(self.act, "LayerQuant act")))
+            object.__setattr__(self, "act", ActQuant(activation_spec(self.act, "LayerQuant act")))
         if self.calibration is not None:
             if not isinstance(self.calibration, Calibration):
                 raise TypeError(
