@@ -424,6 +424,72 @@ class TestMinSizeAndRank:
 # Calibration per rule.
 
 
+class TestStackedLayers:
+    """``stack=N``: the first N axes stack copies of a layer (scan layers, fused experts)."""
+
+    experts = np.stack([normal(64, 96) * m for m in (1.0, 0.05, 30.0)])  # [experts, in, out]
+
+    def test_each_copy_gets_its_own_scales_in_its_own_layout(self):
+        tree = {"mlp.experts.gate_up_proj": self.experts, "mlp.experts.down.weight": self.experts}
+        rules = {".*gate_up_proj": "int4:per_block:32:stack=1", ".*": "int8:per_channel:stack=1"}
+        q = qjax.quantize_tree(tree, rules)
+        flax_like, torch_like = q["mlp.experts.gate_up_proj"], q["mlp.experts.down.weight"]
+        for e, w in enumerate(self.experts):
+            np.testing.assert_array_equal(scale(flax_like)[e], int4_blocks(w, 0, 32))
+            np.testing.assert_array_equal(scale(torch_like)[e], int8_rows(w))  # [out, in]
+            codes = np.clip(np.rint(w / int8_rows(w)), -128, 127)
+            np.testing.assert_array_equal(np.asarray(torch_like.codes())[e], codes)
+        rows = {r.path: r for r in qjax.plan(tree, rules)}
+        assert str(qjax.plan(tree, rules)).count(":stack=1") == 2
+        assert rows["mlp.experts.down.weight"].stack == 1
+
+    def test_without_stack_the_copies_share_scales(self):
+        q = qjax.quantize_tree({"experts.kernel": self.experts}, {".*": "int8:per_channel"})
+        assert scale(q["experts.kernel"]).shape == (1, 1, 96)  # why stack= exists
+
+    def test_file_round_trip_on_the_command_line(self, tmp_path, capsys):
+        from safetensors.numpy import save_file
+
+        from qjax.cli import main
+
+        source, out = tmp_path / "m.safetensors", tmp_path / "q.safetensors"
+        save_file({"experts.gate_up_proj": self.experts}, source)
+        rule = ".*=int8:per_channel:stack=1"
+        assert main(["quantize", str(source), str(out), "-q", "--rule", rule]) == 0
+        (loaded,) = qjax.load_tensors(out).values()
+        for e, w in enumerate(self.experts):
+            np.testing.assert_array_equal(scale(loaded)[e], int8_rows(w.T).T)
+
+    @pytest.mark.parametrize(
+        ("rules", "message"),
+        [
+            ({".*": "int8:stack=0"}, "must count 1 or more"),
+            ({".*": "nf4:stack=1"}, "cannot read 'stack=1'"),
+            ({".*": "int8:per_channel:stack=3"}, "leaves none of its axes"),
+        ],
+    )
+    def test_bad_stacks_are_named(self, rules, message):
+        with pytest.raises(ValueError, match=message):
+            qjax.quantize_tree({"experts.kernel": self.experts}, rules)
+
+    def test_quantspecs_qat_and_calibrated_methods_refuse_it(self):
+        with pytest.raises(ValueError, match="belongs in a quantize_tree or command-line rule"):
+            qjax.parse_spec("int8:stack=1")
+        from qjax.flax import linen as qlinen
+
+        with pytest.raises(ValueError, match="QAT, convert and serving see the layers"):
+            qlinen.intercepted(nn.Dense(4).apply, {".*": "int8:per_channel:stack=1"})
+        x = jnp.ones((4, 64))
+        stats = qjax.capture.accumulate(lambda p, x: x @ p["w"][0], {"w": self.experts}, [x])
+        with pytest.raises(ValueError, match="drop stack= from the rule"):
+            qjax.quantize_tree(
+                {"w": self.experts},
+                {"w": "int8:per_channel:stack=1"},
+                method="gptq",
+                statistics=stats,
+            )
+
+
 class TestCalibration:
     w = normal(64, 64)
     w[0] = 25.0  # an outlier in every block

@@ -83,7 +83,9 @@ _RULES_EPILOG = """which tensors get which spec (all go through qjax.RulePlan, a
   2. --rule REGEX=SPEC, in the order given: the first match wins. SPEC is shorthand
      such as int8:per_channel (a bare int8 is one scale per tensor), int4:per_block:32,
      uint8:asymmetric:per_channel:axis=0, mxfp4,
-     int4:per_block:32:mse (a calibration: minmax, absmax, mse, percentile=P), a
+     int4:per_block:32:mse (a calibration: minmax, absmax, mse, percentile=P),
+     int4:per_block:32:stack=1 (the first axis stacks layers or fused MoE experts
+     [experts, in, out]: scales per copy, each read in its own layout), a
      lookup table: nf4 (QLoRA NF4, absmax per block of 64 inputs; nf4:per_block:128),
      lut4 (a k-means table per tensor; lut1, lut2, lut3, lut6, lut8; per_tensor or
      per_grouped_channel:16 output channels, scaled for per-channel scales), or

@@ -380,6 +380,8 @@ class Resolution:
         ``"below min_size 1024"``, ``"fallback per_channel(axis=0): block 32 does not
         divide axis 1 (size 16)"``.
       calibration: how PTQ computes its params (None: min-max, as :func:`~qjax.quantize`).
+      stack: the leading axes that stack copies of a layer (the rule's ``stack=N``): the
+        spec, layout and note are one copy's, and each copy gets its own params.
     """
 
     spec: Format | None
@@ -387,6 +389,7 @@ class Resolution:
     layout: str
     note: str = ""
     calibration: Calibration | None = None
+    stack: int = 0
 
 
 class RulePlan:
@@ -514,24 +517,30 @@ class RulePlan:
         """
         if not isinstance(path, str):
             raise TypeError(f"path must be a str, got {type(path).__name__} {path!r}")
-        shape = tuple(int(d) for d in shape)
-        ndim = len(shape)
+        full = tuple(int(d) for d in shape)
         slashed = path.replace(".", "/")
         parts = re.split(r"[./]", path)
+        index = next(
+            (i for i, m in enumerate(self._match) if m(path) or m(slashed)),
+            None,
+        )
+        stack = 0 if index is None else self.rules[index][1].stack
+        if stack >= max(len(full), 1):
+            raise ValueError(
+                f"{path!r} (shape {full}): its rule's stack={stack} leaves none of its axes "
+                "to a layer; stack=N counts the leading axes that stack copies of a layer"
+            )
+        shape = full[stack:]  # one copy's
+        ndim = len(shape)
         first = self.gpt2_outputs_first.get(parts[-1])
         reading = layout_reading(parts, shape, self.layout, gpt2_outputs_first=first)
         if contracted is not None and reading.what == NAMED_DEFAULT and ndim >= 2:
             axes = sorted(a % ndim for a in contracted)
             outputs = [a for a in range(ndim) if a not in axes]
             reading = contraction_reading(axes, outputs, ndim, "captured dot") or reading
-        index = next(
-            (i for i, m in enumerate(self._match) if m(path) or m(slashed)),
-            None,
-        )
-        if index is not None:
-            names_leaf = not (self._general[index] or _matches_any_leaf(self._match[index], path))
         if index is None:
             return Resolution(None, None, reading.layout, "no rule matches")
+        names_leaf = not (self._general[index] or _matches_any_leaf(self._match[index], path))
         self._used[index] = True
         pattern, rule = self.rules[index]
         shown = pattern if self.user_rules else None
@@ -550,7 +559,7 @@ class RulePlan:
             return stays(f"{ndim}-D", "fewer than 2 dimensions")
         if not names_leaf and _BIAS_OR_NORM.fullmatch(parts[-1]):  # stacked: [layers, d]
             return stays(f"a {parts[-1]} (name it to quantize it)", "biases or norm scales")
-        if self._general[index] and math.prod(shape) < self.min_size:
+        if self._general[index] and math.prod(full) < self.min_size:
             return stays(f"below min_size {self.min_size}", f"under min_size={self.min_size}")
         spec = with_layout_axes(rule.spec, reading, ndim) if rule.template else rule.spec
         spec, note = fit_to_shape(path, shape, spec, reading, self.fallback)
@@ -559,7 +568,7 @@ class RulePlan:
             if stored >= kind.itemsize:  # a depthwise conv's [out, 1, kh, kw]
                 return stays(f"kept float: {note}, which would store more than {kind.name}")
         self._quantized += 1
-        return Resolution(spec, shown, reading.layout, note, rule.calibration)
+        return Resolution(spec, shown, reading.layout, note, rule.calibration, stack)
 
     def unmatched(self) -> list[str]:
         """The patterns of the given rules that no resolved tensor used so far.
@@ -708,6 +717,7 @@ class PlanRow:
     layout: str
     note: str = ""
     calibration: Calibration | None = None
+    stack: int = 0
 
     @classmethod
     def of(cls, path: str, shape: Sequence[int], dtype: Any, resolution: Resolution) -> PlanRow:
@@ -721,6 +731,7 @@ class PlanRow:
             resolution.layout,
             resolution.note,
             resolution.calibration,
+            resolution.stack,
         )
 
 
@@ -747,7 +758,7 @@ class Plan:
                 "x".join(map(str, r.shape)) or "()",
                 r.dtype,
                 r.layout,
-                "float" if r.spec is None else _spec_text(r.spec, r.calibration),
+                "float" if r.spec is None else _spec_text(r.spec, r.calibration, r.stack),
                 r.pattern or ("-" if r.spec is None else "default"),
                 r.note,
             )
@@ -759,8 +770,14 @@ class Plan:
         )
 
 
-def _spec_text(spec: Format, calibration: Calibration | None) -> str:
-    """The spec as :func:`parse_spec` shorthand without defaults, and its calibration."""
+def _spec_text(spec: Format, calibration: Calibration | None, stack: int = 0) -> str:
+    """The spec as :func:`parse_spec` shorthand without defaults, its calibration and
+    its ``stack=N``."""
+    text = _spec_calibration_text(spec, calibration)
+    return f"{text}:stack={stack}" if stack else text
+
+
+def _spec_calibration_text(spec: Format, calibration: Calibration | None) -> str:
     if isinstance(spec, TableFormat):
         return str(spec)
     from qjax.report import short_spec  # qjax.report imports the tree layer, which imports this

@@ -121,6 +121,10 @@ class LeafRule:
         :class:`RulePlan`); ``spec`` holds the shorthand's reading of it for a Flax kernel.
       general: True for the built-in :func:`default_rules`: like a catch-all pattern, the
         rule leaves float the tensors with fewer than 2 dimensions or ``min_size`` elements.
+      stack: the number of leading axes that stack copies of a layer (``nn.scan`` layers
+        ``[layers, in, out]``, fused MoE experts ``[experts, in, out]``; shorthand
+        ``stack=N``): each copy gets its own params, as if quantized one at a time, and
+        the spec and layout are those of one copy. 0: the tensor is one layer's.
 
     Examples:
       >>> from qjax.rules import parse_leaf_rule
@@ -134,8 +138,16 @@ class LeafRule:
     calibration: Calibration | None = None
     template: bool = False
     general: bool = False
+    stack: int = 0
 
     def __post_init__(self):
+        if isinstance(self.stack, bool) or not isinstance(self.stack, int) or self.stack < 0:
+            raise TypeError(f"LeafRule.stack must be a non-negative int, got {self.stack!r}")
+        if self.stack and not isinstance(self.spec, QuantSpec):
+            raise ValueError(
+                f"LeafRule: stack={self.stack} needs a QuantSpec (lookup tables and 'keep' "
+                "take none)"
+            )
         if self.spec is not None and not isinstance(self.spec, QuantSpec | TableFormat):
             raise TypeError(
                 "LeafRule.spec must be a QuantSpec or None (or a qjax.palettize.TableFormat "
@@ -164,7 +176,8 @@ class LeafRule:
         if self.template and g.channel_axis != "all":  # presets print their axes
             short = "per_channel" if g.kind == "per_channel" else f"per_block:{g.block_size}"
             text = text.replace(str(g), short)
-        return text if self.calibration is None else f"{text}:{self.calibration}"
+        text = text if self.calibration is None else f"{text}:{self.calibration}"
+        return f"{text}:stack={self.stack}" if self.stack else text
 
 
 _TABLE_PARAMS = {
@@ -233,6 +246,10 @@ def parse_leaf_rule(text: str) -> LeafRule:
 
     A calibration token (``minmax``, ``absmax``, ``mse`` or ``percentile=P``) chooses how
     PTQ computes the params (:func:`~qjax.calibrate`), e.g. ``"int4:per_block:32:mse"``.
+    ``stack=N`` says the first ``N`` axes stack copies of a layer (``nn.scan`` layers,
+    fused MoE experts ``[experts, in, out]``): each copy is quantized on its own, its
+    layout read without them (:attr:`LeafRule.stack`), e.g.
+    ``"int4:per_block:32:stack=1"``.
 
     Lookup tables (:class:`~qjax.palettize.TableFormat`; the leaves become
     :class:`~qjax.palettize.LUTArray` s), tokens in any order after the head, each at
@@ -348,6 +365,7 @@ def _parse(text: object, what: str, *, calibration: bool, tables: bool) -> LeafR
     kwargs: dict[str, Any] = {}
     kind = block_size = axis = None
     calib = None
+    stack = 0
 
     def claim(slot: str, token: str) -> None:
         _claim(seen, text, slot, token)
@@ -375,6 +393,19 @@ def _parse(text: object, what: str, *, calibration: bool, tables: bool) -> LeafR
         elif token.startswith("axis="):
             claim("axis", token)
             axis = _int_token(text, token)
+        elif token.startswith("stack=") and calibration:
+            claim("stack", token)
+            stack = _int_token(text, token)
+            if stack <= 0:
+                raise ValueError(
+                    f"spec {text!r}: {token!r} must count 1 or more leading axes (stack=1: "
+                    "the first axis stacks layers or experts)"
+                )
+        elif token.startswith("stack="):
+            raise ValueError(
+                f"spec {text!r}: {token!r} says which axes stack layers: it belongs in a "
+                "quantize_tree or command-line rule, not in a QuantSpec"
+            )
         elif token.startswith("scale="):
             claim("scale dtype", token)
             if token[6:] not in SCALE_DTYPES:
@@ -396,7 +427,11 @@ def _parse(text: object, what: str, *, calibration: bool, tables: bool) -> LeafR
                 f"spec {text!r}: cannot read {token!r}; expected a scheme {SCHEMES}, a "
                 f"formulation {FORMULATIONS}, per_tensor, per_channel, per_token, per_block:SIZE, "
                 f"axis=N, scale={'|'.join(SCALE_DTYPES)}, tensor_scale"
-                + (f", or a calibration {_CALIBRATIONS} / percentile=P" if calibration else "")
+                + (
+                    f", stack=N, or a calibration {_CALIBRATIONS} / percentile=P"
+                    if calibration
+                    else ""
+                )
             )
         i += 1
     if head in PRESETS and kind is not None:
@@ -423,7 +458,7 @@ def _parse(text: object, what: str, *, calibration: bool, tables: bool) -> LeafR
     except (ValueError, TypeError) as e:
         raise ValueError(f"spec {text!r}: {e}") from None
     template = axis is None and (kind in ("per_channel", "per_block") or head in PRESETS)
-    return LeafRule(spec, calib, template=template)
+    return LeafRule(spec, calib, template=template, stack=stack)
 
 
 def _parse_table(text: str, head: str, rest: list[str]) -> LeafRule:

@@ -298,12 +298,18 @@ def quantize_leaf(
         return leaf
     if check_finite and not isinstance(leaf, jax.core.Tracer):
         _check_finite(name, leaf)
-    calibration = resolution.calibration
+    calibration, spec = resolution.calibration, resolution.spec
     try:
-        if isinstance(resolution.spec, TableFormat):
-            return resolution.spec.quantize(leaf)
-        qparams = None if calibration is None else calibration.qparams(leaf, resolution.spec)
-        return quantize(leaf, resolution.spec, qparams=qparams)
+        if isinstance(spec, TableFormat):
+            return spec.quantize(leaf)
+
+        def one(x: Any) -> QArray:
+            qparams = None if calibration is None else calibration.qparams(x, spec)
+            return quantize(x, spec, qparams=qparams)
+
+        for _ in range(resolution.stack):  # one copy of a stacked layer at a time
+            one = jax.vmap(one)
+        return one(leaf)
     except (ValueError, TypeError) as e:
         raise type(e)(f"{what} {name!r}: {e}") from None
 
@@ -346,6 +352,12 @@ def _quantize_calibrated(
         resolution = _resolve(rule_plan, name, layer, contracted)
         if resolution.spec is None:
             continue
+        if resolution.stack:
+            raise ValueError(
+                f"parameter {name!r}: rule {resolution.pattern!r} has stack="
+                f"{resolution.stack}, which is round to nearest's; a calibrated method reads "
+                "the layers a scan stacks from the capture: drop stack= from the rule"
+            )
         if isinstance(resolution.spec, TableFormat):
             raise ValueError(table_method_error(name, resolution.pattern, resolution.spec, method))
         if stats is None:

@@ -289,6 +289,12 @@ def _qat_shorthand(text: str, learn: bool) -> tuple[QuantSpec | None, Calibratio
     leaf = parse_leaf_rule(text)
     if isinstance(leaf.spec, TableFormat):
         parse_spec(text)  # raises: a lookup table is no QuantSpec (the error says what is)
+    if leaf.stack:
+        raise ValueError(
+            f"spec {text!r}: stack={leaf.stack} is for parameter trees and files; QAT, "
+            "convert and serving see the layers nn.scan / nn.vmap stack from the model: "
+            f"drop it"
+        )
     if leaf.calibration is not None and not learn:
         calibration = str(leaf.calibration)
         raise ValueError(
