@@ -587,3 +587,10 @@ def test_a_lookup_table_rule_on_an_empty_tensor(tmp_path, capsys):
     assert run(capsys, "quantize", source, quantized, "--rule", "a.empty.weight=nf4", "-q")[0] == 0
     assert run(capsys, "dequantize", quantized, back, "-q")[0] == 0
     assert np.load(back)["a.empty.weight"].shape == (0, 64)
+
+
+def test_a_sharded_checkpoint_index_or_folder_says_to_go_shard_by_shard(tmp_path, capsys):
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text('{"weight_map": {}}')
+    for given in (index, tmp_path):
+        one_line_error(capsys, ["plan", given], "sharded checkpoint", "one shard file at a time")

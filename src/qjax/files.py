@@ -511,16 +511,24 @@ def open_checkpoint(path: PathLike) -> FloatCheckpoint:
     """
     path = os.fspath(path)
     mode = os.stat(path).st_mode  # FileNotFoundError / PermissionError name the path
-    if not stat.S_ISREG(mode):
-        raise ValueError(f"{path}: is a {file_kind(mode)}, not a checkpoint file")
     suffix = os.path.splitext(path)[1].lower()
+    sharded = stat.S_ISDIR(mode) or suffix == ".json"
+    hint = (
+        "; a sharded checkpoint (an index .json and its model-0000k-of-0000n.safetensors "
+        "shards) is quantized one shard file at a time, each into its own output under the "
+        "shard's name, next to a copy of the index (the README's command-line section)"
+        if sharded
+        else ""
+    )
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{path}: is a {file_kind(mode)}, not a checkpoint file{hint}")
     if suffix == ".safetensors":
         return SafetensorsCheckpoint(path)
     if suffix == ".npz":
         return NpzCheckpoint(path)
     raise ValueError(
         f"{path}: unknown suffix {suffix or '(none)'!r}; qjax reads float checkpoints as "
-        ".safetensors or .npz"
+        f".safetensors or .npz{hint}"
     )
 
 
