@@ -257,6 +257,13 @@ def test_a_rule_matching_a_leaf_without_statistics_is_an_error(variables, stats)
         qjax.quantize_tree(variables, rules, method="gptq", statistics=stats, min_size=0)
 
 
+def test_statistics_of_the_tree_without_its_params_level_say_so(variables, stats):
+    bare = {name.removeprefix("params/"): value for name, value in stats.items()}
+    with pytest.raises(ValueError, match=r"statistics name it 'up/kernel'.*same tree"):
+        rules = {".*up/kernel": "int4:per_block:16"}
+        qjax.quantize_tree(variables, rules, method="gptq", statistics=bare)
+
+
 def test_statistics_that_are_not_input_stats_are_a_type_error(variables, stats):
     wrong = dict(stats, **{"params/up/kernel": np.ones(64)})
     with pytest.raises(TypeError, match=r"statistics\['params/up/kernel'\] must be an InputStats"):

@@ -361,6 +361,13 @@ def _quantize_calibrated(
         if isinstance(resolution.spec, TableFormat):
             raise ValueError(table_method_error(name, resolution.pattern, resolution.spec, method))
         if stats is None:
+            near = [k for k in statistics if name.endswith("/" + k) or k.endswith("/" + name)]
+            if near:
+                raise ValueError(
+                    f"parameter {name!r} matches rule {resolution.pattern!r}, but the "
+                    f"statistics name it {near[0]!r}: capture the same tree you quantize "
+                    "(the variables with their 'params' level, or both without it)"
+                )
             raise ValueError(
                 f"parameter {name!r} matches rule {resolution.pattern!r} "
                 f"({resolution.spec}), but no statistics were captured for it: the function "
