@@ -293,6 +293,12 @@ def test_numpy_integers_are_sizes():
     assert not isinstance(q["Dense_0"]["kernel"], qjax.QArray)
 
 
+def test_a_rule_naming_only_integer_leaves_quantizes_nothing_and_says_so():
+    tree = {"step": np.int32(3), "Dense_0": {"kernel": np.ones((64, 64), np.float32)}}
+    with pytest.raises(ValueError, match=r"quantized nothing.*1 not floating point.*only"):
+        qjax.quantize_tree(tree, {"step": "int8"}, strict=True)
+
+
 def test_resolve_checks_its_arguments():
     plan = RulePlan({"scalar": "int8:per_channel", ".*": "int8:per_channel"})
     with pytest.raises(TypeError, match="path must be a str"):

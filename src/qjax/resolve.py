@@ -552,7 +552,7 @@ class RulePlan:
 
         kind = jnp.dtype(dtype)
         if not jnp.issubdtype(kind, jnp.floating):
-            return stays(f"{kind.name} is not floating point")
+            return stays(f"{kind.name} is not floating point", "not floating point")
         if rule.spec is None:
             return stays("kept float by the rule")
         if not names_leaf and ndim < 2:
@@ -617,12 +617,21 @@ class RulePlan:
         if self._quantized or not self._skipped:
             return
         why = ", ".join(f"{n} {reason}" for reason, n in self._skipped.items())
+        hints = {
+            "under min_size": "catch-all rules ('.*') and the default rules skip tensors "
+            "under min_size elements: pass min_size=0, or write a rule that names them "
+            "(e.g. '.*kernel')",
+            "fewer than 2": "rules that do not name a tensor ('.*', 'params/.*') skip 1-D "
+            "ones: name them (e.g. '.*bias')",
+            "biases or norm": "rules that do not name a tensor skip biases and norm scales: "
+            "name them (e.g. '.*norm/scale')",
+            "not floating": "qjax quantizes floating-point tensors only",
+        }
+        reasons = list(self._skipped)
+        said = [hint for key, hint in hints.items() if any(r.startswith(key) for r in reasons)]
         message = (
             f"{where}: the rules quantized nothing: every tensor they matched stayed float "
-            f"({why}). Catch-all rules ('.*') and the default rules skip tensors under "
-            "min_size elements or with fewer than 2 dimensions, rules that name a group "
-            "('params/.*') those with fewer than 2 dimensions: pass min_size=0, or write "
-            "a rule that names the tensors (e.g. '.*kernel')"
+            f"({why}); " + "; ".join(said)
         )
         if strict:
             raise ValueError(message)
