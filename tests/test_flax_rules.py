@@ -161,6 +161,33 @@ def test_activation_shorthand_blocks_the_features_not_the_tokens():
     assert qlinen.ActQuant("int8:per_block:32").spec == features
 
 
+class OwnProjection(nn.Module):
+    """A layer qjax does not know (transformers' FlaxConv1D: self.param + jnp.dot)."""
+
+    @nn.compact
+    def __call__(self, x):
+        return x @ self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], 8))
+
+
+class WithOwnProjection(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(4, name="head")(OwnProjection(name="proj")(x))
+
+
+def test_a_rule_naming_only_unknown_layers_says_they_stay_float():
+    model, x = WithOwnProjection(), jnp.ones((2, 16))
+    variables = model.init(jax.random.key(0), x)
+    rules = {".*proj/kernel": "int8:per_channel", ".*": "int8:per_channel"}
+    expected = r"'\.\*proj/kernel' matched only layers qjax does not quantize: 'proj' \(OwnProj"
+    with pytest.warns(QjaxRuleWarning, match=expected):
+        linen_apply(variables, rules, model, x)
+    with pytest.raises(ValueError, match=expected):
+        serve.convert(variables, rules, model, x, strict=True)
+    converted = serve.convert(variables, {".*": "int8:per_channel"}, model, x)
+    assert not isinstance(converted["params"]["proj"]["kernel"], qjax.QArray)
+
+
 def test_a_catch_all_fallback_is_no_unmatched_rule(cnn_variables):
     rules = {".*kernel": INT8, ".*": None}  # "everything else float": nothing else here
     reference_out = linen_apply(cnn_variables, {".*kernel": INT8}, strict=True)

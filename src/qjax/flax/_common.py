@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import math
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
@@ -34,6 +35,7 @@ from qjax.qparams import QParams, block_range, compute_qparams, qparams_from_min
 from qjax.resolve import (
     NAMED_DEFAULT,
     LayoutReading,
+    QjaxRuleWarning,
     contraction_reading,
     fit_to_shape,
     is_catch_all,
@@ -417,6 +419,11 @@ def _as_tuple(value: Any) -> tuple:
     return tuple(value) if isinstance(value, Sequence) else (value,)
 
 
+WEIGHT_LIKE = (None, "kernel", "embedding", "weight")
+"""What a rule may name in a layer qjax does not quantize: the layer, or a weight-like
+parameter of it."""
+
+
 class Rules:
     """Compiled rules, first match wins, remembering which rules won a layer.
 
@@ -448,6 +455,7 @@ class Rules:
         ]
         self.collection = collection
         self._won: set[str] = set()
+        self._others: dict[str, str] = {}  # path -> type of the layers qjax does not quantize
 
     def names(self, module_path: str, weight: str | None) -> tuple[str, ...]:
         """The names a rule may match for a layer: its path, its weight's path(s)."""
@@ -470,6 +478,11 @@ class Rules:
         names = self.names(module_path, weight)
         return next((r for r in self.rules if any(r.fullmatch(n) for n in names)), None)
 
+    def saw_other(self, module_path: str, kind: str) -> None:
+        """Notes a layer (of type ``kind``) that qjax does not quantize, so that a rule
+        naming only such layers can say so."""
+        self._others.setdefault(module_path, kind)
+
     def unmatched(self) -> list[str]:
         """The patterns that have won no layer so far, in rule order; catch-alls (``.*``:
         "every other layer") name no layer and are not listed."""
@@ -484,13 +497,33 @@ class Rules:
 
         ``stacklevel`` as for ``warnings.warn`` called where ``check`` is called.
         """
+        unmatched, others = [], []
+        for pattern in self.unmatched():
+            rule = next(r for r in self.rules if r.pattern == pattern)
+            named = [
+                (path, kind)
+                for path, kind in self._others.items()
+                if any(rule.fullmatch(n) for w in WEIGHT_LIKE for n in self.names(path, w))
+            ]
+            (others if named else unmatched).append((pattern, named))
         report_unmatched(
-            self.unmatched(),
+            [pattern for pattern, _ in unmatched],
             strict=strict,
             where=where,
             listing="qjax.flax.linen.plan or qjax.flax.nnx.plan",
             stacklevel=stacklevel + 1,
         )
+        for pattern, named in others:
+            layers = ", ".join(f"{p!r} ({k})" for p, k in named[:3])
+            message = (
+                f"{where}: rule {pattern!r} matched only layers qjax does not quantize: "
+                f"{layers}{', ...' if len(named) > 3 else ''}; they stay float (qjax "
+                "quantizes Dense, DenseGeneral, Conv, ConvTranspose, Einsum and Embed "
+                "layers and their subclasses)"
+            )
+            if strict:
+                raise ValueError(message)
+            warnings.warn(message, QjaxRuleWarning, stacklevel=stacklevel + 1)
 
 
 def weight_spec_problem(shape: tuple[int, ...], dtype: Any, spec: QuantSpec) -> str | None:

@@ -444,6 +444,8 @@ def layer_rule(module: nn.Module, rules: Rules, method: str) -> tuple[LayerQuant
       ValueError: an activation spec on an Embed, whose input is integer ids.
     """
     name = weight_name(module)
+    if method == "__call__" and name is None and module.path:
+        rules.saw_other("/".join(module.path), type(module).__name__)
     if method not in ("__call__", "setup") or name is None:
         return None
     path = "/".join(module.path)

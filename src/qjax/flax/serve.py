@@ -177,6 +177,8 @@ def convert(
         module_path, _, leaf_name = name.rpartition("/")
         layer = Layer(None, np.shape(leaf)) if layers is None else layers.get(module_path)
         if layers is not None and (layer is None or weight_name(layer.module) != leaf_name):
+            if layer is not None and weight_name(layer.module) is None and module_path:
+                compiled.saw_other(module_path, type(layer.module).__name__)
             return leaf  # not a layer's weight: QAT leaves it float
         rule = compiled.find(module_path, leaf_name) if leaf_name in WEIGHT_PARAMS else None
         if rule is None or rule.quant is None or isinstance(leaf, QArray):
@@ -429,6 +431,8 @@ def _interceptor(compiled: Rules, integer_dots: IntegerDots, weight_only: Weight
             return next_fun(*args, **kwargs)
         if name is None:
             _refuse_unknown_qarray(module)
+            if context.method_name == "__call__" and module.path:
+                compiled.saw_other("/".join(module.path), type(module).__name__)
             return next_fun(*args, **kwargs)
         quant, rule = layer_rule(module, compiled, context.method_name) or (None, None)
         stored = module.scope.get_variable("params", name)
