@@ -264,6 +264,14 @@ def test_statistics_of_the_tree_without_its_params_level_say_so(variables, stats
         qjax.quantize_tree(variables, rules, method="gptq", statistics=bare)
 
 
+def test_a_leaf_of_the_same_name_elsewhere_is_no_hint():
+    x = jnp.ones((4, 8))
+    tree = {"proj": {"kernel": jnp.ones((8, 8))}, "encoder": {"proj": {"kernel": jnp.ones((8, 8))}}}
+    stats = qjax.capture.accumulate(lambda p, x: x @ p["proj"]["kernel"], tree, [x])
+    with pytest.raises(ValueError, match=r"'encoder/proj/kernel'.*no statistics were captured"):
+        qjax.quantize_tree(tree, {".*kernel": "int8:per_channel"}, method="gptq", statistics=stats)
+
+
 def test_statistics_that_are_not_input_stats_are_a_type_error(variables, stats):
     wrong = dict(stats, **{"params/up/kernel": np.ones(64)})
     with pytest.raises(TypeError, match=r"statistics\['params/up/kernel'\] must be an InputStats"):

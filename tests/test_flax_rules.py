@@ -188,6 +188,27 @@ def test_a_rule_naming_only_unknown_layers_says_they_stay_float():
     assert not isinstance(converted["params"]["proj"]["kernel"], qjax.QArray)
 
 
+def test_layer_quant_shorthand_follows_the_layout_and_falls_back_like_rules(
+    tagger_variables, cnn_variables
+):
+    for text in ("int8:per_channel", "int4:per_block:2"):
+        as_rule = linen_apply(tagger_variables, {"embed": text}, Tagger(), IDS)
+        as_layer = linen_apply(
+            tagger_variables, {"embed": qlinen.LayerQuant(weight=text)}, Tagger(), IDS
+        )
+        np.testing.assert_array_equal(as_layer, as_rule)  # per row, blocks along features
+    explicit_axis = {".*kernel": "int4:per_block:16:axis=-2"}  # conv (3, 3, 3, 8): 3 inputs
+    ptq = qjax.quantize_tree(cnn_variables, explicit_axis)["params"]["conv"]["kernel"]
+    converted = serve.convert(cnn_variables, explicit_axis, CNN(), X)
+    assert converted["params"]["conv"]["kernel"].spec == ptq.spec
+    linen_apply(cnn_variables, explicit_axis)  # falls back as PTQ does
+
+
+def test_flax_rules_must_be_given():
+    with pytest.raises(TypeError, match="no default rules"):
+        qlinen.intercepted(CNN().apply, None)
+
+
 def test_a_catch_all_fallback_is_no_unmatched_rule(cnn_variables):
     rules = {".*kernel": INT8, ".*": None}  # "everything else float": nothing else here
     reference_out = linen_apply(cnn_variables, {".*kernel": INT8}, strict=True)

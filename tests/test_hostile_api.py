@@ -637,3 +637,15 @@ def test_grad_through_qarrays_and_fake_quant():
     # fake_quant: straight-through inside the range.
     g = jax.grad(lambda x: qjax.fake_quant(x, U8, qparams=U8_QP).sum())(X * 0.5)
     np.testing.assert_array_equal(g, jnp.ones_like(X))
+
+
+def test_array_attributes_of_quantized_weights_say_what_to_do():
+    qa = qjax.quantize(jnp.ones((8, 8)), qjax.QuantSpec("int8"))
+    lut = qjax.quantize_tree({"w": jnp.ones((64, 64))}, {"w": "nf4"})["w"]
+    for weight in (qa, lut):
+        with pytest.raises(AttributeError, match=r"no attribute 'T'.*not an array.*dequantiz"):
+            _ = weight.T
+        assert not hasattr(weight, "__jax_array__") and getattr(weight, "astype", None) is None
+    broken = jax.tree.map(lambda a: a.sharding, qa)  # fields that are not arrays
+    with pytest.raises(AttributeError, match="Sharding' object has no attribute 'shape'"):
+        _ = broken.shape  # the property's own error, not the advice about tied heads

@@ -299,6 +299,14 @@ def test_a_rule_naming_only_integer_leaves_quantizes_nothing_and_says_so():
         qjax.quantize_tree(tree, {"step": "int8"}, strict=True)
 
 
+def test_rules_that_keep_tensors_float_on_purpose_are_no_warning():
+    tree = {"Dense_0": {"kernel": np.ones((64, 64), np.float32), "bias": np.ones(64, np.float32)}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q = qjax.quantize_tree(tree, {".*kernel": None, ".*": "int8"}, strict=True)
+    assert not isinstance(q["Dense_0"]["kernel"], qjax.QArray)
+
+
 def test_resolve_checks_its_arguments():
     plan = RulePlan({"scalar": "int8:per_channel", ".*": "int8:per_channel"})
     with pytest.raises(TypeError, match="path must be a str"):

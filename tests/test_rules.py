@@ -460,12 +460,31 @@ class TestStackedLayers:
         for e, w in enumerate(self.experts):
             np.testing.assert_array_equal(scale(loaded)[e], int8_rows(w.T).T)
 
+    def test_a_stacked_gpt2_c_proj_is_read_from_its_stacked_c_attn(self):
+        tree = {  # FlaxConv1D kernels [out, in], nn.scan-stacked
+            "h/attn/c_attn/kernel": normal(2, 192, 64),
+            "h/attn/c_proj/kernel": normal(2, 64, 64),
+        }
+        q = qjax.quantize_tree(tree, {".*": "int8:per_channel:stack=1"})
+        for layer, w in enumerate(tree["h/attn/c_proj/kernel"]):
+            np.testing.assert_array_equal(scale(q["h/attn/c_proj/kernel"])[layer], int8_rows(w))
+
+    def test_a_catch_all_with_stack_skips_what_it_cannot_stack(self):
+        tree = {"layers.kernel": self.experts, "final_norm.scale": normal(96), "step": np.int32(1)}
+        q = qjax.quantize_tree(tree, {".*": "int8:per_channel:stack=1"})
+        assert isinstance(q["layers.kernel"], qjax.QArray)
+        assert not isinstance(q["final_norm.scale"], qjax.QArray)
+
+    def test_stacked_specs_count_axes_from_the_end(self):
+        q = qjax.quantize_tree({"experts.weight": self.experts}, {".*": "int8:per_channel:stack=1"})
+        assert q["experts.weight"].spec.granularity.axis == -2  # [out, in] in each copy
+
     @pytest.mark.parametrize(
         ("rules", "message"),
         [
             ({".*": "int8:stack=0"}, "must count 1 or more"),
             ({".*": "nf4:stack=1"}, "cannot read 'stack=1'"),
-            ({".*": "int8:per_channel:stack=3"}, "leaves none of its axes"),
+            ({"experts.kernel": "int8:per_channel:stack=3"}, "leaves none of its axes"),
         ],
     )
     def test_bad_stacks_are_named(self, rules, message):

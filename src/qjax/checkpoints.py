@@ -405,9 +405,7 @@ def _calibrated_tensors(
 def _quantize_tensor(t: TensorInfo, x: np.ndarray, row: PlanRow) -> Any:
     """One tensor by its plan row, as quantize_tree quantizes a leaf; errors name it."""
     _check_finite_tensor(t, x)
-    resolution = Resolution(
-        row.spec, row.pattern, row.layout, row.note, row.calibration, row.stack
-    )
+    resolution = Resolution(row.spec, row.pattern, row.layout, row.note, row.calibration, row.stack)
     return quantize_leaf(t.name, x, resolution, check_finite=False, what="tensor")
 
 

@@ -276,6 +276,8 @@ class LUTArray:
         return self
 
     def __getattr__(self, name: str) -> Any:
+        if hasattr(type(self), name):  # a property that failed: its own error, again
+            return object.__getattribute__(self, name)
         raise not_an_array(self, name)
 
     def __repr__(self) -> str:

@@ -185,6 +185,8 @@ class QArray:
         return saturate(scaled, self.float_dtype).astype(self.float_dtype)
 
     def __getattr__(self, name: str) -> Any:
+        if hasattr(type(self), name):  # a property that failed: its own error, again
+            return object.__getattribute__(self, name)
         raise not_an_array(self, name)
 
     def __repr__(self) -> str:

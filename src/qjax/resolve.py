@@ -357,6 +357,21 @@ _BIAS_OR_NORM = re.compile(r"(.*_)?bias|scale")
 whatever their rank (stacked layers store them ``[layers, features]``)."""
 
 
+def _from_the_end(spec: Format, ndim: int) -> Format:
+    """``spec`` with its granularity's axes counted from the end of ``ndim`` axes."""
+    if not isinstance(spec, QuantSpec):
+        return spec
+    g = spec.granularity
+    changes = {}
+    if isinstance(g.axis, int) and g.axis >= 0:
+        changes["axis"] = g.axis - ndim
+    if isinstance(g.channel_axis, int) and g.channel_axis >= 0:
+        changes["channel_axis"] = g.channel_axis - ndim
+    if not changes:
+        return spec
+    return dataclasses.replace(spec, granularity=dataclasses.replace(g, **changes))
+
+
 def _matches_any_leaf(match: Callable[[str], Any], path: str) -> bool:
     """Whether a rule matching ``path`` would match any other leaf name in its place
     (``params/.*``, ``.*attention.*``): such a rule names a subtree, not the leaf."""
@@ -481,6 +496,7 @@ class RulePlan:
         self._used = [False] * len(self.rules)
         self._quantized = 0
         self._skipped: dict[str, int] = {}
+        self._kept = False  # a rule kept some tensor float on purpose
         self.gpt2_outputs_first: dict[str, bool | None] = {}
         """Whether the tree stores its GPT-2-named matrices ``[out, in]``, by leaf name
         (``kernel``, ``weight``; :meth:`read_tree` sets it); None or absent: each matrix's
@@ -491,9 +507,18 @@ class RulePlan:
         before its tensors are resolved: whether GPT-2-named matrices are stored
         ``[out, in]`` (:func:`gpt2_outputs_first_tree`), which a square ``c_proj`` cannot
         tell on its own."""
+        copies = [(path, tuple(shape)[self._stack_of(path) :]) for path, shape in leaves]
         self.gpt2_outputs_first = {
-            leaf: gpt2_outputs_first_tree(leaves, leaf) for leaf in ("kernel", "weight")
+            leaf: gpt2_outputs_first_tree(copies, leaf) for leaf in ("kernel", "weight")
         }
+
+    def _stack_of(self, path: str) -> int:
+        """The ``stack=N`` of the rule that matches ``path`` (0 without one)."""
+        slashed = path.replace(".", "/")
+        for match, (_, rule) in zip(self._match, self.rules):
+            if match(path) or match(slashed):
+                return rule.stack
+        return 0
 
     def resolve(
         self,
@@ -525,11 +550,6 @@ class RulePlan:
             None,
         )
         stack = 0 if index is None else self.rules[index][1].stack
-        if stack >= max(len(full), 1):
-            raise ValueError(
-                f"{path!r} (shape {full}): its rule's stack={stack} leaves none of its axes "
-                "to a layer; stack=N counts the leading axes that stack copies of a layer"
-            )
         shape = full[stack:]  # one copy's
         ndim = len(shape)
         first = self.gpt2_outputs_first.get(parts[-1])
@@ -554,15 +574,25 @@ class RulePlan:
         if not jnp.issubdtype(kind, jnp.floating):
             return stays(f"{kind.name} is not floating point", "not floating point")
         if rule.spec is None:
+            self._kept = True
             return stays("kept float by the rule")
+        copy = f" (one copy of stack={stack})" if stack else ""
         if not names_leaf and ndim < 2:
-            return stays(f"{ndim}-D", "fewer than 2 dimensions")
+            return stays(f"{ndim}-D{copy}", "fewer than 2 dimensions")
         if not names_leaf and _BIAS_OR_NORM.fullmatch(parts[-1]):  # stacked: [layers, d]
             return stays(f"a {parts[-1]} (name it to quantize it)", "biases or norm scales")
         if self._general[index] and math.prod(full) < self.min_size:
             return stays(f"below min_size {self.min_size}", f"under min_size={self.min_size}")
+        if stack and not shape:
+            raise ValueError(
+                f"{path!r} (shape {full}): its rule's stack={stack} leaves none of its axes "
+                "to a layer; stack=N counts the leading axes that stack copies of a layer"
+            )
         spec = with_layout_axes(rule.spec, reading, ndim) if rule.template else rule.spec
         spec, note = fit_to_shape(path, shape, spec, reading, self.fallback)
+        if stack:  # axes counted from the end hold for one copy and for the stack alike
+            spec = _from_the_end(spec, ndim)
+            note = f"{note} (in one copy {shape})" if note else note
         if note and isinstance(spec, TableFormat) and spec.kind == "nf4":
             stored = 0.5 + 4 / spec.block_size  # a 4-bit index, a float32 absmax per block
             if stored >= kind.itemsize:  # a depthwise conv's [out, 1, kh, kw]
@@ -601,8 +631,9 @@ class RulePlan:
 
     def check_quantized(self, *, strict: bool, where: str, stacklevel: int = 2) -> None:
         """Warns (:class:`QjaxRuleWarning`), or raises with ``strict``, when the rules
-        matched tensors but quantized none of them, each left float for its size or rank
-        (a catch-all on a small model). ``stacklevel`` as for :meth:`check_unmatched`.
+        matched tensors but quantized none of them, each left float for its size, rank,
+        name or dtype (a catch-all on a small model), and no rule kept a tensor float on
+        purpose. ``stacklevel`` as for :meth:`check_unmatched`.
 
         Examples:
           >>> from qjax.resolve import RulePlan
@@ -614,7 +645,7 @@ class RulePlan:
             ...
           ValueError: quantize_tree: the rules quantized nothing: every tensor they matched ...
         """
-        if self._quantized or not self._skipped:
+        if self._quantized or self._kept or not self._skipped:
             return
         why = ", ".join(f"{n} {reason}" for reason, n in self._skipped.items())
         hints = {

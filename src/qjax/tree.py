@@ -261,7 +261,6 @@ def quantize_tree(
     return out
 
 
-
 def quantize_leaf(
     name: str,
     leaf: Any,
@@ -314,6 +313,12 @@ def quantize_leaf(
         raise type(e)(f"{what} {name!r}: {e}") from None
 
 
+def _one_level_apart(a: str, b: str) -> bool:
+    """Whether two paths differ by their first level only (``params/up/kernel``,
+    ``up/kernel``): the same leaf of a tree captured with or without its collection."""
+    return a.partition("/")[2] == b or b.partition("/")[2] == a
+
+
 _STATS_FIELDS = ("hessian", "abs_sum", "abs_max", "count", "mean_abs", "weight_axes", "stacked")
 
 
@@ -336,6 +341,7 @@ def _quantize_calibrated(
             f"qjax.capture.accumulate on calibration batches, got {type(statistics).__name__}"
         )
     flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_quantized)
+    names = {path_str(path) for path, _ in flat}
     chosen: dict[str, tuple[Any, QuantSpec, Any]] = {}
     for path, leaf in flat:
         name = path_str(path)
@@ -361,7 +367,7 @@ def _quantize_calibrated(
         if isinstance(resolution.spec, TableFormat):
             raise ValueError(table_method_error(name, resolution.pattern, resolution.spec, method))
         if stats is None:
-            near = [k for k in statistics if name.endswith("/" + k) or k.endswith("/" + name)]
+            near = [k for k in statistics if k not in names and _one_level_apart(name, k)]
             if near:
                 raise ValueError(
                     f"parameter {name!r} matches rule {resolution.pattern!r}, but the "

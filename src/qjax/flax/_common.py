@@ -163,8 +163,15 @@ class LayerQuant:
     integer_dot: bool = False
     learn_scale: bool = False
     calibration: Calibration | None = None
+    weight_text: str | None = dataclasses.field(
+        default=None, init=False, repr=False, compare=False
+    )
+    """The shorthand the weight spec was given as (its axes then follow each weight's
+    layout, as a rule's shorthand does), or None."""
 
     def __post_init__(self):
+        if isinstance(self.weight, str):
+            object.__setattr__(self, "weight_text", self.weight)
         if self.weight is not None:
             object.__setattr__(self, "weight", as_spec(self.weight, "LayerQuant weight"))
         if self.act is not None and not isinstance(self.act, ActQuant):
@@ -307,29 +314,33 @@ def _qat_shorthand(text: str, learn: bool) -> tuple[QuantSpec | None, Calibratio
     return leaf.spec, leaf.calibration
 
 
-def _shorthand_template(value: RuleValue) -> LeafRule | None:
-    """The parsed shorthand when ``value`` is text whose axes follow the layout, else None."""
+def _weight_shorthand(value: RuleValue) -> LeafRule | None:
+    """The parsed shorthand of a rule's weight spec (text, or a LayerQuant's
+    ``weight_text``), else None (a QuantSpec: used as given)."""
+    if isinstance(value, LayerQuant):
+        value = value.weight_text
     if not isinstance(value, str):
         return None
-    leaf = parse_leaf_rule(split_lsq(value)[0])
-    return leaf if leaf.template else None
+    return parse_leaf_rule(split_lsq(value)[0])
 
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
     """One compiled rule: its regex, its value as a LayerQuant (None: stays float).
 
-    ``template``: for shorthand without ``axis=`` (``"int8:per_channel"``,
-    ``"int4:per_block:32"``, ``"mxfp4"``), the parsed text, whose axes follow each
-    weight's layout as in :class:`qjax.resolve.RulePlan`: a kernel ``[..., in, out]`` is
-    scaled per output channel (-1) and blocked along its inputs (-2), an Embed table
-    ``[vocab, features]`` per row and along its features.
+    ``shorthand``: the parsed text where the weight spec was given as shorthand (the
+    rule's value, or a LayerQuant's ``weight``). Without ``axis=`` (``"int8:per_channel"``,
+    ``"int4:per_block:32"``, ``"mxfp4"``) its axes follow each weight's layout as in
+    :class:`qjax.resolve.RulePlan`: a kernel ``[..., in, out]`` is scaled per output
+    channel (-1) and blocked along its inputs (-2), an Embed table ``[vocab, features]``
+    per row and along its features; with or without, a block that does not divide the
+    weight falls back to per-channel scales, as in PTQ.
     """
 
     pattern: str
     quant: LayerQuant | None
     fullmatch: Callable[[str], Any]
-    template: LeafRule | None = None
+    shorthand: LeafRule | None = None
 
     def weight_spec(
         self, param_path: str, shape: tuple[int, ...], layer: Any = None, einsum_str: Any = None
@@ -346,10 +357,12 @@ class Rule:
         weight's layout, and a block that does not divide the weight's input axis (a
         3-channel input conv) gives per-channel scales, as :func:`qjax.quantize_tree`
         does (:func:`~qjax.resolve.fit_to_shape`). An explicit QuantSpec is used as given."""
-        if self.quant is None or self.quant.weight is None or self.template is None:
+        if self.quant is None or self.quant.weight is None or self.shorthand is None:
             return (None if self.quant is None else self.quant.weight), ""
         reading = layer_reading(layer, param_path, shape, einsum_str)
-        spec = with_layout_axes(self.template.spec, reading, len(shape))
+        spec = self.quant.weight
+        if self.shorthand.template:
+            spec = with_layout_axes(self.shorthand.spec, reading, len(shape))
         try:
             return fit_to_shape(param_path, shape, spec, reading)
         except ValueError:  # an axis out of range: the caller says so, naming the layer
@@ -444,12 +457,17 @@ class Rules:
     """
 
     def __init__(self, rules: FlaxRules, *, collection: str | None = "params"):
+        if rules is None:
+            raise TypeError(
+                "rules must be given: the Flax adapters have no default rules; e.g. "
+                "{'.*': 'int8:per_channel'} for every layer's weight"
+            )
         self.rules = [
             Rule(
                 pattern,
                 as_layer_quant(value, f"rule {pattern!r}"),
                 re.compile(pattern).fullmatch,
-                _shorthand_template(value),
+                _weight_shorthand(value),
             )
             for pattern, value in rule_items(rules, allow_empty=True)
         ]
