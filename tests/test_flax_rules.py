@@ -204,6 +204,16 @@ def test_layer_quant_shorthand_follows_the_layout_and_falls_back_like_rules(
     linen_apply(cnn_variables, explicit_axis)  # falls back as PTQ does
 
 
+def test_convert_by_names_refuses_a_fallback_it_cannot_check():
+    model, x = nn.DenseGeneral((4, 16), name="proj"), jnp.ones((2, 64))
+    variables = model.init(jax.random.key(0), x)
+    rules = {".*kernel": "int4:per_block:16"}  # [in, heads, head_dim] read as [..., in, out]
+    with pytest.raises(ValueError, match=r"does not divide axis 1 \(size 4\)\. Pass the model"):
+        serve.convert(variables, rules)
+    converted = serve.convert(variables, rules, model, x)  # blocks of 16 inputs per output
+    assert converted["params"]["kernel"].scale.shape == (4, 4, 16)
+
+
 def test_flax_rules_must_be_given():
     with pytest.raises(TypeError, match="no default rules"):
         qlinen.intercepted(CNN().apply, None)

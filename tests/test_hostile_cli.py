@@ -594,3 +594,17 @@ def test_a_sharded_checkpoint_index_or_folder_says_to_go_shard_by_shard(tmp_path
     index.write_text('{"weight_map": {}}')
     for given in (index, tmp_path):
         one_line_error(capsys, ["plan", given], "sharded checkpoint", "one shard file at a time")
+
+
+def test_float8_weights_with_their_own_scales_are_not_requantized_without_them(tmp_path, capsys):
+    name = "model.layers.0.mlp.down_proj.weight"
+    tensors = {
+        name: RNG.standard_normal((256, 256)).astype(ml_dtypes.float8_e4m3fn),
+        f"{name}_scale_inv": RNG.random((2, 2)).astype(np.float32) + 1,  # DeepSeek-V3 style
+    }
+    source, out = tmp_path / "m.safetensors", tmp_path / "q.safetensors"
+    save_file(tensors, source)
+    one_line_error(capsys, ["quantize", source, out], f"{name!r} is float8_e4m3fn", "_scale_inv")
+    assert run(capsys, "quantize", source, out, "--keep", "model.*weight", "-q")[0] == 0
+    code, stdout, err = run(capsys, "plan", source, "--min-size", "0", "--keep", ".*weight")
+    assert code == 0 and "a weight_scale_inv (name it to quantize it)" in stdout, err

@@ -145,6 +145,7 @@ def plan_checkpoint(
     drop_match = _patterns(drop, "drop")
     used: set[tuple[str, str]] = set()
     rows, dropped, taken = [], set(), {}
+    names = {t.name for t in tensors}
     for t in tensors:
         forms = (t.name, t.name.replace(".", "/"))
         hit_drop = _first(drop_match, forms)
@@ -162,6 +163,8 @@ def plan_checkpoint(
                 resolution = rule_plan.resolve(t.name, t.shape, t.dtype)
             except ValueError as e:
                 raise ValueError(f"{path}: tensor {e}") from None
+        if resolution.spec is not None:
+            _refuse_scaled_float8(t, names)
         rows.append(PlanRow.of(t.name, t.shape, t.dtype, resolution))
     for flag, matchers in (("drop", drop_match), ("keep", keep_match)):
         unused = [p for p, _ in matchers if (flag, p) not in used]
@@ -169,6 +172,24 @@ def plan_checkpoint(
     _check_shadowed(rule_plan.unmatched(), taken)
     rule_plan.check_unmatched(strict=True, where="--rule", listing=CLI_LISTING)
     return CheckpointPlan(path, tuple(tensors), tuple(rows), frozenset(dropped))
+
+
+def _refuse_scaled_float8(t: TensorInfo, names: set[str]) -> None:
+    """Refuses to quantize a float8 weight stored with its own scales (DeepSeek-V3 style
+    ``weight_scale_inv``, compressed-tensors ``weight_scale``): its values are not the
+    weights until multiplied by them."""
+    if not np.dtype(t.dtype).name.startswith("float8"):
+        return
+    scales = [f"{t.name}{suffix}" for suffix in ("_scale_inv", "_scale")]
+    found = next((name for name in scales if name in names), None)
+    if found is not None:
+        raise ValueError(
+            f"tensor {t.name!r} is {np.dtype(t.dtype).name} with its scales in {found!r}: "
+            "its values are not the weights until multiplied by them, and qjax would "
+            "quantize them without. Dequantize the checkpoint to float first (weights "
+            f"times their block scales), or keep them as they are (--keep {t.name!r} and "
+            "the scales stay float)"
+        )
 
 
 def _check_shadowed(patterns: Sequence[str], taken: dict[str, str]) -> None:

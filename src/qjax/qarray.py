@@ -211,7 +211,7 @@ def not_an_array(weight: object, name: str) -> AttributeError:
         "array. Its own layer reads it when served (qjax.flax.serve.served); code that "
         "reads it elsewhere, such as a tied language-model head taking the embedding "
         "table's transpose, gets the quantized weight itself. Keep that weight float (a "
-        "rule such as '.*embed.*': None; QAT read it float there too), or run the tree "
+        "rule naming it, such as '.*wte.*': None; QAT read it float there too), or run the tree "
         f"through qjax.dequantizing, or call .dequantize() for a {kind}'s float values"
     )
 

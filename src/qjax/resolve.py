@@ -352,9 +352,16 @@ def fit_to_shape(
     return dataclasses.replace(spec, granularity=g), f"fallback {g}: {reason}"
 
 
-_BIAS_OR_NORM = re.compile(r"(.*_)?bias|scale")
-"""Leaf names of biases and norm scales, which rules that do not name them leave float
-whatever their rank (stacked layers store them ``[layers, features]``)."""
+_BIAS_OR_NORM = re.compile(r"(.*_)?(bias|scale|scale_inv)")
+"""Leaf names of biases, norm scales and the scales of quantized weights
+(``weight_scale_inv`` of float8 checkpoints, learned ``kernel_scale``), which rules that
+do not name them leave float whatever their rank (stacked layers store biases
+``[layers, features]``)."""
+
+
+def _per_axis(spec: Format) -> bool:
+    """Whether ``spec`` has scales per channel or per block (not one per tensor)."""
+    return isinstance(spec, QuantSpec) and spec.granularity.kind in ("per_channel", "per_block")
 
 
 def _from_the_end(spec: Format, ndim: int) -> Format:
@@ -593,6 +600,8 @@ class RulePlan:
         if stack:  # axes counted from the end hold for one copy and for the stack alike
             spec = _from_the_end(spec, ndim)
             note = f"{note} (in one copy {shape})" if note else note
+        elif ndim == 3 and reading.what == NAMED_DEFAULT and not note and _per_axis(spec):
+            note = "axis 0 shares its scales (add stack=1 if it stacks layers or experts)"
         if note and isinstance(spec, TableFormat) and spec.kind == "nf4":
             stored = 0.5 + 4 / spec.block_size  # a 4-bit index, a float32 absmax per block
             if stored >= kind.itemsize:  # a depthwise conv's [out, 1, kh, kw]

@@ -356,7 +356,12 @@ class Rule:
         """:meth:`weight_spec`, and a note where shorthand falls back: its axes follow the
         weight's layout, and a block that does not divide the weight's input axis (a
         3-channel input conv) gives per-channel scales, as :func:`qjax.quantize_tree`
-        does (:func:`~qjax.resolve.fit_to_shape`). An explicit QuantSpec is used as given."""
+        does (:func:`~qjax.resolve.fit_to_shape`). An explicit QuantSpec is used as given.
+
+        Without the ``layer`` (:func:`qjax.flax.serve.convert` given no model) the layout
+        comes from the name alone, which may be wrong (a DenseGeneral's ``[in, heads,
+        head_dim]``): there a block that does not divide is a ``ValueError`` saying to
+        pass the model, not a silent fallback."""
         if self.quant is None or self.quant.weight is None or self.shorthand is None:
             return (None if self.quant is None else self.quant.weight), ""
         reading = layer_reading(layer, param_path, shape, einsum_str)
@@ -364,9 +369,17 @@ class Rule:
         if self.shorthand.template:
             spec = with_layout_axes(self.shorthand.spec, reading, len(shape))
         try:
-            return fit_to_shape(param_path, shape, spec, reading)
+            fitted, note = fit_to_shape(param_path, shape, spec, reading)
         except ValueError:  # an axis out of range: the caller says so, naming the layer
             return spec, ""
+        if note and layer is None:
+            raise ValueError(
+                f"rule {self.pattern!r} on params/{param_path} {tuple(shape)}, read from its "
+                f"name as {reading.what}: {note.partition(': ')[2]}. Pass the model "
+                "(serve.convert(variables, rules, model, *example_inputs)): its layers tell "
+                "the layout, and a block that does not divide falls back per channel as in QAT"
+            )
+        return fitted, note
 
 
 def layer_reading(
