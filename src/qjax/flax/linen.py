@@ -36,6 +36,7 @@ from qjax.flax._common import (
     ModelPlanRow,
     Rule,
     Rules,
+    RuleValue,
     activation_qparams,
     cannot_quantize,
     learned_activation,
@@ -60,6 +61,7 @@ from qjax.tree import path_str
 __all__ = [
     "STATS",
     "ActQuant",
+    "FlaxRules",
     "Layer",
     "LayerQuant",
     "ModelPlan",
@@ -69,6 +71,7 @@ __all__ = [
     "QuantDense",
     "QuantDenseGeneral",
     "QuantEinsum",
+    "RuleValue",
     "call_equation",
     "census",
     "intercept",
