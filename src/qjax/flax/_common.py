@@ -302,7 +302,7 @@ def _qat_shorthand(text: str, learn: bool) -> tuple[QuantSpec | None, Calibratio
         raise ValueError(
             f"spec {text!r}: stack={leaf.stack} is for parameter trees and files; QAT, "
             "convert and serving see the layers nn.scan / nn.vmap stack from the model: "
-            f"drop it"
+            "drop it"
         )
     if leaf.calibration is not None and not learn:
         calibration = str(leaf.calibration)
