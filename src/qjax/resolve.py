@@ -519,13 +519,16 @@ class RulePlan:
             leaf: gpt2_outputs_first_tree(copies, leaf) for leaf in ("kernel", "weight")
         }
 
+    def _rule_index(self, path: str) -> int | None:
+        """The index of the first rule matching ``path`` (as given, or with ``.`` read as
+        ``/``), or None."""
+        slashed = path.replace(".", "/")
+        return next((i for i, m in enumerate(self._match) if m(path) or m(slashed)), None)
+
     def _stack_of(self, path: str) -> int:
         """The ``stack=N`` of the rule that matches ``path`` (0 without one)."""
-        slashed = path.replace(".", "/")
-        for match, (_, rule) in zip(self._match, self.rules):
-            if match(path) or match(slashed):
-                return rule.stack
-        return 0
+        index = self._rule_index(path)
+        return 0 if index is None else self.rules[index][1].stack
 
     def resolve(
         self,
@@ -550,12 +553,8 @@ class RulePlan:
         if not isinstance(path, str):
             raise TypeError(f"path must be a str, got {type(path).__name__} {path!r}")
         full = tuple(int(d) for d in shape)
-        slashed = path.replace(".", "/")
         parts = re.split(r"[./]", path)
-        index = next(
-            (i for i, m in enumerate(self._match) if m(path) or m(slashed)),
-            None,
-        )
+        index = self._rule_index(path)
         stack = 0 if index is None else self.rules[index][1].stack
         shape = full[stack:]  # one copy's
         ndim = len(shape)
