@@ -157,7 +157,7 @@ def main() -> None:
     print(
         f"# qjax.kernels.matmul vs float32: jax {jax.__version__}, {dev.platform} "
         f"({dev.device_kind}, {os.cpu_count()} cores), fastest of {repeats} interleaved "
-        f"rounds; load average {_load()} at the start\n{describe()}\n"
+        f"rounds; load average {_load()} at the start\n{describe()}\n{_bf16_line()}\n"
     )
     header = None
     chosen: dict[str, dict[str, list[int]]] = {}
@@ -209,6 +209,16 @@ def _shape(text: str) -> tuple[int, int]:
     return k, n
 
 
+def _bf16_line() -> str:
+    """Whether the CPU has native bfloat16 dots, which decides the integer path "auto" takes."""
+    if kernels.native_bf16_dots():
+        return 'bfloat16 dots: native (path="auto" takes "bf16_dot" where it measured faster)'
+    return (
+        f"bfloat16 dots: emulated (no {' / '.join(kernels.BF16_DOT_FLAGS)}): "
+        'path="auto" takes "int8_dot" for integer activations'
+    )
+
+
 def _load() -> str:
     return ", ".join(f"{v:.2f}" for v in os.getloadavg())
 
@@ -233,13 +243,19 @@ Why a cell is slower than float32 (XLA:CPU; read off the HLO and measured):
 - W4A8, M = 1: memory-bound; XLA:CPU turns an int8 matrix-vector dot into an int32 one
   over a converted weight and ran slower than the float path with the activation
   fake-quantized, which "auto" takes (it reads the same bytes); one core (above).
-- W8A8, every M: "bf16_dot": the int8 codes as bfloat16 (exact), bfloat16 dots summed in
-  float32 over chunks of at most 1024 rows (every sum an integer under 2**24: exact), the
-  chunks' sums added as int32: the int8 dot's bits in less time. Below 512 rows of x the
-  chunks hold about 8 MiB of bfloat16 codes (at most 512 rows), so the dot reads each
-  from cache right after its conversion (kernels.bf16_chunk_rows).
-- W4A8, M >= 64: one bfloat16 dot per 128-row scale block (32-86 of them), each exact;
-  dots with K = 128 run at lower efficiency than one long one.
+- With native bfloat16 dots (the line under the title), W8A8 at every M: "bf16_dot":
+  the int8 codes as bfloat16 (exact), bfloat16 dots summed in float32 over chunks of at
+  most 1024 rows (every sum an integer under 2**24: exact), the chunks' sums added as
+  int32: the int8 dot's bits in less time. Below 512 rows of x the chunks hold about
+  8 MiB of bfloat16 codes (at most 512 rows), so the dot reads each from cache right
+  after its conversion (kernels.bf16_chunk_rows). W4A8, M >= 64: one bfloat16 dot per
+  128-row scale block (32-86 of them), each exact; dots with K = 128 run at lower
+  efficiency than one long one.
+- Without them (AVX2): "int8_dot". XLA:CPU's int8 x int8 -> int32 dot is its fastest dot
+  there but runs at only 0.85-0.9x float32's time on large operands (no VNNI
+  instructions on AVX2), so W8A8 and W4A8 at M >= 128 come out near float32, and W4A8
+  at M = 1024 above it (one int8 dot per 128-row scale block, each rescaled into the
+  float32 sum). Emulated bfloat16 dots (the "bf16" column, "--paths") run at 1.2-5x.
 """
 
 

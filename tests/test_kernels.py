@@ -9,6 +9,7 @@ exponent bits. The integer path is checked against the exact int64 product of th
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 import jax
@@ -19,6 +20,7 @@ import pytest
 
 import qjax
 from qjax import kernels, packing
+from qjax.kernels import _cpu
 from qjax.kernels import _matmul as kernel_module
 from reference import reference
 
@@ -238,7 +240,7 @@ def test_hlo_has_the_dot_each_integer_path_claims(name):
     assert not re.search(INTEGER_DOT, float_text) and not re.search(BF16_DOT, float_text)
 
 
-def test_auto_path_by_weight_activation_and_rows(monkeypatch):
+def test_auto_path_by_weight_activation_and_rows_with_native_bf16_dots(monkeypatch):
     # Up to DECODE_ROWS rows, bf16_dot takes 8-bit codes from BF16_MIN_CODES codes
     # (4096 x 2048 and up): here these small weights stand for such.
     monkeypatch.setattr(kernel_module, "BF16_MIN_CODES", K * N)
@@ -258,32 +260,78 @@ def test_auto_path_by_weight_activation_and_rows(monkeypatch):
         (packed_channel, kernels.DECODE_ROWS + 1, "bf16_dot"),
     ]
     for w, rows, path in rules:
-        assert kernels.choose_path(w, ACT, rows) == path, (w.spec, rows)
+        assert kernels.choose_path(w, ACT, rows, bf16_dots=True) == path, (w.spec, rows)
         assert kernels.choose_path(w, None, rows) == "dequant_chunked"
     float8 = _weight("float8-channel")
     assert kernels.choose_path(float8, ACT, 128) == "dequant_chunked"  # no integer codes
     # Blocks longer than exact_rows rule out bf16_dot.
     long_blocks = qjax.quantize(jnp.ones((4096, 8)), qjax.QuantSpec("int8", granularity=(2048, 1)))
-    assert kernels.choose_path(long_blocks, ACT, 128) == "int8_dot"
+    assert kernels.choose_path(long_blocks, ACT, 128, bf16_dots=True) == "int8_dot"
     # An input size with no divisor near BF16_ROWS (a prime) would run 1-row chunks.
     prime = qjax.quantize(jnp.ones((1031, 8)), "int8")
-    assert kernels.choose_path(prime, ACT, 128) == "int8_dot"
-    assert kernels.choose_path(prime, ACT, 1) == "dequant_chunked"
-    assert kernels.choose_path(qjax.quantize(jnp.ones((1032, 8)), "int8"), ACT, 128) == "bf16_dot"
+    assert kernels.choose_path(prime, ACT, 128, bf16_dots=True) == "int8_dot"
+    assert kernels.choose_path(prime, ACT, 1, bf16_dots=True) == "dequant_chunked"
+    divisible = qjax.quantize(jnp.ones((1032, 8)), "int8")
+    assert kernels.choose_path(divisible, ACT, 128, bf16_dots=True) == "bf16_dot"
     # Up to DECODE_ROWS rows, weights smaller than BF16_MIN_CODES keep int8_dot.
     smaller = qjax.quantize(jnp.ones((K, N - 1)), "int8:per_channel")
-    assert [kernels.choose_path(smaller, ACT, rows) for rows in (1, 2, 9)] == [
+    assert [kernels.choose_path(smaller, ACT, rows, bf16_dots=True) for rows in (1, 2, 9)] == [
         "dequant_chunked",
         "int8_dot",
         "bf16_dot",
     ]
-    # auto counts the rows of every leading axis of x.
+    # auto counts the rows of every leading axis of x (the CPU's own answer for bf16_dots).
+    monkeypatch.setenv(kernels.BF16_DOTS_ENV, "1")
     for shape, path in [((3, K), "int8_dot"), ((4, 16, K), "bf16_dot")]:
+        assert kernels.choose_path(blocked, ACT, math.prod(shape[:-1])) == path
         x = jax.random.normal(jax.random.key(2), shape)
         np.testing.assert_array_equal(
             kernels.matmul(x, blocked, activation=ACT),
             kernels.matmul(x, blocked, activation=ACT, path=path),
         )
+
+
+def test_auto_path_without_native_bf16_dots_takes_int8_dots(monkeypatch):
+    # bf16_dot emulated (AVX2) ran 1.7-5x float32's time: never taken; int8_dot from 2 rows.
+    monkeypatch.setattr(kernel_module, "BF16_MIN_CODES", K * N)
+    for name in ("int4-block", "int8-channel", "int4-channel"):
+        w = _weight(name)
+        assert kernels.choose_path(w, ACT, 1, bf16_dots=False) == "dequant_chunked", name
+        for rows in (2, kernels.DECODE_ROWS, kernels.BLOCKED_BF16_ROWS, 1024):
+            assert kernels.choose_path(w, ACT, rows, bf16_dots=False) == "int8_dot", (name, rows)
+        assert kernels.choose_path(w, None, 1024, bf16_dots=False) == "dequant_chunked"
+    # The default reads the machine, which the environment variable overrides.
+    w = _weight("int8-channel")
+    monkeypatch.setenv(kernels.BF16_DOTS_ENV, "0")
+    assert not kernels.native_bf16_dots()
+    assert kernels.choose_path(w, ACT, 64) == "int8_dot"
+    x = _x(64, K)
+    np.testing.assert_array_equal(
+        kernels.matmul(x, w, activation=ACT),
+        kernels.matmul(x, w, activation=ACT, path="bf16_dot"),
+    )
+    monkeypatch.setenv(kernels.BF16_DOTS_ENV, "1")
+    assert kernels.native_bf16_dots()
+    assert kernels.choose_path(w, ACT, 64) == "bf16_dot"
+    monkeypatch.setenv(kernels.BF16_DOTS_ENV, "yes")
+    with pytest.raises(ValueError, match=r"QJAX_BF16_DOTS must be 1 .* or 0 .*, got 'yes'"):
+        kernels.choose_path(w, ACT, 64)
+    with pytest.raises(TypeError, match="bf16_dots must be True, False or None, got 1"):
+        kernels.choose_path(w, ACT, 64, bf16_dots=1)
+
+
+@pytest.mark.parametrize(
+    "cpuinfo, expected",
+    [
+        ("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16\n", True),
+        ("flags\t\t: fpu amx_bf16 amx_tile\n", True),
+        ("flags\t\t: fpu sse2 avx2 fma avx512f avx512bw avx512_vnni\n", False),  # no bf16
+        ("Features\t: fp asimd bf16\n", False),  # aarch64 names: not read
+        ("", False),
+    ],
+)
+def test_bf16_dot_flags_are_read_from_cpuinfo(cpuinfo, expected):
+    assert _cpu.has_bf16_dot_flags(cpuinfo) is expected
 
 
 @pytest.mark.parametrize(

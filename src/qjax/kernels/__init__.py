@@ -37,15 +37,20 @@ specs (:func:`choose_path`). Each path computes the same product, its own way:
   (each chunk's codes converted to bfloat16 inside a ``lax.scan``), their sums added as
   int32; per-block scales take one block per step as ``"int8_dot"`` does. Below
   :data:`PREFILL_ROWS` rows of ``x`` a chunk is kept small enough to be read from cache
-  (:func:`bf16_chunk_rows`). XLA:CPU's bfloat16 dots summed in float32 ran faster than
+  (:func:`bf16_chunk_rows`). On CPUs with native bfloat16 dot instructions
+  (:func:`native_bf16_dots`), XLA:CPU's bfloat16 dots summed in float32 ran faster than
   its int8 dots from 9 rows up, and at every number of rows for 8-bit codes on weights
-  of at least :data:`BF16_MIN_CODES` codes.
+  of at least :data:`BF16_MIN_CODES` codes; ``path="auto"`` takes it only there. On
+  others (AVX2) they ran 1.7-5x slower than float32, ``"int8_dot"`` 0.4-0.9x.
 
 A weight's ``channel_scale`` ([in, 1], from AWQ / SmoothQuant) multiplies ``x`` first
 (``x * channel_scale[:, 0]`` in float32, rounded to ``x``'s dtype), as serving does; the
 rest of the weight is read without it. The result has ``x``'s dtype.
 """
 
+from qjax.kernels._cpu import BF16_DOT_FLAGS as BF16_DOT_FLAGS
+from qjax.kernels._cpu import BF16_DOTS_ENV as BF16_DOTS_ENV
+from qjax.kernels._cpu import native_bf16_dots as native_bf16_dots
 from qjax.kernels._matmul import BF16_CHUNK_BYTES as BF16_CHUNK_BYTES
 from qjax.kernels._matmul import BF16_MIN_CODES as BF16_MIN_CODES
 from qjax.kernels._matmul import BF16_ROWS as BF16_ROWS
@@ -62,6 +67,8 @@ from qjax.kernels._matmul import why_not as why_not
 
 __all__ = [
     "BF16_CHUNK_BYTES",
+    "BF16_DOTS_ENV",
+    "BF16_DOT_FLAGS",
     "BF16_MIN_CODES",
     "BF16_ROWS",
     "BLOCKED_BF16_ROWS",
@@ -73,5 +80,6 @@ __all__ = [
     "choose_path",
     "exact_rows",
     "matmul",
+    "native_bf16_dots",
     "why_not",
 ]

@@ -16,6 +16,7 @@ from qjax import granularity as gran
 from qjax import packing
 from qjax.affine import dequantize_blocks
 from qjax.exact import unfused
+from qjax.kernels._cpu import native_bf16_dots
 from qjax.ops import fake_quant, quantize
 from qjax.qarray import QArray
 from qjax.qparams import QParams
@@ -219,11 +220,25 @@ def why_not(path: Path, w: QArray, activation: QuantSpec | None = None) -> str |
     return None
 
 
-def choose_path(w: QArray, activation: QuantSpec | None = None, rows: int = 1) -> str:
+def choose_path(
+    w: QArray,
+    activation: QuantSpec | None = None,
+    rows: int = 1,
+    *,
+    bf16_dots: bool | None = None,
+) -> str:
     """The path ``path="auto"`` takes for ``rows`` rows of ``x`` (tokens: the product of
     its leading axes, static under jit): the fastest on XLA:CPU that can run the specs.
 
-    Measured with ``benchmarks/bench_matmul.py`` (K, N in {4096, 11008}):
+    ``bf16_dots``: whether the CPU has native bfloat16 dot instructions; None (default,
+    what ``path="auto"`` uses) reads this machine's (:func:`native_bf16_dots`). Without
+    them ``"bf16_dot"`` is never taken: with an integer activation, ``"int8_dot"`` from
+    two rows (on an AVX2-only CPU 0.4x float32's time at 8 rows, 0.8-1.0x at 128 and
+    1024, where ``"bf16_dot"`` took 1.7-2.6x), and for one row ``"dequant_chunked"``
+    with the activation fake-quantized.
+
+    Measured with ``benchmarks/bench_matmul.py`` (K, N in {4096, 11008}) on a CPU with
+    native bfloat16 dots:
 
     * Weight-only (no ``activation``, or one without integer codes on both sides):
       ``"dequant_chunked"``; ``"dequant"`` was slower at every ``rows`` on these weights,
@@ -251,13 +266,15 @@ def choose_path(w: QArray, activation: QuantSpec | None = None, rows: int = 1) -
       >>> from qjax import kernels
       >>> w = qjax.quantize(jnp.ones((64, 32)), "int4:per_block:32")
       >>> act = qjax.QuantSpec("int8", granularity=qjax.per_token())
-      >>> [kernels.choose_path(w, act, rows) for rows in (1, 8, 128)]
+      >>> [kernels.choose_path(w, act, rows, bf16_dots=True) for rows in (1, 8, 128)]
       ['dequant_chunked', 'int8_dot', 'bf16_dot']
+      >>> [kernels.choose_path(w, act, rows, bf16_dots=False) for rows in (1, 8, 128)]
+      ['dequant_chunked', 'int8_dot', 'int8_dot']
       >>> w8 = qjax.quantize(jnp.ones((4096, 2048)), "int8")
-      >>> [kernels.choose_path(w8, act, rows) for rows in (1, 2)]
+      >>> [kernels.choose_path(w8, act, rows, bf16_dots=True) for rows in (1, 2)]
       ['bf16_dot', 'bf16_dot']
       >>> small = qjax.quantize(jnp.ones((64, 32)), "int8")
-      >>> [kernels.choose_path(small, act, rows) for rows in (1, 2, 1024)]
+      >>> [kernels.choose_path(small, act, rows, bf16_dots=True) for rows in (1, 2, 1024)]
       ['dequant_chunked', 'int8_dot', 'bf16_dot']
       >>> kernels.choose_path(w), kernels.choose_path(w, None, 1024)  # a small weight
       ('dequant_chunked', 'dequant')
@@ -268,11 +285,15 @@ def choose_path(w: QArray, activation: QuantSpec | None = None, rows: int = 1) -
     if activation is None or why_not("int8_dot", w, activation) is not None:
         small = 4 * math.prod(w.shape) <= CHUNK_BYTES
         return "dequant" if small and rows > DECODE_ROWS else "dequant_chunked"
+    if bf16_dots is None:
+        bf16_dots = native_bf16_dots()
+    elif not isinstance(bf16_dots, bool):
+        raise TypeError(f"choose_path: bf16_dots must be True, False or None, got {bf16_dots!r}")
     blocked = w.scale.shape[0] > 1
     bytewide = not blocked and not w.packed  # 8-bit codes, one scale along the contraction
-    if rows == 1 and not bytewide:
+    if rows == 1 and not (bytewide and bf16_dots):
         return "dequant_chunked"
-    if why_not("bf16_dot", w, activation) is None:
+    if bf16_dots and why_not("bf16_dot", w, activation) is None:
         if blocked:
             if rows >= BLOCKED_BF16_ROWS:
                 return "bf16_dot"
