@@ -158,12 +158,16 @@ class QwixConfig:
 
 def qjax_rules(fmt: digits.Format, model_name: str) -> digits.Rules:
     """qjax's rules for ``fmt``: int8 Dense layers run their forward dot on int8 codes
-    (``LayerQuant(integer_dot=True)``), as Qwix's int8 QAT does; convolutions do not."""
+    (``LayerQuant(integer_dot=True)``), as Qwix's int8 QAT does; convolutions do not. A
+    rule for the CNN's first conv alone is left out for the MLP (it would match nothing,
+    and qjax would warn so)."""
+    convs = CONV_LAYERS[model_name]
     if fmt.name != "int8":
+        if convs is None:
+            return {k: v for k, v in fmt.rules.items() if k != "conv1"}
         return fmt.rules
     (quant,) = fmt.rules.values()
     integer = dataclasses.replace(quant, integer_dot=True)
-    convs = CONV_LAYERS[model_name]
     return {".*": integer} if convs is None else {convs: quant, ".*": integer}
 
 

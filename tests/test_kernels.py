@@ -292,7 +292,7 @@ def test_auto_path_by_weight_activation_and_rows_with_native_bf16_dots(monkeypat
 
 
 def test_auto_path_without_native_bf16_dots_takes_int8_dots(monkeypatch):
-    # bf16_dot emulated (AVX2) ran 1.7-5x float32's time: never taken; int8_dot from 2 rows.
+    # bf16_dot emulated (AVX2) ran 1.6-5x float32's time: never taken; int8_dot from 2 rows.
     monkeypatch.setattr(kernel_module, "BF16_MIN_CODES", K * N)
     for name in ("int4-block", "int8-channel", "int4-channel"):
         w = _weight(name)

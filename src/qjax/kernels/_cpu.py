@@ -14,8 +14,8 @@ BF16_DOT_FLAGS = ("avx512_bf16", "amx_bf16")
 pairs and add them in float32: with either, XLA:CPU runs a bfloat16 dot summed in float32
 at about 0.55x a float32 dot's time. Without them it emulates the products: on an
 AVX2-only AMD EPYC a bfloat16 dot took 1.2-1.5x float32's time (one long dot) and
-``"bf16_dot"``'s chunked dots 1.7-5x, while int8 dots took 0.4-0.9x (measured with
-``benchmarks/bench_matmul.py --paths``)."""
+``"bf16_dot"``'s chunked W8A8 products 1.6-5x, ``"int8_dot"``'s 0.34-1.19x (measured
+with ``benchmarks/bench_matmul.py --paths``)."""
 
 BF16_DOTS_ENV = "QJAX_BF16_DOTS"
 """The environment variable that overrides :func:`native_bf16_dots`: ``1`` or ``0``."""

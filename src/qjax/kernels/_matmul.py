@@ -233,8 +233,8 @@ def choose_path(
     ``bf16_dots``: whether the CPU has native bfloat16 dot instructions; None (default,
     what ``path="auto"`` uses) reads this machine's (:func:`native_bf16_dots`). Without
     them ``"bf16_dot"`` is never taken: with an integer activation, ``"int8_dot"`` from
-    two rows (on an AVX2-only CPU 0.4x float32's time at 8 rows, 0.8-1.0x at 128 and
-    1024, where ``"bf16_dot"`` took 1.7-2.6x), and for one row ``"dequant_chunked"``
+    two rows (W8A8 on an AVX2-only CPU: 0.34-0.53x float32's time at 8 rows, 0.88-1.19x
+    at 128 and 1024, where ``"bf16_dot"`` took 1.6-2.6x), and for one row ``"dequant_chunked"``
     with the activation fake-quantized.
 
     Measured with ``benchmarks/bench_matmul.py`` (K, N in {4096, 11008}) on a CPU with
