@@ -318,6 +318,8 @@ def test_auto_path_without_native_bf16_dots_takes_int8_dots(monkeypatch):
         kernels.choose_path(w, ACT, 64)
     with pytest.raises(TypeError, match="bf16_dots must be True, False or None, got 1"):
         kernels.choose_path(w, ACT, 64, bf16_dots=1)
+    with pytest.raises(TypeError, match="bf16_dots must be True, False or None, got 'no'"):
+        kernels.choose_path(w, None, 64, bf16_dots="no")
 
 
 @pytest.mark.parametrize(

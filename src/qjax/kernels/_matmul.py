@@ -279,6 +279,8 @@ def choose_path(
       >>> kernels.choose_path(w), kernels.choose_path(w, None, 1024)  # a small weight
       ('dequant_chunked', 'dequant')
     """
+    if bf16_dots is not None and not isinstance(bf16_dots, bool):
+        raise TypeError(f"choose_path: bf16_dots must be True, False or None, got {bf16_dots!r}")
     if 0 in w.shape:
         return "dequant"  # nothing to contract or to write: matmul returns zeros
     activation = None if activation is None else as_spec(activation, "activation")
@@ -287,8 +289,6 @@ def choose_path(
         return "dequant" if small and rows > DECODE_ROWS else "dequant_chunked"
     if bf16_dots is None:
         bf16_dots = native_bf16_dots()
-    elif not isinstance(bf16_dots, bool):
-        raise TypeError(f"choose_path: bf16_dots must be True, False or None, got {bf16_dots!r}")
     blocked = w.scale.shape[0] > 1
     bytewide = not blocked and not w.packed  # 8-bit codes, one scale along the contraction
     if rows == 1 and not (bytewide and bf16_dots):
