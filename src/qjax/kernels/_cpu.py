@@ -28,7 +28,8 @@ def native_bf16_dots() -> bool:
 
     True on Linux x86 CPUs that list one of :data:`BF16_DOT_FLAGS` in ``/proc/cpuinfo``
     (e.g. AMD Zen 4 and later, Intel Cooper Lake and Sapphire Rapids and later); False on
-    every other CPU, where ``"int8_dot"`` is the faster integer path. The environment
+    every other CPU, ARM included (not measured there), where ``path="auto"`` takes
+    ``"int8_dot"``, the faster integer path on AVX2. The environment
     variable :data:`BF16_DOTS_ENV` (``QJAX_BF16_DOTS=1`` or ``0``) overrides the reading,
     e.g. on a machine whose CPU this function cannot read. The choice changes speed only:
     both integer paths give the same bits.
